@@ -1,0 +1,1 @@
+"""diffsqueeze.prune."""
