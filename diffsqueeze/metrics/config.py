@@ -1,0 +1,76 @@
+"""The recipe's ``eval:`` section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from diffsqueeze.errors import RecipeError
+
+#: FID/KID implementations :func:`diffsqueeze.metrics.evaluate.evaluate_run` can use.
+FID_BACKENDS = ("torchmetrics", "clean-fid")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a run's result is scored against the original model.
+
+    Attributes:
+        prompts: prompt set (``builtin``, ``builtin:NAME``) or a text file, one prompt a line.
+        seeds: seeds of the side-by-side grid (one row per prompt and seed).
+        num_inference_steps: sampler steps for every generated image.
+        guidance_scale: classifier-free guidance scale.
+        grid: write the compressed-vs-original grid.
+        num_images: images generated for FID/KID (0 skips them). Image ``i`` uses seed ``i`` and
+            prompt ``i mod len(prompts)``.
+        reference: ``fp`` (the original model's own outputs), a folder of images, or a builtin
+            dataset (``builtin:fashion-mnist``).
+        batch_size: images generated per pipeline call.
+        clip_model: CLIP for the CLIP score: ``None`` (skip), a local folder, a hub id, or
+            ``builtin:fashion-clip``.
+        fidelity: score PSNR / SSIM (and LPIPS where available offline) of the compressed
+            model's images against the original's for the same prompt and seed.
+        grid_prompts: how many prompts of the set go into the grid (rows = prompts x seeds).
+        fid_backend: ``torchmetrics`` (in memory, streaming) or ``clean-fid`` (folders).
+        save_images: keep the generated FID images as PNG files beside the features.
+    """
+
+    prompts: str = "builtin"
+    seeds: tuple[int, ...] = (0, 1)
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    grid: bool = True
+    num_images: int = 0
+    reference: str = "fp"
+    batch_size: int = 8
+    clip_model: Optional[str] = None
+    fidelity: bool = True
+    grid_prompts: int = 4
+    fid_backend: str = "torchmetrics"
+    save_images: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise RecipeError("num_inference_steps", f"must be >= 1, got {self.num_inference_steps}")
+        if self.guidance_scale < 0:
+            raise RecipeError("guidance_scale", f"must be >= 0, got {self.guidance_scale}")
+        if self.num_images < 0:
+            raise RecipeError("num_images", f"must be >= 0, got {self.num_images}")
+        if self.num_images == 1:
+            raise RecipeError("num_images", "FID needs at least 2 images (or 0 to skip FID/KID)")
+        if self.batch_size < 1:
+            raise RecipeError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if not self.seeds:
+            raise RecipeError("seeds", "needs at least one seed")
+        if any(s < 0 for s in self.seeds):
+            raise RecipeError("seeds", f"seeds must be >= 0, got {list(self.seeds)}")
+        if self.grid_prompts < 1:
+            raise RecipeError("grid_prompts", f"must be >= 1, got {self.grid_prompts}")
+        if not self.prompts:
+            raise RecipeError("prompts", "must name a prompt set or a file")
+        if not self.reference:
+            raise RecipeError("reference", "must be 'fp', a folder of images or a builtin dataset")
+        if self.clip_model is not None and not self.clip_model.strip():
+            raise RecipeError("clip_model", "empty; leave it out (null) to skip the CLIP score")
+        if self.fid_backend not in FID_BACKENDS:
+            raise RecipeError("fid_backend", f"unknown backend '{self.fid_backend}'; known: {', '.join(FID_BACKENDS)}")
