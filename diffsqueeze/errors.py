@@ -1,0 +1,26 @@
+"""Errors that diffsqueeze raises for bad input; the CLI prints them without a traceback."""
+
+
+class DiffsqueezeError(Exception):
+    """Base class: a problem with the user's input or files, reported as one clear message."""
+
+
+class RecipeError(DiffsqueezeError):
+    """A recipe key is unknown, mistyped, out of range or inconsistent.
+
+    Attributes:
+        path: Dotted key path inside the recipe (``stages[0].prune.targets.unet``).
+    """
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class ModelLoadError(DiffsqueezeError):
+    """A model spec names nothing loadable (unknown builtin, missing folder, corrupt file)."""
+
+
+class RunDirError(DiffsqueezeError):
+    """The output directory holds a different run, or a run cannot be resumed."""

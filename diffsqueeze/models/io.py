@@ -1,0 +1,128 @@
+"""Load and save pipelines: hub ids, local diffusers folders, run directories, ``builtin:NAME``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from diffsqueeze.errors import ModelLoadError
+from diffsqueeze.models.builtin import BUILTINS, build_builtin
+from diffsqueeze.pipelines.state import CompressionState
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# Pipeline classes that live outside diffusers, by the _class_name their model_index.json holds.
+PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {}
+
+
+def register_pipeline_class(cls: type[DiffusionPipeline]) -> type[DiffusionPipeline]:
+    """Let :func:`load_pipeline` reload folders saved by a pipeline class defined outside diffusers."""
+    PIPELINE_CLASSES[cls.__name__] = cls
+    return cls
+
+
+def model_folder(spec: str) -> Path | None:
+    """The diffusers folder a local spec points at (a run directory points at its ``model/``)."""
+    path = Path(spec)
+    if (path / "model_index.json").is_file():
+        return path
+    if (path / "manifest.json").is_file():
+        return path / "model" if (path / "model" / "model_index.json").is_file() else None
+    return None
+
+
+def check_model_spec(spec: str) -> None:
+    """Fail fast on a spec that cannot name a model, without loading anything.
+
+    Raises:
+        ModelLoadError: unknown builtin, missing folder, folder without ``model_index.json``,
+            a run directory without a finished model, or a string that is no hub id.
+    """
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTINS:
+            raise ModelLoadError(f"unknown builtin model '{spec}'; known: {', '.join('builtin:' + n for n in sorted(BUILTINS))}")
+        return
+    path = Path(spec)
+    if path.exists():
+        if model_folder(spec) is None:
+            what = "a run directory without a finished model/" if (path / "manifest.json").exists() else "no model_index.json"
+            raise ModelLoadError(f"'{spec}' is not a diffusers pipeline folder ({what})")
+        return
+    if spec.startswith((".", "/", "~")) or not HUB_ID.match(spec):
+        raise ModelLoadError(f"model '{spec}': no such folder, and not a hub id of the form 'org/name'")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``float32`` | ``float16`` | ``bfloat16`` -> torch dtype."""
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype '{name}'; known: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_pipeline(spec: str, device: str = "cpu", dtype: str = "float32") -> DiffusionPipeline:
+    """Load a runnable pipeline (compression state, if any, is applied; see :func:`load_with_state`)."""
+    return load_with_state(spec, device, dtype)[0]
+
+
+def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32") -> tuple[DiffusionPipeline, CompressionState]:
+    """Load a pipeline and its compression state.
+
+    Args:
+        spec: ``builtin:NAME``, a local diffusers folder, a run directory, or a hub id.
+        device: torch device string.
+        dtype: ``float32`` | ``float16`` | ``bfloat16``.
+
+    Raises:
+        ModelLoadError: nothing loadable at ``spec`` or its files are damaged.
+    """
+    check_model_spec(spec)
+    torch_dtype = parse_dtype(dtype)
+    state = CompressionState()
+    if spec.startswith("builtin:"):
+        pipe = build_builtin(spec.split(":", 1)[1])
+    else:
+        folder = model_folder(spec)
+        pipe = _from_pretrained(str(folder) if folder else spec)
+        if folder is not None:
+            state = CompressionState.load(folder)
+    if any(p.dtype != torch_dtype for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()):
+        pipe.to(dtype=torch_dtype)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, state
+
+
+def _from_pretrained(where: str) -> DiffusionPipeline:
+    cls, absent = DiffusionPipeline, {}
+    index = Path(where) / "model_index.json"
+    if index.is_file():
+        try:
+            meta = json.loads(index.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ModelLoadError(f"{index} is not valid JSON: {exc}") from exc
+        cls = PIPELINE_CLASSES.get(meta.get("_class_name"), DiffusionPipeline)
+        # Optional components saved as absent ([null, null]) must be passed as None explicitly.
+        absent = {k: None for k, v in meta.items() if isinstance(v, list) and v == [None, None]}
+        pickles = [p.name for p in Path(where).rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
+        if pickles:
+            raise ModelLoadError(f"'{where}' holds pickle files ({', '.join(sorted(pickles)[:3])}); diffsqueeze reads safetensors only")
+    try:
+        return cls.from_pretrained(where, use_safetensors=True, **absent)
+    except Exception as exc:  # diffusers raises many types; the cause goes into the message
+        raise ModelLoadError(f"cannot load pipeline from '{where}': {type(exc).__name__}: {exc}") from exc
+
+
+def save_pipeline(pipe: DiffusionPipeline, folder: Path, state: CompressionState | None = None) -> None:
+    """Save a pipeline as a diffusers folder (safetensors) plus its compression state."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    (state or CompressionState()).save(folder)

@@ -1,0 +1,46 @@
+"""Prompt sets: ``builtin`` or a text file with one prompt per line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffsqueeze.errors import DiffsqueezeError
+
+# Short, generic prompts: the tiny random models ignore meaning; the trained builtin model
+# registers its own class prompts under "builtin:fashion".
+BUILTIN_PROMPTS: dict[str, list[str]] = {
+    "builtin": [
+        "a photo of a cat",
+        "a red car on a street",
+        "a bowl of fruit on a table",
+        "a mountain lake at sunrise",
+        "a portrait of an old man",
+        "a city skyline at night",
+        "a sneaker on a white background",
+        "a watercolor painting of a bird",
+    ],
+}
+
+
+def register_prompt_set(name: str, prompts: list[str]) -> None:
+    """Make ``name`` usable wherever a prompt set is given (``builtin:fashion`` and the like)."""
+    BUILTIN_PROMPTS[name] = list(prompts)
+
+
+def load_prompts(spec: str) -> list[str]:
+    """Load a prompt set by name (``builtin``, ``builtin:NAME``) or from a text file.
+
+    Raises:
+        DiffsqueezeError: unknown set, missing file, or a file without any prompt.
+    """
+    if spec in BUILTIN_PROMPTS:
+        return list(BUILTIN_PROMPTS[spec])
+    if spec.startswith("builtin"):
+        raise DiffsqueezeError(f"unknown prompt set '{spec}'; known: {', '.join(sorted(BUILTIN_PROMPTS))}")
+    path = Path(spec)
+    if not path.is_file():
+        raise DiffsqueezeError(f"prompt file '{spec}' does not exist (give a text file, one prompt per line, or 'builtin')")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise DiffsqueezeError(f"prompt file '{spec}' holds no prompt (one prompt per line expected)")
+    return prompts
