@@ -24,7 +24,7 @@ def test_psnr_matches_the_formula():
     v = per_image_fidelity(a, b)
     for i in range(3):
         mse = ((a[i].double() - b[i].double()) / 255).pow(2).mean()
-        assert float(v["psnr"][i]) == pytest.approx(10 * math.log10(1 / float(mse)), rel=1e-9)
+        assert float(v["psnr"][i]) == pytest.approx(10 * math.log10(1 / float(mse)), rel=1e-6)
     assert torch.all(v["ssim"] < 0.5)
 
 
