@@ -62,7 +62,8 @@ def load_fashion_clip(path: Path | str = CLIP_DIR):
             f"fashion CLIP weights missing in {path}: train them with "
             "`python scripts/train_fashion_clip.py` (see docs/builtin-model.md)")
     model = CLIPModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True).eval()
-    tok_dir = path if (path / "vocab.json").is_file() else TOKENIZER_DIR
+    has_tok = (path / "vocab.json").is_file() or (path / "tokenizer.json").is_file()
+    tok_dir = path if has_tok else TOKENIZER_DIR
     return model, load_tokenizer(tok_dir)
 
 
