@@ -1,0 +1,222 @@
+"""Fixed-seed image generation and side-by-side grids (``diffsqueeze grid``).
+
+Rows are prompt x seed, columns are models; every cell of a row is generated with the same
+prompt, seed, sampler, steps and guidance. Each image gets its own ``torch.Generator`` seeded
+with its seed, so an image does not depend on which other images share its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+import torch
+
+from diffsqueeze.metrics.images import to_uint8_batch
+
+log = logging.getLogger(__name__)
+
+
+def pipeline_device(pipe) -> torch.device:
+    """The device the pipeline's denoiser runs on."""
+    from diffsqueeze.models import find_roles
+
+    module = getattr(pipe, find_roles(pipe).denoiser)
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def generate_images(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Generate one image per ``(prompt, seed)`` pair.
+
+    Args:
+        pipe: any diffusers text-to-image pipeline taking ``prompt``, ``generator`` (a list),
+            ``num_inference_steps``, ``guidance_scale`` and ``output_type="pt"``.
+        prompts, seeds: equal-length sequences; image ``i`` uses ``prompts[i]`` and a generator
+            seeded with ``seeds[i]``.
+
+    Returns:
+        uint8 ``(N, 3, H, W)`` on the CPU (diffusers' own rounding, see ``images.to_uint8_batch``).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    device = pipeline_device(pipe)
+    gen_device = "cpu" if device.type == "mps" else device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        gens = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds[i : i + batch_size]]
+        result = pipe(prompt=list(prompts[i : i + batch_size]), generator=gens, num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, output_type="pt")
+        images = result.images if hasattr(result, "images") else result[0]
+        out.append(to_uint8_batch(images.float().cpu()))
+    return torch.cat(out) if out else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+
+
+def sampler_description(pipe) -> str:
+    """Scheduler class and the config entries that change sampling (for provenance)."""
+    sched = pipe.scheduler
+    keys = ("beta_schedule", "prediction_type", "timestep_spacing", "shift", "steps_offset", "clip_sample")
+    extra = ", ".join(f"{k}={sched.config[k]}" for k in keys if k in sched.config)
+    return f"{type(sched).__name__}({extra})"
+
+
+def denoiser_bytes(pipe, folder: Path | None = None) -> tuple[int, str]:
+    """Size of the denoiser: bytes of its files on disk where ``folder`` is a saved pipeline,
+    else bytes of its parameters and buffers in memory.
+
+    Returns:
+        ``(bytes, "disk" | "memory")``.
+    """
+    from diffsqueeze.models import find_roles
+
+    name = find_roles(pipe).denoiser
+    if folder is not None and (Path(folder) / name).is_dir():
+        files = [p for p in (Path(folder) / name).rglob("*") if p.is_file() and p.suffix == ".safetensors"]
+        if files:
+            return sum(p.stat().st_size for p in files), "disk"
+    module = getattr(pipe, name)
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors), "memory"
+
+
+def known_metric(spec: str) -> str | None:
+    """A headline metric for a column label, from ``metrics.json`` of a run / eval directory."""
+    path = Path(spec) / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    for key, fmt in (("fid", "FID {:.2f}"), ("clip_score", "CLIP {:.2f}"), ("psnr", "PSNR {:.1f}")):
+        value = (data.get(key) or {}).get("value") if isinstance(data.get(key), dict) else data.get(key)
+        if isinstance(value, (int, float)):
+            return fmt.format(value)
+    return None
+
+
+@dataclass
+class GridColumn:
+    """One model's column: its images in row order and the label lines above them."""
+
+    name: str
+    images: torch.Tensor  # uint8 (rows, 3, H, W)
+    label: list[str] = field(default_factory=list)
+
+
+def _font(size: int):
+    try:
+        return PIL.ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
+        return PIL.ImageFont.load_default()
+
+
+def make_grid(columns: Sequence[GridColumn], row_labels: Sequence[str], cell: int = 128, pad: int = 4) -> PIL.Image.Image:
+    """Draw the grid: a header row of column labels, a left column of row labels, images upscaled
+    to ``cell`` pixels (nearest-neighbour for small images, so pixels stay visible)."""
+    if not columns:
+        raise ValueError("a grid needs at least one column")
+    rows = len(row_labels)
+    for c in columns:
+        if len(c.images) != rows:
+            raise ValueError(f"column '{c.name}' has {len(c.images)} images for {rows} rows")
+    font = _font(12)
+    line_h = 15
+    header_h = pad * 2 + line_h * max(len(c.label) + 1 for c in columns)
+    wrap = max(12, cell // 7)
+    wrapped = [textwrap.wrap(label, wrap)[:6] or [""] for label in row_labels]
+    left_w = cell + 2 * pad
+    width = left_w + len(columns) * (cell + pad) + pad
+    height = header_h + rows * (cell + pad) + pad
+    canvas = PIL.Image.new("RGB", (width, height), "white")
+    draw = PIL.ImageDraw.Draw(canvas)
+    for j, col in enumerate(columns):
+        x = left_w + j * (cell + pad)
+        for k, line in enumerate([col.name] + list(col.label)):
+            draw.text((x, pad + k * line_h), line[: max(8, cell // 6)], fill="black", font=font)
+        for r in range(rows):
+            arr = col.images[r].permute(1, 2, 0).cpu().numpy()
+            im = PIL.Image.fromarray(arr)
+            resample = PIL.Image.NEAREST if im.width < cell else PIL.Image.BICUBIC
+            canvas.paste(im.resize((cell, cell), resample), (x, header_h + r * (cell + pad)))
+    for r, lines in enumerate(wrapped):
+        y = header_h + r * (cell + pad)
+        for k, line in enumerate(lines):
+            draw.text((pad, y + k * line_h), line, fill="black", font=font)
+    return canvas
+
+
+def grid_rows(prompts: Sequence[str], seeds: Sequence[int]) -> tuple[list[str], list[int], list[str]]:
+    """Rows prompt x seed: ``(prompts per row, seeds per row, row labels)``."""
+    row_prompts = [p for p in prompts for _ in seeds]
+    row_seeds = [int(s) for _ in prompts for s in seeds]
+    labels = [f"{p} [seed {s}]" for p, s in zip(row_prompts, row_seeds)]
+    return row_prompts, row_seeds, labels
+
+
+def column_label(pipe, spec: str | None, metric: str | None = None) -> list[str]:
+    """Label lines under a column's name: denoiser size (and where it was measured), a metric."""
+    from diffsqueeze.models.io import model_folder
+
+    folder = model_folder(spec) if spec and not spec.startswith("builtin:") and Path(spec).exists() else None
+    size, kind = denoiser_bytes(pipe, folder)
+    lines = [f"{size / 1e6:.2f} MB ({kind})"]
+    metric = metric or (known_metric(spec) if spec else None)
+    if metric:
+        lines.append(metric)
+    return lines
+
+
+def grid_for_models(
+    specs: Sequence[str],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    device: str = "cpu",
+    dtype: str = "float32",
+    names: Sequence[str] | None = None,
+    batch_size: int = 8,
+    cell: int = 128,
+) -> tuple[PIL.Image.Image, dict]:
+    """Load each model in turn, generate the rows, draw the grid.
+
+    Returns:
+        ``(image, info)``; ``info`` records prompts, seeds, steps, guidance and each column's
+        sampler and size (the grid's provenance).
+    """
+    from diffsqueeze.models import load_pipeline
+
+    row_prompts, row_seeds, labels = grid_rows(prompts, seeds)
+    columns, info_cols = [], []
+    for k, spec in enumerate(specs):
+        name = names[k] if names else Path(spec).name if Path(spec).exists() else spec
+        log.info("grid: generating %d images with %s", len(row_prompts), spec)
+        pipe = load_pipeline(spec, device=device, dtype=dtype)
+        images = generate_images(pipe, row_prompts, row_seeds, num_inference_steps, guidance_scale, batch_size)
+        label = column_label(pipe, spec)
+        columns.append(GridColumn(name, images, label))
+        info_cols.append({"name": name, "model": spec, "sampler": sampler_description(pipe), "label": label})
+        del pipe
+    samplers = {c["sampler"] for c in info_cols}
+    if len(samplers) > 1:
+        log.warning("grid columns use different samplers: %s", "; ".join(sorted(samplers)))
+    info = {"prompts": list(prompts), "seeds": [int(s) for s in seeds], "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale, "columns": info_cols, "same_sampler": len(samplers) == 1}
+    return make_grid(columns, labels, cell=cell), info

@@ -1,0 +1,92 @@
+"""Fixed-seed generation and the side-by-side grid, on the real tiny Stable Diffusion pipeline."""
+
+import json
+
+import PIL.Image
+import pytest
+import torch
+
+from diffsqueeze.cli import main
+from diffsqueeze.metrics.grid import (
+    GridColumn,
+    column_label,
+    denoiser_bytes,
+    generate_images,
+    grid_rows,
+    make_grid,
+    sampler_description,
+)
+from diffsqueeze.models import load_pipeline, save_pipeline
+
+PROMPTS = ["a photo of a cat", "a red car on a street"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("builtin:tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def altered_folder(tmp_path_factory, pipe):
+    """tiny-sd with the UNet's first conv scaled: a stand-in for a compressed model."""
+    other = load_pipeline("builtin:tiny-sd")
+    with torch.no_grad():
+        other.unet.conv_in.weight.mul_(0.5)
+    folder = tmp_path_factory.mktemp("altered")
+    save_pipeline(other, folder)
+    return folder
+
+
+def test_same_seed_same_image_and_batch_independent(pipe):
+    a = generate_images(pipe, [PROMPTS[0]] * 2, [0, 1], 2, 5.0, batch_size=2)
+    assert a.dtype == torch.uint8 and a.shape == (2, 3, 32, 32)
+    b = generate_images(pipe, [PROMPTS[0]] * 2, [0, 1], 2, 5.0, batch_size=1)
+    assert (a.int() - b.int()).abs().max() <= 1  # one generator per image: batching does not change the noise
+    assert not torch.equal(a[0], a[1])  # another seed, another image
+
+
+def test_grid_rows_and_drawing():
+    prompts, seeds, labels = grid_rows(["p", "q"], [3, 4])
+    assert prompts == ["p", "p", "q", "q"] and seeds == [3, 4, 3, 4] and labels[1] == "p [seed 4]"
+    cols = [GridColumn(n, torch.full((4, 3, 16, 16), v, dtype=torch.uint8), ["1.00 MB"]) for n, v in (("a", 0), ("b", 255))]
+    im = make_grid(cols, labels, cell=32)
+    assert im.width > 2 * 32 and im.height > 4 * 32
+    px = im.getpixel((im.width - 4 - 16, im.height - 4 - 16))
+    assert px == (255, 255, 255)
+    with pytest.raises(ValueError, match="rows"):
+        make_grid(cols, labels[:3])
+
+
+def test_sizes_and_labels(pipe, altered_folder):
+    mem, kind = denoiser_bytes(pipe)
+    assert kind == "memory" and mem == sum(p.numel() * 4 for p in pipe.unet.parameters()) + sum(
+        b.numel() * b.element_size() for b in pipe.unet.buffers())
+    disk, kind = denoiser_bytes(pipe, altered_folder)
+    assert kind == "disk" and abs(disk - mem) / mem < 0.05
+    (altered_folder / "metrics.json").write_text(json.dumps({"fid": {"value": 12.345}}))
+    assert column_label(pipe, str(altered_folder)) == [f"{disk / 1e6:.2f} MB (disk)", "FID 12.35"]
+    (altered_folder / "metrics.json").unlink()
+    assert "DDIMScheduler" in sampler_description(pipe)
+
+
+def test_grid_cli(tmp_path, pipe, altered_folder):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "grid.png"
+    rc = main(["grid", "--models", "builtin:tiny-sd", str(altered_folder), "--names", "fp", "altered",
+               "--prompts", str(prompts), "--seeds", "0", "1", "--steps", "2", "--guidance", "5", "--out", str(out),
+               "--cell", "64"])
+    assert rc == 0
+    im = PIL.Image.open(out)
+    assert im.width >= 3 * 64 and im.height >= 4 * 64
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert [c["name"] for c in info["columns"]] == ["fp", "altered"] and info["same_sampler"]
+    assert info["seeds"] == [0, 1] and info["num_inference_steps"] == 2 and info["prompt_source"] == str(prompts)
+    assert info["columns"][1]["label"][0].endswith("MB (disk)")
+
+
+def test_grid_cli_errors(tmp_path, capsys):
+    assert main(["grid", "--models", "builtin:nope", "--out", str(tmp_path / "g.png")]) == 1
+    assert "unknown builtin" in capsys.readouterr().err
+    assert main(["grid", "--models", "builtin:tiny-sd", "--names", "a", "b", "--out", str(tmp_path / "g.png")]) == 1
+    assert main(["grid", "--models", "builtin:tiny-sd", "--out", str(tmp_path / "g.txt")]) == 1
