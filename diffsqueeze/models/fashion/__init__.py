@@ -19,7 +19,7 @@ PIPELINE_DIR = WEIGHTS_DIR / "pipeline"
 __all__ = [
     "CLASS_NAMES", "FashionDiffusionPipeline", "FashionPipelineOutput", "FashionMNISTMissingError",
     "PIPELINE_DIR", "CLIP_DIR", "build_fashion_pipeline", "build_fashion_clip", "build_fashion_clip_processor",
-    "caption", "class_prompt", "load_fashion_mnist", "load_reference_subset", "load_tokenizer", "pad_to_32",
+    "BuiltinWeightsMissingError", "caption", "class_prompt", "load_fashion_mnist", "load_reference_subset", "load_tokenizer", "pad_to_32",
 ]
 
 
