@@ -70,10 +70,11 @@ def convert(tp: Any, value: Any, path: str) -> Any:  # noqa: C901 - one branch p
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: X's own error, with its deeper key path
+            return convert(candidates[0], value, path)
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in candidates:
             try:
                 return convert(arg, value, path)
             except RecipeError as exc:

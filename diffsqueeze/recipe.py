@@ -6,7 +6,6 @@ out-of-range values, unknown stages and models fail with the key path in the mes
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -160,7 +159,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     Raises:
         RecipeError: malformed override, or a list index that does not exist.
     """
-    data = copy.deepcopy(data)
+    data = _fresh_copy(data)
     for text in overrides:
         if "=" not in text:
             raise RecipeError(text, "an override is KEY.PATH=VALUE (for example stages.0.prune.targets.unet=0.5)")
@@ -191,6 +190,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             else:
                 raise RecipeError(where, f"cannot set a key inside {type(node).__name__} {node!r}")
     return data
+
+
+def _fresh_copy(obj: Any) -> Any:
+    """Copy without the aliasing that deepcopy keeps (YAML anchors share one object)."""
+    if isinstance(obj, dict):
+        return {k: _fresh_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fresh_copy(v) for v in obj]
+    return obj
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline
 
 from diffsqueeze.errors import ModelLoadError
 from diffsqueeze.models.builtin import BUILTINS, build_builtin
+from diffsqueeze.pipelines.module_swaps import reload_component_weights, restore_modules
 from diffsqueeze.pipelines.state import CompressionState
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32") -> t
         pipe = _from_pretrained(str(folder) if folder else spec)
         if folder is not None:
             state = CompressionState.load(folder)
+            if state.modules:
+                restore_modules(pipe, state)
+                reload_component_weights(pipe, folder, state)
     if any(p.dtype != torch_dtype for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()):
         pipe.to(dtype=torch_dtype)
     pipe.to(device)

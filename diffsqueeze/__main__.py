@@ -1,0 +1,3 @@
+from diffsqueeze.cli import main
+
+raise SystemExit(main())

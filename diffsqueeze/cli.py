@@ -1,0 +1,113 @@
+"""``diffsqueeze`` command line: run | inspect | eval | grid | report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from diffsqueeze.errors import DiffsqueezeError
+
+log = logging.getLogger("diffsqueeze")
+# diffusers imports bitsandbytes, which warns about optional CPU kernels on every start
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers chatter (deprecations, load bars) drowns the tool's own output."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from diffsqueeze.pipelines.runner import run_recipe
+    from diffsqueeze.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_libraries()
+    run_dir = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
+    print(f"run complete: {run_dir}")
+    print(f"  compressed model: {run_dir / 'model'}   (diffsqueeze inspect {run_dir})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from diffsqueeze.models import load_with_state
+    from diffsqueeze.models.describe import describe_pipeline, format_description
+    from diffsqueeze.models.io import model_folder
+    from diffsqueeze.pipelines.manifest import read_manifest
+
+    _quiet_libraries()
+    path = Path(args.path)
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest is not None and model_folder(args.path) is None:
+        # an unfinished run: show its stages, no model yet
+        desc = None
+    else:
+        pipe, state = load_with_state(args.path)
+        desc = describe_pipeline(pipe, state, model_folder(args.path))
+    if args.json:
+        print(json.dumps({"model": desc, "manifest": manifest}, indent=2))
+    elif desc is None:
+        print(json.dumps(manifest, indent=2))
+    else:
+        print(format_description(desc, manifest, layers=args.layers))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffsqueeze", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a compression recipe")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE overrides, e.g. stages.0.prune.targets.unet=0.5")
+    p.add_argument("--resume", action="store_true", help="continue a run in output_dir, skipping finished stages")
+    p.add_argument("--overwrite", action="store_true", help="delete a run already in output_dir first")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="describe a model or run directory")
+    p.add_argument("path", help="run directory, diffusers folder, builtin:NAME or hub id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--layers", action="store_true", help="list every conv/linear layer")
+    p.set_defaults(func=cmd_inspect)
+
+    try:
+        from diffsqueeze.metrics import cli_commands
+    except ImportError:  # metrics extras not installed: run/inspect still work
+        cli_commands = None
+    if cli_commands is not None:
+        for add in ("add_eval_parser", "add_grid_parser", "add_report_parser"):
+            if hasattr(cli_commands, add):
+                getattr(cli_commands, add)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; errors in the user's input exit 1 with one message on stderr."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may follow options (run recipe.yaml --resume a.b=1)
+    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+    if bad or (extra and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except DiffsqueezeError as exc:
+        print(f"diffsqueeze: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""What ``diffsqueeze inspect`` reports: per-component parameters, bytes, sparsity, per-layer detail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from diffsqueeze.models.roles import find_roles, module_components
+from diffsqueeze.pipelines.state import CompressionState
+
+
+def folder_bytes(path: Path) -> int:
+    """Real bytes on disk of every file under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def describe_pipeline(pipe: DiffusionPipeline, state: CompressionState, folder: Path | None = None) -> dict:
+    """Per component: role, parameters, bytes in memory (and on disk if saved), zero fraction of
+    conv/linear weights, masked sparsity, and per-layer records (sparsity; module records of later stages).
+    """
+    roles = find_roles(pipe)
+    out = {"pipeline": type(pipe).__name__, "components": {}}
+    for name, module in module_components(pipe).items():
+        role = "denoiser" if name == roles.denoiser else "text_encoder" if name in roles.text_encoders else (
+            "vae" if name == roles.vae else "other")
+        params = sum(p.numel() for p in module.parameters())
+        mem = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+        layers = {}
+        counted = zeros = 0
+        for lname, sub in module.named_modules():
+            if isinstance(sub, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+                w = sub.weight.detach()
+                z = int((w == 0).sum())
+                counted += w.numel()
+                zeros += z
+                rec = {"type": type(sub).__name__, "numel": w.numel(), "zero_fraction": round(z / w.numel(), 6),
+                       "dtype": str(w.dtype).replace("torch.", "")}
+                mask = state.masks.get(f"{name}/{lname}.weight")
+                if mask is not None:
+                    rec["masked_sparsity"] = round(1 - int(mask.sum()) / mask.numel(), 6)
+                rec.update(state.modules.get(f"{name}/{lname}", {}))
+                layers[lname] = rec
+        entry = {
+            "role": role,
+            "parameters": params,
+            "bytes_in_memory": mem,
+            "linear_conv_weights": counted,
+            "zero_fraction": round(zeros / counted, 6) if counted else 0.0,
+            "layers": layers,
+        }
+        if folder is not None and (Path(folder) / name).is_dir():
+            entry["bytes_on_disk"] = folder_bytes(Path(folder) / name)
+        out["components"][name] = entry
+    if folder is not None:
+        out["bytes_on_disk"] = folder_bytes(Path(folder))
+    return out
+
+
+def format_description(desc: dict, manifest: dict | None = None, layers: bool = False) -> str:
+    """Human-readable table of :func:`describe_pipeline` (plus the run's stages from its manifest)."""
+    lines = [f"pipeline: {desc['pipeline']}"]
+    if "bytes_on_disk" in desc:
+        lines.append(f"on disk: {desc['bytes_on_disk'] / 2**20:.2f} MiB")
+    lines.append(f"{'component':<16} {'role':<13} {'params':>12} {'memory MiB':>11} {'disk MiB':>9} {'zeros':>8}")
+    for name, c in desc["components"].items():
+        disk = f"{c['bytes_on_disk'] / 2**20:.2f}" if "bytes_on_disk" in c else "-"
+        lines.append(f"{name:<16} {c['role']:<13} {c['parameters']:>12,} {c['bytes_in_memory'] / 2**20:>11.2f} "
+                     f"{disk:>9} {c['zero_fraction']:>8.2%}")
+    if manifest:
+        lines.append("")
+        lines.append(f"run: status {manifest.get('status')}, recipe {manifest.get('recipe_hash')}")
+        for s in manifest.get("stages", []):
+            t = f"{s['wall_time_s']:.1f} s" if "wall_time_s" in s else ""
+            lines.append(f"  stage {s['index']} {s['name']:<10} {s['status']:<8} {t}")
+            for comp, c in (s.get("summary") or {}).get("components", {}).items():
+                if "target" in c:
+                    lines.append(f"    {comp}: sparsity target {c['target']:.4f}, achieved {c['achieved']:.4f} "
+                                 f"({c['pruned_weights']:,} of {c['counted_weights']:,} weights)")
+    if layers:
+        for name, c in desc["components"].items():
+            lines.append("")
+            lines.append(f"[{name}] per layer")
+            for lname, rec in c["layers"].items():
+                extra = " ".join(f"{k}={v}" for k, v in rec.items() if k not in ("type", "numel", "zero_fraction"))
+                lines.append(f"  {lname:<60} {rec['type']:<8} {rec['numel']:>10,} zeros {rec['zero_fraction']:>7.2%} {extra}")
+    return "\n".join(lines)
