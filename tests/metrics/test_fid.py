@@ -1,0 +1,429 @@
+"""FID/KID math, image conversions, the statistics cache and both backends.
+
+The default tests use a tiny deterministic feature net (12 features) wrapped in the same
+FeatureExtractor as the real Inception; the slow test runs the real weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from torch import nn
+
+from diffsqueeze.metrics import fid as F
+from diffsqueeze.metrics.fid import (
+    FIDAccumulator,
+    ReferenceStats,
+    clipped_subset_size,
+    compute_fid,
+    frechet_distance,
+    kernel_inception_distance,
+    reference_stats,
+    stats_cache_key,
+)
+from diffsqueeze.metrics.images import (
+    content_hash,
+    iter_uint8_batches,
+    resize_for_inception,
+    to_pil_list,
+    to_uint8_batch,
+)
+from diffsqueeze.metrics.inception import FeatureExtractor
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def tiny_extractor(resize: str = "clean") -> FeatureExtractor:
+    """12 features: mean of each channel over a 2x2 grid of the normalized 299x299 input."""
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    return FeatureExtractor(net, num_features=12, weights_sha256="tiny-test-net", resize=resize)
+
+
+def make_images(n: int, size: int = 64, seed: int = 0) -> list[PIL.Image.Image]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        small = PIL.Image.fromarray((rng.random((5, 5, 3)) * 255).astype(np.uint8))
+        out.append(small.resize((size, size), PIL.Image.BICUBIC))
+    return out
+
+
+def save_images(images: list[PIL.Image.Image], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        im.save(folder / f"{i:03d}.png")
+    return folder
+
+
+def random_spd(d: int, rng: np.random.Generator) -> np.ndarray:
+    a = rng.standard_normal((d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def random_rotation(d: int, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    return q * np.sign(np.diag(r))
+
+
+METHODS = ["eigh", "sqrtm"]
+
+# ---------------------------------------------------------------------------------------------
+# frechet_distance against float64 closed forms
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_frechet_distance_diagonal_gaussians(method: str) -> None:
+    rng = np.random.default_rng(0)
+    d = 16
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method)
+    assert got == pytest.approx(expected, rel=1e-10, abs=1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_frechet_distance_commuting_rotated_gaussians(method: str) -> None:
+    # Shared eigenbasis: sqrt(S1 S2) = Q diag(sqrt(a b)) Q^T, so d^2 = |dmu|^2 + sum (sqrt a - sqrt b)^2.
+    rng = np.random.default_rng(1)
+    d = 48
+    q = random_rotation(d, rng)
+    a, b = rng.uniform(0.01, 5, d), rng.uniform(0.01, 5, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s1, s2 = (q * a) @ q.T, (q * b) @ q.T
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_frechet_distance_non_commuting_2d(method: str) -> None:
+    # 2x2: S1 S2 has real non-negative eigenvalues l1, l2 and
+    # Tr sqrt(S1 S2) = sqrt(l1) + sqrt(l2) = sqrt(Tr(S1 S2) + 2 sqrt(det(S1 S2))).
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        s1, s2 = random_spd(2, rng), random_spd(2, rng)
+        mu1, mu2 = rng.standard_normal(2), rng.standard_normal(2)
+        m = s1 @ s2
+        tr_sqrt = np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
+        expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+        assert frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+def test_frechet_distance_one_dimensional() -> None:
+    # N(1, 2^2) vs N(4, 3^2): (1 - 4)^2 + (2 - 3)^2 = 10
+    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([4.0]), np.array([[9.0]])) == pytest.approx(10.0)
+
+
+def test_frechet_distance_accepts_float32_torch_and_computes_in_float64() -> None:
+    rng = np.random.default_rng(3)
+    d = 32
+    s1, s2 = random_spd(d, rng).astype(np.float32), random_spd(d, rng).astype(np.float32)
+    mu1, mu2 = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+    ref = frechet_distance(mu1.astype(np.float64), s1.astype(np.float64), mu2.astype(np.float64), s2.astype(np.float64))
+    got = frechet_distance(torch.from_numpy(mu1), torch.from_numpy(s1), torch.from_numpy(mu2), torch.from_numpy(s2))
+    assert isinstance(got, float)
+    assert got == pytest.approx(ref, rel=1e-12)
+    assert frechet_distance(mu1, s1, mu2, s2, method="sqrtm") == pytest.approx(ref, rel=1e-8)
+
+
+@pytest.mark.parametrize("n", [5, 200])  # rank-deficient (n < d) and full-rank sample covariances
+def test_frechet_distance_of_identical_statistics_is_zero(n: int) -> None:
+    rng = np.random.default_rng(4)
+    f = rng.random((n, 64))
+    mu, sigma = f.mean(0), np.cov(f, rowvar=False)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma) + 1e-12
+    if n > 64:
+        assert abs(frechet_distance(mu, sigma, mu, sigma, method="sqrtm")) < 1e-7 * np.trace(sigma)
+
+
+def test_frechet_distance_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="method"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2), method="svd")
+
+
+# ---------------------------------------------------------------------------------------------
+# KID
+
+
+def _mmd_reference(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, written as explicit sums."""
+    m, d = x.shape
+    k = lambda a, b: (a @ b / d + 1.0) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_explicit_sums_when_subset_is_whole_set() -> None:
+    rng = np.random.default_rng(5)
+    x, y = rng.random((6, 8)), rng.random((6, 8)) + 0.2
+    mean, std = kernel_inception_distance(x, y, subsets=3, subset_size=1000)
+    assert mean == pytest.approx(_mmd_reference(x, y), rel=1e-10)
+    assert std == pytest.approx(0.0, abs=1e-12)  # every subset is the whole set
+
+
+def test_kid_subset_size_clipped_and_seeded() -> None:
+    assert clipped_subset_size(5, 7, 1000) == 5
+    assert clipped_subset_size(5000, 7000, 1000) == 1000
+    with pytest.raises(ValueError, match="at least 2"):
+        clipped_subset_size(1, 7, 1000)
+    rng = np.random.default_rng(6)
+    x, y = rng.random((20, 8)), rng.random((30, 8))
+    a = kernel_inception_distance(x, y, subsets=10, subset_size=10, seed=1)
+    assert a == kernel_inception_distance(x, y, subsets=10, subset_size=10, seed=1)
+    assert a != kernel_inception_distance(x, y, subsets=10, subset_size=10, seed=2)
+    assert a[1] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# image conversions and resize
+
+
+def test_to_uint8_batch_accepts_pil_tensor_and_numpy() -> None:
+    pil = make_images(2, 16)
+    ref = to_uint8_batch(pil)
+    assert ref.shape == (2, 3, 16, 16) and ref.dtype == torch.uint8
+    as_float = ref.float() / 255  # diffusers output_type="pt"
+    torch.testing.assert_close(to_uint8_batch(as_float), ref)
+    as_np = as_float.permute(0, 2, 3, 1).numpy()  # diffusers output_type="np"
+    torch.testing.assert_close(to_uint8_batch(as_np), ref)
+    torch.testing.assert_close(to_uint8_batch(ref[0]), ref[:1])
+    torch.testing.assert_close(to_uint8_batch(to_pil_list(ref)), ref)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        to_uint8_batch(as_float * 2 - 1)
+    with pytest.raises(ValueError, match="shape"):
+        to_uint8_batch(torch.zeros(2, 4, 8, 8, dtype=torch.uint8))
+
+
+def test_iter_batches_splits_on_size_and_reads_folders(tmp_path: Path) -> None:
+    mixed = make_images(3, 16) + make_images(2, 24)
+    shapes = [tuple(b.shape) for b in iter_uint8_batches(mixed, batch_size=2)]
+    assert shapes == [(2, 3, 16, 16), (1, 3, 16, 16), (2, 3, 24, 24)]
+    folder = save_images(make_images(3, 16), tmp_path / "imgs")
+    (folder / "notes.txt").write_text("not an image")
+    batches = list(iter_uint8_batches(folder, batch_size=32))
+    torch.testing.assert_close(torch.cat(batches), to_uint8_batch(make_images(3, 16)))
+
+
+@pytest.mark.parametrize("mode", ["clean", "bilinear_aa", "bilinear", "tf_bilinear"])
+def test_resize_modes(mode: str) -> None:
+    x = to_uint8_batch(make_images(2, 64))
+    y = resize_for_inception(x, mode)
+    assert y.shape == (2, 3, 299, 299) and y.dtype == torch.float32
+    assert 0 <= float(y.min()) and float(y.max()) <= 255
+    x299 = to_uint8_batch(make_images(1, 299))
+    torch.testing.assert_close(resize_for_inception(x299, mode), x299.float())  # never resized
+
+
+def test_clean_resize_is_clean_fids() -> None:
+    from cleanfid.resize import build_resizer
+
+    x = to_uint8_batch(make_images(1, 100))
+    theirs = build_resizer("clean")(x[0].permute(1, 2, 0).numpy())
+    np.testing.assert_array_equal(resize_for_inception(x, "clean")[0].permute(1, 2, 0).numpy(), theirs)
+    with pytest.raises(ValueError, match="unknown resize"):
+        resize_for_inception(x, "lanczos")
+
+
+# ---------------------------------------------------------------------------------------------
+# cache keys and the statistics cache
+
+
+def test_content_hash_tracks_pixels_not_order(tmp_path: Path) -> None:
+    imgs = make_images(4, 16)
+    h = content_hash(imgs)
+    assert h.startswith("pixels:")
+    assert content_hash(imgs[::-1]) == h
+    changed = to_uint8_batch(imgs).clone()
+    changed[2, 1, 5, 5] ^= 1
+    assert content_hash(changed) != h
+    assert content_hash(to_uint8_batch(imgs)) == h  # same pixels, other container
+    folder = save_images(imgs, tmp_path / "a")
+    fh = content_hash(folder)
+    assert fh.startswith("files:")
+    (folder / "000.png").rename(folder / "zzz.png")
+    assert content_hash(folder) == fh  # names do not matter
+    make_images(1, 16, seed=9)[0].save(folder / "001.png")
+    assert content_hash(folder) != fh
+
+
+def test_stats_cache_key_changes_with_each_input() -> None:
+    base = dict(content="pixels:abc", num_images=10, resize="clean", weights_sha256="w1")
+    key = stats_cache_key(**base)
+    assert key == stats_cache_key(**base)
+    for name, value in [("content", "pixels:abd"), ("num_images", 11), ("resize", "bilinear_aa"), ("weights_sha256", "w2")]:
+        assert stats_cache_key(**{**base, name: value}) != key, name
+
+
+def test_reference_stats_cache_hits_and_misses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = tiny_extractor()
+    folder = save_images(make_images(6, 32), tmp_path / "ref")
+    cache = tmp_path / "cache"
+    first = reference_stats(folder, extractor=ex, cache_dir=cache)
+    files = list(cache.glob("*.safetensors"))
+    assert [p.stem for p in files] == [first.key]
+    assert first.num_images == 6 and first.features.shape == (6, 12)
+
+    calls = []
+    real_extract = F.extract_features
+    monkeypatch.setattr(F, "extract_features", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    hit = reference_stats(folder, extractor=ex, cache_dir=cache)
+    assert calls == []  # served from the cache
+    np.testing.assert_array_equal(hit.sigma, first.sigma)
+    np.testing.assert_array_equal(hit.features, first.features)
+
+    reference_stats(folder, extractor=tiny_extractor("bilinear_aa"), cache_dir=cache)  # other resize: miss
+    make_images(1, 32, seed=7)[0].save(folder / "extra.png")  # other content and count: miss
+    reference_stats(folder, extractor=ex, cache_dir=cache)
+    assert len(calls) == 2
+    assert len(list(cache.glob("*.safetensors"))) == 3
+    reference_stats(folder, extractor=ex, cache_dir=cache, cache=False)
+    assert len(calls) == 3
+
+
+def test_reference_stats_roundtrip_and_default_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(F.CACHE_ENV, str(tmp_path / "envcache"))
+    assert F.default_cache_dir() == tmp_path / "envcache"
+    stats = reference_stats(make_images(4, 32), extractor=tiny_extractor())
+    assert (tmp_path / "envcache" / f"{stats.key}.safetensors").is_file()
+    path = stats.save(tmp_path / "ref.safetensors")
+    loaded = ReferenceStats.load(path)
+    for name in ("num_images", "resize", "weights_sha256", "key", "source"):
+        assert getattr(loaded, name) == getattr(stats, name)
+    assert loaded.mu.dtype == np.float64 and loaded.sigma.dtype == np.float64
+    np.testing.assert_array_equal(loaded.sigma, stats.sigma)
+    np.testing.assert_array_equal(loaded.features, stats.features)
+
+
+# ---------------------------------------------------------------------------------------------
+# compute_fid / FIDAccumulator with the tiny net
+
+
+@pytest.mark.parametrize("backend", ["torchmetrics", "clean-fid"])
+def test_identical_sets_give_zero_fid(backend: str, tmp_path: Path) -> None:
+    imgs = make_images(8, 48)
+    folder = save_images(imgs, tmp_path / "ref")
+    res = compute_fid(imgs, folder, backend=backend, extractor=tiny_extractor(), cache_dir=tmp_path / "c")
+    assert abs(res.fid) < 1e-4
+    assert res.num_generated == res.num_reference == 8
+    assert res.kid_subset_size == 8  # clipped to N
+    assert res.backend == backend and res.resize == "clean" and res.weights_sha256 == "tiny-test-net"
+
+
+def test_backends_agree_with_tiny_net(tmp_path: Path) -> None:
+    gen = save_images(make_images(10, 40, seed=1), tmp_path / "gen")
+    ref = save_images(make_images(10, 56, seed=2), tmp_path / "ref")  # KID subsets = whole sets
+    kw = dict(extractor=tiny_extractor(), cache=False)
+    a = compute_fid(gen, ref, backend="torchmetrics", **kw)
+    b = compute_fid(gen, ref, backend="clean-fid", **kw)
+    assert a.fid > 0.01
+    assert a.fid == pytest.approx(b.fid, rel=1e-4)
+    assert a.kid_mean == pytest.approx(b.kid_mean, rel=1e-3, abs=1e-7)
+    assert (a.num_generated, a.num_reference) == (b.num_generated, b.num_reference) == (10, 10)
+
+
+def test_result_provenance_and_caller_fields(tmp_path: Path) -> None:
+    res = compute_fid(make_images(4, 32), make_images(5, 32, seed=3), extractor=tiny_extractor(), cache_dir=tmp_path)
+    assert "torchmetrics" in res.implementation
+    assert res.reference.startswith("in-memory") and res.reference_key
+    filled = dataclasses.replace(res, sampler="DDIM", steps=50, guidance=7.5, seeds=[0, 1, 2, 3], prompt_source="coco")
+    d = json.loads(json.dumps(filled.to_dict()))
+    assert d["steps"] == 50 and d["seeds"] == [0, 1, 2, 3] and d["resize"] == "clean"
+
+
+def test_accumulator_streaming_equals_one_shot_and_reference_forms(tmp_path: Path) -> None:
+    ex = tiny_extractor()
+    gen, ref_imgs = make_images(9, 32, seed=4), make_images(7, 32, seed=5)
+    stats = reference_stats(ref_imgs, extractor=ex, cache=False)
+
+    one = FIDAccumulator(stats, extractor=ex, kid_subsets=5)
+    one.update(gen)
+    r1 = one.compute()
+    many = FIDAccumulator(stats, extractor=ex, kid_subsets=5)
+    for i in range(0, 9, 2):
+        many.update(to_uint8_batch(gen[i : i + 2]))
+    r2 = many.compute()
+    assert r1.fid == pytest.approx(r2.fid, rel=1e-5)
+    assert r1.kid_mean == pytest.approx(r2.kid_mean, rel=1e-5)  # same seed, same subsets
+
+    streamed = FIDAccumulator(extractor=ex, kid=False)
+    streamed.update(ref_imgs, real=True)
+    streamed.update(gen)
+    assert streamed.compute().fid == pytest.approx(r1.fid, rel=1e-5)
+
+    mu_sigma_only = dataclasses.replace(stats, features=None)
+    with pytest.raises(ValueError, match="KID needs"):
+        FIDAccumulator(mu_sigma_only, extractor=ex)
+    acc = FIDAccumulator(mu_sigma_only, extractor=ex, kid=False)
+    acc.update(gen)
+    r3 = acc.compute()
+    assert r3.fid == pytest.approx(r1.fid, rel=1e-5) and r3.kid_mean is None and r3.num_reference == 7
+
+    acc.reset()  # forget generated, keep the reference
+    acc.update(ref_imgs)
+    assert abs(acc.compute().fid) < 1e-4
+
+    with pytest.raises(ValueError, match="do not match"):
+        FIDAccumulator(stats, extractor=tiny_extractor("bilinear"))
+
+
+def test_reference_as_stats_file_and_mismatches(tmp_path: Path) -> None:
+    ex = tiny_extractor()
+    gen = make_images(5, 32, seed=6)
+    stats = reference_stats(make_images(6, 32, seed=8), extractor=ex, cache=False)
+    path = stats.save(tmp_path / "ref.safetensors")
+    a = compute_fid(gen, path, extractor=ex, backend="clean-fid")
+    b = compute_fid(gen, stats, extractor=ex, backend="clean-fid")
+    assert a.fid == b.fid and a.reference_key == stats.key
+    with pytest.raises(ValueError, match="resize"):
+        compute_fid(gen, stats, extractor=tiny_extractor("bilinear_aa"))
+    with pytest.raises(ValueError, match="only does the 'clean' resize"):
+        compute_fid(gen, stats, extractor=ex, backend="clean-fid", resize="bilinear")
+    with pytest.raises(ValueError, match="backend"):
+        compute_fid(gen, stats, extractor=ex, backend="tf")
+
+
+# ---------------------------------------------------------------------------------------------
+# real weights
+
+
+def _natural_like_images(n: int, size: int, seed: int) -> list[PIL.Image.Image]:
+    """Images with structure at several scales: smooth colour fields plus rectangles and noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = PIL.Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8)).resize((size, size), PIL.Image.BICUBIC)
+        arr = np.asarray(base).astype(np.float32)
+        for _ in range(6):
+            x0, y0 = rng.integers(0, size - 8, 2)
+            w, h = rng.integers(8, size // 2, 2)
+            arr[y0 : y0 + h, x0 : x0 + w] = rng.random(3) * 255
+        arr += rng.normal(0, 8, arr.shape)
+        out.append(PIL.Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)))
+    return out
+
+
+@pytest.mark.slow
+def test_backends_agree_on_real_inception(tmp_path: Path) -> None:
+    """torchmetrics vs clean-fid on 24 + 24 images (512px, so both resize) with the real weights."""
+    from diffsqueeze.metrics.inception import load_inception
+
+    gen = save_images(_natural_like_images(24, 512, seed=10), tmp_path / "gen")
+    ref = save_images(_natural_like_images(24, 512, seed=11), tmp_path / "ref")
+    ex = load_inception()
+    a = compute_fid(gen, ref, backend="torchmetrics", extractor=ex, cache=False)
+    b = compute_fid(gen, ref, backend="clean-fid", extractor=ex, cache=False)
+    assert a.weights_sha256 == b.weights_sha256
+    assert a.fid > 1.0
+    assert a.fid == pytest.approx(b.fid, rel=0.01)
+    assert a.kid_mean == pytest.approx(b.kid_mean, rel=0.01)
