@@ -79,7 +79,7 @@ def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path
     if run_dir.exists() and any(run_dir.iterdir()):
         old = read_manifest(run_dir)
         if old is None:
-            raise RunDirError(f"output_dir '{run_dir}' is not empty and holds no diffsqueeze run; choose another output_dir")
+            raise RunDirError(f"output_dir '{run_dir}' is not empty and is not a diffsqueeze run directory; choose another output_dir")
         if not resume:
             raise RunDirError(f"output_dir '{run_dir}' already holds a run (recipe {old.get('recipe_hash')}, "
                               f"status {old.get('status')}); pass --resume to continue it or --overwrite to replace it")
