@@ -102,6 +102,6 @@ def load_tokenizer(path: Path | str = TOKENIZER_DIR):
     """The CLIPTokenizer from the repo's files (offline)."""
     from transformers import CLIPTokenizer
 
-    if not (Path(path) / "vocab.json").is_file():
+    if not any((Path(path) / f).is_file() for f in ("vocab.json", "tokenizer.json")):
         raise FileNotFoundError(f"tokenizer files missing in {path}; run write_tokenizer_files()")
     return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)

