@@ -87,3 +87,105 @@ def add_grid_parser(subparsers) -> argparse.ArgumentParser:
     _add_sampling_args(p, steps=20, guidance=7.5)
     p.set_defaults(func=cmd_grid)
     return p
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from diffsqueeze.errors import DiffsqueezeError
+    from diffsqueeze.metrics.evaluate import EvalJob, run_eval_job
+    from diffsqueeze.metrics.report import write_report
+    from diffsqueeze.models import check_model_spec
+
+    check_model_spec(args.model)
+    if args.baseline:
+        check_model_spec(args.baseline)
+    job = EvalJob(model=args.model, reference=args.ref, num_images=args.num_images, batch_size=args.batch_size,
+                  prompts=args.prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  baseline=args.baseline, clip_model=args.clip_model, fid_backend=args.fid_backend,
+                  features=args.features, resize=args.resize, save_images=args.save_images,
+                  kid_subset_size=args.kid_subset_size)
+    if args.clip_model is not None and not args.clip_model.strip():
+        raise DiffsqueezeError("--clip-model is empty")
+    _quiet_libraries()
+    device = args.device
+    if args.dtype is not None:
+        dtype = args.dtype
+    else:
+        import torch
+
+        dtype = "float16" if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "float32"
+    out = Path(args.out)
+    metrics = run_eval_job(job, out, device=device, dtype=dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    if metrics is None:  # not the main process
+        return 0
+    write_report(out)
+    f = metrics["fid"]
+    line = (f"FID {f['value']:.4f}" + (f"  KID {f['kid_mean']:.5f} +- {f['kid_std']:.5f}" if f.get("kid_mean") is not None else "")
+            + f"  [{f['backend']}, {f['weights']} sha256 {f['weights_sha256'][:12]}, resize {f['resize']}, "
+            f"{f['num_generated']} generated vs {f['num_reference']} reference ({f['reference']}), "
+            f"{f['sampler'].split('(')[0]} {f['steps']} steps, guidance {f['guidance']}, seeds 0..{job.num_images - 1}, "
+            f"prompts {job.prompts}]")
+    print(line)
+    if "clip_score" in metrics:
+        print(f"CLIP score {metrics['clip_score']['value']:.3f}  [{metrics['clip_score']['clip_model']}]")
+    if "fidelity" in metrics:
+        fd = metrics["fidelity"]
+        print(f"fidelity to {args.baseline}: PSNR {fd['psnr']:.2f} dB  SSIM {fd['ssim']:.4f}  ({fd['lpips_note']})")
+    print(f"metrics: {out / 'metrics.json'}  report: {out / 'report.md'}")
+    return 0
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """``diffsqueeze eval --model PATH_OR_ID --ref REF --num-images N [--batch-size B] [--out DIR] [--baseline MODEL]``."""
+    p = subparsers.add_parser(
+        "eval", help="FID/KID, CLIP score and fidelity of a model (multi-process with accelerate launch)",
+        description="Generate N images (image i: seed i, prompt i mod P), score FID/KID against --ref, the CLIP score "
+        "(--clip-model) and PSNR/SSIM against --baseline for the same prompts and seeds. Run under "
+        "`accelerate launch -m diffsqueeze eval ...` to shard across processes (identical results for any number). "
+        "Resumable: rerun the same command to continue.")
+    p.add_argument("--model", required=True, help="builtin:NAME, diffusers folder, run directory or hub id")
+    p.add_argument("--ref", default="fp", help="reference: 'fp' (the --baseline model's own outputs), a folder of images, "
+                   "a .safetensors statistics file or builtin:fashion-mnist (default fp)")
+    p.add_argument("--num-images", type=int, default=64, help="images to generate (default 64)")
+    p.add_argument("--out", default="eval-out", help="output folder: shards, metrics.json, report (default eval-out)")
+    p.add_argument("--baseline", default=None, help="model to compare with for the same prompts and seeds (PSNR/SSIM, --ref fp)")
+    p.add_argument("--clip-model", default=None, help="CLIP for the CLIP score: local folder, hub id or builtin:fashion-clip")
+    p.add_argument("--fid-backend", default="torchmetrics", choices=["torchmetrics", "clean-fid"], help="feature pipeline (default torchmetrics)")
+    p.add_argument("--resize", default="clean", choices=["clean", "bilinear_aa", "bilinear", "tf_bilinear"],
+                   help="resize to 299x299 for Inception (default clean; see docs/metrics.md)")
+    p.add_argument("--features", default="inception", choices=["inception", "tiny-random"],
+                   help="feature network: inception (FID weights) or tiny-random (tests/smoke only, meaningless numbers)")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size, clipped to the set sizes (default 1000)")
+    p.add_argument("--save-images", action="store_true", help="also write the images as PNG (images/, images-baseline/)")
+    p.add_argument("--overwrite", action="store_true", help="discard shards of a previous job with other settings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_sampling_args(p, steps=20, guidance=7.5)
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from diffsqueeze.errors import DiffsqueezeError
+    from diffsqueeze.metrics.report import write_report
+
+    dirs = [Path(d) for d in args.dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise DiffsqueezeError(f"'{d}' is not a directory")
+    out = Path(args.out) if args.out else (dirs[0] if len(dirs) == 1 else None)
+    if out is None:
+        raise DiffsqueezeError("several directories: give --out DIR for the comparison report")
+    path = write_report(dirs[0], dirs[1:], out_dir=out, title=args.title)
+    print(f"report: {path}  {path.with_suffix('.html')}")
+    return 0
+
+
+def add_report_parser(subparsers) -> argparse.ArgumentParser:
+    """``diffsqueeze report RUN_DIR... [--out DIR]``."""
+    p = subparsers.add_parser("report", help="report.md / report.html from metrics.json of one or more runs",
+                              description="Rewrite a run's (or eval's) report from its metrics.json; with several "
+                              "directories, write one comparison report (table per run, quality-vs-size plot across runs).")
+    p.add_argument("dirs", nargs="+", help="run or eval directories holding metrics.json")
+    p.add_argument("--out", default=None, help="output folder (default: the directory itself; required for several)")
+    p.add_argument("--title", default=None, help="report title")
+    p.set_defaults(func=cmd_report)
+    return p

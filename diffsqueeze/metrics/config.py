@@ -9,6 +9,8 @@ from diffsqueeze.errors import RecipeError
 
 #: FID/KID implementations :func:`diffsqueeze.metrics.evaluate.evaluate_run` can use.
 FID_BACKENDS = ("torchmetrics", "clean-fid")
+#: Feature networks for FID/KID.
+FEATURE_NETS = ("inception", "tiny-random")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class EvalConfig:
         grid_prompts: how many prompts of the set go into the grid (rows = prompts x seeds).
         fid_backend: ``torchmetrics`` (in memory, streaming) or ``clean-fid`` (folders).
         save_images: keep the generated FID images as PNG files beside the features.
+        features: feature network for FID/KID: ``inception`` (the FID Inception-v3 weights) or
+            ``tiny-random`` (a tiny random net for smoke tests: fast, meaningless numbers).
     """
 
     prompts: str = "builtin"
@@ -48,6 +52,7 @@ class EvalConfig:
     grid_prompts: int = 4
     fid_backend: str = "torchmetrics"
     save_images: bool = False
+    features: str = "inception"
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
@@ -74,3 +79,5 @@ class EvalConfig:
             raise RecipeError("clip_model", "empty; leave it out (null) to skip the CLIP score")
         if self.fid_backend not in FID_BACKENDS:
             raise RecipeError("fid_backend", f"unknown backend '{self.fid_backend}'; known: {', '.join(FID_BACKENDS)}")
+        if self.features not in FEATURE_NETS:
+            raise RecipeError("features", f"unknown feature network '{self.features}'; known: {', '.join(FEATURE_NETS)}")

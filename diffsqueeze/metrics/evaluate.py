@@ -1,0 +1,595 @@
+"""The evaluation job (``diffsqueeze eval``) and the scoring at the end of ``diffsqueeze run``.
+
+The job generates ``N`` images with deterministic per-image inputs (image ``i``: seed ``i``,
+prompt ``i mod P``), and scores FID / KID against a reference, the CLIP score, and the fidelity
+to a baseline model (the original) for the same prompts and seeds.
+
+Work is cut into global batches of ``batch_size`` images (batch ``b`` = images
+``[b*B, (b+1)*B)``). Under accelerate (``accelerate launch -m diffsqueeze eval ...``) process
+``r`` of ``W`` runs the batches ``b`` with ``b mod W == r``. A batch is computed the same way
+whatever the number of processes, and the final numbers are computed on the main process from
+the per-image values gathered in image order (float64), so 1 and W processes give identical
+images and numbers. Each batch writes a shard (``shards/batch-000012.safetensors``: features,
+per-image CLIP cosines, PSNR/SSIM, image hashes) atomically; a rerun skips the shards that exist
+and match the job, so a killed job continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffsqueeze.errors import DiffsqueezeError
+from diffsqueeze.metrics.clip_score import ClipScorer, aggregate, module_hash
+from diffsqueeze.metrics.config import FEATURE_NETS, EvalConfig
+from diffsqueeze.metrics.fidelity import fidelity_summary, lpips_status, per_image_fidelity
+from diffsqueeze.metrics.grid import (
+    GridColumn,
+    column_label,
+    denoiser_bytes,
+    generate_images,
+    grid_rows,
+    make_grid,
+    sampler_description,
+)
+
+log = logging.getLogger(__name__)
+
+METRICS_FORMAT = 1
+SHARD_DIR = "shards"
+JOB_FILE = "job.json"
+BUILTIN_DATASETS = ("builtin:fashion-mnist",)
+
+
+# ------------------------------------------------------------------------------------------
+# feature networks and references
+
+
+def tiny_feature_net(seed: int = 0, resize: str = "bilinear"):
+    """A tiny random conv net with the :class:`~diffsqueeze.metrics.inception.FeatureExtractor`
+    interface (64 features). For tests and smoke runs only: its FID means nothing."""
+    from diffsqueeze.metrics.inception import FeatureExtractor
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4),
+                                  torch.nn.Flatten())
+    return FeatureExtractor(net, num_features=64, weights_sha256=module_hash(net), weights_name="tiny-random-test-net",
+                            resize=resize)
+
+
+def load_feature_net(name: str, device: str = "cpu", resize: str = "clean"):
+    """``inception`` (the FID Inception-v3, see :func:`~diffsqueeze.metrics.inception.load_inception`)
+    or ``tiny-random`` (:func:`tiny_feature_net`)."""
+    if name == "tiny-random":
+        return tiny_feature_net().to(device)
+    if name != "inception":
+        raise DiffsqueezeError(f"unknown feature network '{name}'; known: {', '.join(FEATURE_NETS)}")
+    from diffsqueeze.metrics.inception import InceptionWeightsNotFound, load_inception
+
+    try:
+        return load_inception(resize=resize, device=device)
+    except InceptionWeightsNotFound as exc:
+        raise DiffsqueezeError(str(exc)) from exc
+
+
+def builtin_dataset(name: str) -> torch.Tensor:
+    """Images of a builtin reference set as uint8 ``(N, 3, H, W)``.
+
+    ``builtin:fashion-mnist``: the Fashion-MNIST test set (the shipped 2,000-image balanced subset
+    where the full set is not installed), padded to 32x32 like the builtin model's images, gray -> RGB.
+    """
+    if name != "builtin:fashion-mnist":
+        raise DiffsqueezeError(f"unknown builtin dataset '{name}'; known: {', '.join(BUILTIN_DATASETS)}")
+    from diffsqueeze.models.fashion.data import FashionMNISTMissingError, load_fashion_mnist, load_reference_subset, pad_to_32
+
+    try:
+        images, _ = load_fashion_mnist("test")
+    except FashionMNISTMissingError:
+        images, _ = load_reference_subset()
+    x = torch.from_numpy(pad_to_32(images).copy())
+    return x[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+def reference_statistics(reference: str, extractor, backend: str, batch_size: int = 32, cache_dir: str | None = None):
+    """:class:`~diffsqueeze.metrics.fid.ReferenceStats` for a folder, a builtin dataset or a
+    ``.safetensors`` statistics file (cached, see ``fid.reference_stats``)."""
+    from diffsqueeze.metrics import fid
+
+    if reference.endswith(".safetensors") and Path(reference).is_file():
+        stats = fid.ReferenceStats.load(reference)
+        if stats.weights_sha256 != extractor.weights_sha256 or stats.resize != extractor.resize:
+            raise DiffsqueezeError(f"reference statistics {reference} were computed with another network or resize "
+                                   f"({stats.weights_sha256[:12]}, {stats.resize})")
+        stats.source = stats.source or reference
+        return stats
+    if reference.startswith("builtin:"):
+        images: Any = builtin_dataset(reference)
+    elif Path(reference).is_dir():
+        images = reference
+    else:
+        raise DiffsqueezeError(f"reference '{reference}': not 'fp', a folder of images, a .safetensors statistics "
+                               f"file or a builtin dataset ({', '.join(BUILTIN_DATASETS)})")
+    try:
+        stats = fid.reference_stats(images, backend=backend, extractor=extractor, batch_size=batch_size, cache_dir=cache_dir)
+    except FileNotFoundError as exc:
+        raise DiffsqueezeError(str(exc)) from exc
+    if reference.startswith("builtin:"):
+        stats.source = f"{reference} ({stats.num_images} images)"
+    return stats
+
+
+# ------------------------------------------------------------------------------------------
+# the job
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """What one evaluation computes. ``key()`` names everything that changes a shard."""
+
+    model: str
+    reference: str = "fp"
+    num_images: int = 64
+    batch_size: int = 8
+    prompts: str = "builtin"
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    baseline: Optional[str] = None
+    clip_model: Optional[str] = None
+    fid_backend: str = "torchmetrics"
+    features: str = "inception"
+    resize: str = "clean"
+    save_images: bool = False
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.num_images < 2:
+            raise DiffsqueezeError(f"--num-images must be >= 2 for FID, got {self.num_images}")
+        if self.batch_size < 1 or self.num_inference_steps < 1:
+            raise DiffsqueezeError("--batch-size and --steps must be >= 1")
+        if self.reference == "fp" and self.baseline is None:
+            raise DiffsqueezeError("--ref fp means the baseline model's own outputs: give --baseline MODEL "
+                                   "(or a folder of images / builtin:fashion-mnist as --ref)")
+        if self.fid_backend not in ("torchmetrics", "clean-fid"):
+            raise DiffsqueezeError(f"unknown FID backend '{self.fid_backend}'; known: torchmetrics, clean-fid")
+        if self.fid_backend == "clean-fid" and self.resize != "clean":
+            raise DiffsqueezeError("the clean-fid backend only does the 'clean' resize")
+
+
+def _prompt_for(prompts: list[str], i: int) -> str:
+    return prompts[i % len(prompts)]
+
+
+def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(s, min(batch_size, n - s)) for s in range(0, n, batch_size)]
+
+
+def _pixel_digest(images: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.frombuffer(bytearray(hashlib.sha256(t.contiguous().numpy().tobytes()).digest()),
+                                         dtype=torch.uint8) for t in images.cpu()])
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_shard(path: Path, key: str, start: int, count: int) -> dict[str, torch.Tensor] | None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key or meta.get("start") != str(start) or meta.get("count") != str(count):
+                return None
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # damaged shard (killed mid-write before the rename cannot happen; foreign file can)
+        log.warning("ignoring unreadable shard %s: %s", path, exc)
+        return None
+
+
+def _save_pngs(images: torch.Tensor, folder: Path, start: int) -> None:
+    import PIL.Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, t in enumerate(images):
+        path = folder / f"{start + k:06d}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        PIL.Image.fromarray(t.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+        os.replace(tmp, path)
+
+
+class _Scorer:
+    """Per-batch work shared by all processes: generate, extract features, CLIP, fidelity."""
+
+    def __init__(self, job: EvalJob, pipe, baseline_pipe, extractor, clip: ClipScorer | None, prompts: list[str], out_dir: Path):
+        self.job, self.pipe, self.baseline_pipe = job, pipe, baseline_pipe
+        self.extractor, self.clip, self.prompts, self.out_dir = extractor, clip, prompts, out_dir
+        self.gen_seconds = 0.0
+        self.feat_seconds = 0.0
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        from diffsqueeze.metrics.fid import extract_features
+
+        t0 = time.perf_counter()
+        feats = extract_features(images, self.extractor, backend=self.job.fid_backend, batch_size=len(images))
+        self.feat_seconds += time.perf_counter() - t0
+        return torch.from_numpy(feats)
+
+    def batch(self, start: int, count: int) -> dict[str, torch.Tensor]:
+        job = self.job
+        seeds = list(range(start, start + count))
+        prompts = [_prompt_for(self.prompts, i) for i in seeds]
+        t0 = time.perf_counter()
+        images = generate_images(self.pipe, prompts, seeds, job.num_inference_steps, job.guidance_scale, batch_size=count)
+        self.gen_seconds += time.perf_counter() - t0
+        out = {"features": self._features(images), "image_sha256": _pixel_digest(images)}
+        if self.clip is not None:
+            out["clip_cos_x100"] = self.clip.cosine_x100(images, prompts)
+        if job.save_images:
+            _save_pngs(images, self.out_dir / "images", start)
+        if self.baseline_pipe is not None:
+            base = generate_images(self.baseline_pipe, prompts, seeds, job.num_inference_steps, job.guidance_scale,
+                                   batch_size=count)
+            out["baseline_features"] = self._features(base)
+            out["baseline_image_sha256"] = _pixel_digest(base)
+            out.update(per_image_fidelity(images, base))
+            if self.clip is not None:
+                out["baseline_clip_cos_x100"] = self.clip.cosine_x100(base, prompts)
+            if job.save_images:
+                _save_pngs(base, self.out_dir / "images-baseline", start)
+        return out
+
+
+def _job_key(job: EvalJob, pipe, baseline_pipe, extractor, clip: ClipScorer | None, prompts: list[str], dtype: str,
+             device_type: str) -> tuple[str, dict]:
+    from diffsqueeze.models import module_components
+
+    def fingerprint(p):
+        if p is None:
+            return None
+        h = hashlib.sha256()
+        for name, module in sorted(module_components(p).items()):
+            h.update(f"{name}:{module_hash(module)}".encode())
+        return h.hexdigest()[:16]
+
+    payload = {
+        "format": METRICS_FORMAT,
+        "model": fingerprint(pipe),
+        "baseline": fingerprint(baseline_pipe),
+        "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
+        "batch_size": job.batch_size,
+        "steps": job.num_inference_steps,
+        "guidance": job.guidance_scale,
+        "sampler": sampler_description(pipe),
+        "features": f"{extractor.weights_sha256}:{extractor.resize}:{job.fid_backend}",
+        "clip": clip.weights_hash if clip is not None else None,
+        "dtype": dtype,
+        "device": device_type,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24], payload
+
+
+def _distributed_state(device: str | None):
+    """accelerate's process state; CPU runs (no CUDA, or ``device='cpu'``) use gloo across processes
+    launched by ``torchrun`` / ``accelerate launch`` (accelerate needs ``cpu=True`` to see them)."""
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available() or (device or "").startswith("cpu")
+    return PartialState(cpu=cpu)
+
+
+def run_eval_job(
+    job: EvalJob,
+    out_dir: Path,
+    *,
+    pipe=None,
+    baseline_pipe=None,
+    extractor=None,
+    clip: ClipScorer | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict | None:
+    """Run (or continue) an evaluation job; the main process returns the metrics dict.
+
+    Args:
+        job: what to compute.
+        out_dir: shards, ``job.json``, ``metrics.json``, optional images.
+        pipe / baseline_pipe / extractor / clip: already-loaded components (else loaded from
+            ``job``); under several processes each process loads its own.
+        device: torch device (default: accelerate's device for this process).
+        overwrite: delete shards of a different job instead of refusing.
+
+    Returns:
+        The metrics (also written to ``out_dir/metrics.json``) on the main process, None on others.
+
+    Raises:
+        DiffsqueezeError: bad inputs, or ``out_dir`` holds shards of another job.
+    """
+    from diffsqueeze.models import load_pipeline
+    from diffsqueeze.models.prompts import load_prompts
+
+    state = _distributed_state(device)
+    device = device or str(state.device)
+    out_dir = Path(out_dir)
+    prompts = load_prompts(job.prompts)
+    if pipe is None:
+        pipe = load_pipeline(job.model, device=device, dtype=dtype)
+    if baseline_pipe is None and job.baseline is not None:
+        baseline_pipe = load_pipeline(job.baseline, device=device, dtype=dtype)
+    if extractor is None:
+        extractor = load_feature_net(job.features, device=device, resize=job.resize)
+    if clip is None and job.clip_model is not None:
+        clip = ClipScorer.from_spec(job.clip_model, device=device)
+    key, payload = _job_key(job, pipe, baseline_pipe, extractor, clip, prompts, dtype, torch.device(device).type)
+
+    shard_dir = out_dir / SHARD_DIR
+    if state.is_main_process:
+        _prepare_out_dir(out_dir, key, payload, overwrite)
+    state.wait_for_everyone()
+
+    batches = _batches(job.num_images, job.batch_size)
+    mine = [(b, s, c) for b, (s, c) in enumerate(batches) if b % state.num_processes == state.process_index]
+    todo = [(b, s, c) for b, s, c in mine if _read_shard(shard_dir / f"batch-{b:06d}.safetensors", key, s, c) is None]
+    if len(todo) < len(mine):
+        log.info("resuming: %d of this process's %d batches already done", len(mine) - len(todo), len(mine))
+    scorer = _Scorer(job, pipe, baseline_pipe, extractor, clip, prompts, out_dir)
+    t0 = time.perf_counter()
+    n_done = 0
+    bar = tqdm(total=sum(c for _, _, c in todo), unit="img", desc=f"eval [{state.process_index + 1}/{state.num_processes}]",
+               disable=not (progress and state.is_local_main_process), dynamic_ncols=True)
+    for b, start, count in todo:
+        tensors = scorer.batch(start, count)
+        _atomic_save(tensors, shard_dir / f"batch-{b:06d}.safetensors", {"key": key, "start": str(start), "count": str(count)})
+        n_done += count
+        bar.update(count)
+        bar.set_postfix(img_s=f"{n_done / max(time.perf_counter() - t0, 1e-9):.2f}")
+    bar.close()
+    timing = {"process_index": state.process_index, "images": n_done, "generation_s": round(scorer.gen_seconds, 3),
+              "features_s": round(scorer.feat_seconds, 3), "wall_s": round(time.perf_counter() - t0, 3)}
+    _atomic_write_text(shard_dir / f"timing-{state.process_index}.json", json.dumps(timing))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    per_image = _gather(shard_dir, batches, key)
+    metrics = _final_metrics(job, per_image, pipe, baseline_pipe, extractor, clip, prompts, payload, dtype, device,
+                             state.num_processes, out_dir)
+    _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _prepare_out_dir(out_dir: Path, key: str, payload: dict, overwrite: bool) -> None:
+    import shutil
+
+    shard_dir = out_dir / SHARD_DIR
+    job_file = out_dir / JOB_FILE
+    if job_file.is_file():
+        old = json.loads(job_file.read_text(encoding="utf-8"))
+        if old.get("key") != key:
+            changed = sorted(k for k in set(old.get("payload", {})) | set(payload)
+                             if old.get("payload", {}).get(k) != payload.get(k))
+            if not overwrite:
+                raise DiffsqueezeError(f"'{out_dir}' holds an evaluation with other settings (differs in: "
+                                       f"{', '.join(changed) or 'format'}); use another --out or pass --overwrite")
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            for name in ("images", "images-baseline"):
+                shutil.rmtree(out_dir / name, ignore_errors=True)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(job_file, json.dumps({"key": key, "payload": payload}, indent=2))
+
+
+def _gather(shard_dir: Path, batches: list[tuple[int, int]], key: str) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
+    for b, (start, count) in enumerate(batches):
+        shard = _read_shard(shard_dir / f"batch-{b:06d}.safetensors", key, start, count)
+        if shard is None:
+            raise DiffsqueezeError(f"shard {b} missing in {shard_dir} after all processes finished")
+        for k, v in shard.items():
+            parts.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _fid_block(feats: torch.Tensor, ref, job: EvalJob, extractor, reference_name: str) -> dict:
+    """FID/KID (float64, from features in image order) with the helper's math and provenance."""
+    from diffsqueeze.metrics import fid
+
+    f64 = feats.double().numpy()
+    mu, sigma = f64.mean(axis=0), np.cov(f64, rowvar=False)
+    value = fid.frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    kid_mean = kid_std = kid_size = None
+    if ref.features is not None:
+        kid_mean, kid_std = fid.kernel_inception_distance(feats.numpy(), ref.features, subsets=job.kid_subsets,
+                                                          subset_size=job.kid_subset_size, seed=0)
+        kid_size = fid.clipped_subset_size(len(feats), len(ref.features), job.kid_subset_size)
+    extraction = ("uint8 batches through the feature network (its own resize)" if job.fid_backend == "torchmetrics"
+                  else "clean-fid's clean resizer, then the feature network")
+    result = fid.FIDResult(
+        fid=value, kid_mean=kid_mean, kid_std=kid_std, backend=job.fid_backend,
+        implementation=f"features: {extraction}, per batch; FID/KID: diffsqueeze.metrics.fid.frechet_distance / "
+        "kernel_inception_distance in float64 over the features gathered in image order (identical for any number of processes)",
+        weights=extractor.weights_name, weights_sha256=extractor.weights_sha256, resize=extractor.resize,
+        num_generated=int(len(feats)), num_reference=int(ref.num_images), reference=reference_name,
+        reference_key=getattr(ref, "key", None), kid_subsets=job.kid_subsets if kid_mean is not None else None,
+        kid_subset_size=kid_size, kid_seed=0 if kid_mean is not None else None,
+    )
+    out = result.to_dict()
+    out["value"] = out["fid"]
+    return out
+
+
+def _final_metrics(job: EvalJob, per_image: dict, pipe, baseline_pipe, extractor, clip, prompts, payload, dtype, device,
+                   world: int, out_dir: Path) -> dict:
+    from diffsqueeze.metrics import fid
+    from diffsqueeze.models.io import model_folder
+
+    n = job.num_images
+    generation = {
+        "sampler": sampler_description(pipe), "steps": job.num_inference_steps, "guidance": job.guidance_scale,
+        "seeds": f"image i uses seed i, i = 0..{n - 1}", "prompts": f"image i uses prompt i mod {len(prompts)}",
+        "prompt_source": job.prompts, "num_images": n, "batch_size": job.batch_size, "dtype": dtype,
+        "device": torch.device(device).type, "num_processes": world,
+    }
+    if job.reference == "fp":
+        ref = fid.ReferenceStats.from_features(per_image["baseline_features"].numpy(), resize=extractor.resize,
+                                               weights_sha256=extractor.weights_sha256,
+                                               source=f"fp: outputs of {job.baseline} for the same prompts and seeds")
+    else:
+        ref = reference_statistics(job.reference, extractor, job.fid_backend, batch_size=max(job.batch_size, 32))
+    provenance = {**generation}
+    fid_block = _fid_block(per_image["features"], ref, job, extractor, ref.source)
+    fid_block.update(sampler=generation["sampler"], steps=job.num_inference_steps, guidance=job.guidance_scale,
+                     seeds=generation["seeds"], prompt_source=job.prompts)
+    spec_folder = model_folder(job.model) if not job.model.startswith("builtin:") and Path(job.model).exists() else None
+    size, measured = denoiser_bytes(pipe, spec_folder)
+    metrics: dict[str, Any] = {
+        "format": METRICS_FORMAT,
+        "kind": "eval",
+        "model": job.model,
+        "baseline": job.baseline,
+        "reference": job.reference,
+        "size": {"denoiser_bytes": size, "measured": measured},
+        "generation": generation,
+        "fid": fid_block,
+        "job_key": payload,
+        "image_sha256": hashlib.sha256(per_image["image_sha256"].numpy().tobytes()).hexdigest(),
+    }
+    if clip is not None:
+        metrics["clip_score"] = {"value": aggregate(per_image["clip_cos_x100"]), "n": n, **clip.provenance(), **provenance}
+    if baseline_pipe is not None:
+        metrics["fidelity"] = {**fidelity_summary({"psnr": per_image["psnr"], "ssim": per_image["ssim"]},
+                                                  lpips_status()[1]), "baseline": job.baseline}
+        bsize, bmeasured = denoiser_bytes(baseline_pipe, model_folder(job.baseline)
+                                          if not job.baseline.startswith("builtin:") and Path(job.baseline).exists() else None)
+        base: dict[str, Any] = {"model": job.baseline, "size": {"denoiser_bytes": bsize, "measured": bmeasured}}
+        if job.reference != "fp":
+            base["fid"] = _fid_block(per_image["baseline_features"], ref, job, extractor, ref.source)
+        else:
+            base["fid"] = {"value": 0.0, "note": "the reference is this model's own outputs"}
+        if clip is not None:
+            base["clip_score"] = {"value": aggregate(per_image["baseline_clip_cos_x100"]), "n": n}
+        metrics["baseline_scores"] = base
+    timings = [json.loads(p.read_text()) for p in sorted((out_dir / SHARD_DIR).glob("timing-*.json"))]
+    metrics["timing"] = {"per_process": timings, "note": "wall-clock of the last (re)run; not part of the result"}
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------
+# scoring at the end of `diffsqueeze run`
+
+
+def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[dict]) -> dict:
+    """Score a compressed pipeline against the original at the end of ``diffsqueeze run``.
+
+    Writes ``grids/compressed-vs-original.png``, ``metrics.json``, ``report.md`` and
+    ``report.html`` into ``out_dir`` and returns a short summary for the manifest.
+
+    Args:
+        pipe: the compressed pipeline.
+        teacher: the original (FP) pipeline.
+        cfg: the recipe's ``eval:`` section.
+        out_dir: the run directory.
+        history: the stages' summaries (``CompressionState.history``).
+    """
+    from diffsqueeze.metrics.report import write_report
+    from diffsqueeze.models.prompts import load_prompts
+
+    out_dir = Path(out_dir)
+    device = str(next(iter(p.device for p in getattr(pipe, _denoiser(pipe)).parameters())))
+    prompts = load_prompts(cfg.prompts)
+    clip = ClipScorer.from_spec(cfg.clip_model, device=device) if cfg.clip_model else None
+    metrics: dict[str, Any] = {"format": METRICS_FORMAT, "kind": "run", "model": str(out_dir / "model"),
+                               "baseline": "original (FP) pipeline"}
+
+    grid_prompts = prompts[: cfg.grid_prompts]
+    row_prompts, row_seeds, labels = grid_rows(grid_prompts, cfg.seeds)
+    ours = generate_images(pipe, row_prompts, row_seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size)
+    theirs = generate_images(teacher, row_prompts, row_seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size)
+    generation = {"sampler": sampler_description(pipe), "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale,
+                  "prompt_source": cfg.prompts}
+    size, measured = denoiser_bytes(pipe, out_dir / "model" if (out_dir / "model").is_dir() else None)
+    tsize, tmeasured = denoiser_bytes(teacher)
+    metrics["size"] = {"denoiser_bytes": size, "measured": measured}
+    base: dict[str, Any] = {"model": "original", "size": {"denoiser_bytes": tsize, "measured": tmeasured}}
+    grid_scope = {**generation, "seeds": list(cfg.seeds), "images": f"grid: {len(grid_prompts)} prompts x {len(cfg.seeds)} seeds"}
+
+    if cfg.grid:
+        grid_dir = out_dir / "grids"
+        grid_dir.mkdir(parents=True, exist_ok=True)
+        cols = [GridColumn("original", theirs, column_label(teacher, None)),
+                GridColumn("compressed", ours, column_label(pipe, str(out_dir / "model") if (out_dir / "model").is_dir() else None))]
+        make_grid(cols, labels).save(grid_dir / "compressed-vs-original.png")
+        metrics["grid"] = "grids/compressed-vs-original.png"
+
+    if cfg.num_images > 0:
+        job = EvalJob(model=str(out_dir / "model"), reference=cfg.reference, num_images=cfg.num_images,
+                      batch_size=cfg.batch_size, prompts=cfg.prompts, num_inference_steps=cfg.num_inference_steps,
+                      guidance_scale=cfg.guidance_scale, baseline="original", clip_model=cfg.clip_model,
+                      fid_backend=cfg.fid_backend, save_images=cfg.save_images, features=cfg.features)
+        extractor = load_feature_net(cfg.features, device=device, resize="clean")
+        job_metrics = run_eval_job(job, out_dir / "eval", pipe=pipe, baseline_pipe=teacher, extractor=extractor, clip=clip,
+                                   device=device, dtype=_dtype_name(pipe), overwrite=True)
+        for k in ("fid", "clip_score", "fidelity", "generation"):
+            if k in job_metrics:
+                metrics[k] = job_metrics[k]
+        for k in ("fid", "clip_score"):
+            if k in job_metrics.get("baseline_scores", {}):
+                base[k] = job_metrics["baseline_scores"][k]
+    else:
+        metrics["generation"] = grid_scope
+        if cfg.fidelity:
+            metrics["fidelity"] = {**fidelity_summary(per_image_fidelity(ours, theirs)), **{"scope": grid_scope["images"]}}
+        if clip is not None:
+            metrics["clip_score"] = {"value": aggregate(clip.cosine_x100(ours, row_prompts)), "n": len(row_prompts),
+                                     **clip.provenance(), **grid_scope}
+            base["clip_score"] = {"value": aggregate(clip.cosine_x100(theirs, row_prompts)), "n": len(row_prompts)}
+        metrics["fid"] = {"value": None, "note": "FID/KID skipped: eval.num_images is 0"}
+    metrics["baseline_scores"] = base
+    metrics["stages"] = [dict(h) for h in history]
+    _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    write_report(out_dir)
+    summary = {k: (metrics.get(k) or {}).get("value") for k in ("fid", "clip_score")}
+    summary.update(psnr=(metrics.get("fidelity") or {}).get("psnr"), ssim=(metrics.get("fidelity") or {}).get("ssim"),
+                   metrics="metrics.json", report="report.md")
+    return summary
+
+
+def _denoiser(pipe) -> str:
+    from diffsqueeze.models import find_roles
+
+    return find_roles(pipe).denoiser
+
+
+def _dtype_name(pipe) -> str:
+    dtype = next(getattr(pipe, _denoiser(pipe)).parameters()).dtype
+    return {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
+
+
+def job_from_args(**kw: Any) -> EvalJob:
+    """Build an :class:`EvalJob` from keyword arguments, ignoring unknown ones (CLI helper)."""
+    names = {f.name for f in dataclasses.fields(EvalJob)}
+    return EvalJob(**{k: v for k, v in kw.items() if k in names})

@@ -1,0 +1,316 @@
+"""Reports: ``metrics.json`` -> ``report.md`` and ``report.html`` with the grid, every number with
+its provenance, and a plot of quality (FID, CLIP score) against denoiser size (inline SVG, no
+plotting library).
+
+One directory (a run or an eval output) gives that directory's report. Several directories
+(``diffsqueeze report RUN_A RUN_B ...``) give a comparison: one table row and one plot point per
+model (each run's original and compressed model), written to ``--out``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from diffsqueeze.errors import DiffsqueezeError
+
+log = logging.getLogger(__name__)
+
+PLOT_FILE = "quality_vs_size.svg"
+
+
+def read_metrics(folder: Path) -> dict:
+    """The ``metrics.json`` of a run / eval directory.
+
+    Raises:
+        DiffsqueezeError: missing or unreadable.
+    """
+    path = Path(folder) / "metrics.json"
+    if not path.is_file():
+        raise DiffsqueezeError(f"'{folder}' has no metrics.json (run `diffsqueeze eval` or a recipe with an eval: section first)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DiffsqueezeError(f"{path} is not valid JSON: {exc}") from exc
+
+
+@dataclass
+class Point:
+    """One model on the quality-vs-size plot."""
+
+    label: str
+    series: str
+    size_mb: float | None
+    fid: float | None
+    clip: float | None
+
+
+def _value(block: Any) -> float | None:
+    if isinstance(block, dict):
+        block = block.get("value")
+    return float(block) if isinstance(block, (int, float)) and math.isfinite(block) else None
+
+
+def _size_mb(block: Any) -> float | None:
+    if isinstance(block, dict) and isinstance(block.get("denoiser_bytes"), (int, float)):
+        return block["denoiser_bytes"] / 1e6
+    return None
+
+
+def points_of(metrics: dict, series: str) -> list[Point]:
+    """Plot points of one metrics file: the baseline/original (if scored), stages with their own
+    scores (if any), then the evaluated model."""
+    pts = []
+    base = metrics.get("baseline_scores")
+    if isinstance(base, dict):
+        pts.append(Point(f"{series}: original", series, _size_mb(base.get("size")), _value(base.get("fid")),
+                         _value(base.get("clip_score"))))
+    for st in metrics.get("stages") or []:
+        if isinstance(st, dict) and any(k in st for k in ("fid", "clip_score")):
+            pts.append(Point(f"{series}: {st.get('index', '?')}-{st.get('name', 'stage')}", series, _size_mb(st.get("size")),
+                             _value(st.get("fid")), _value(st.get("clip_score"))))
+    pts.append(Point(f"{series}: {'compressed' if metrics.get('kind') == 'run' else 'model'}", series,
+                     _size_mb(metrics.get("size")), _value(metrics.get("fid")), _value(metrics.get("clip_score"))))
+    return pts
+
+
+# ------------------------------------------------------------------------------------------
+# SVG plot
+
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    return [lo + (hi - lo) * k / n for k in range(n + 1)]
+
+
+def _panel(points: list[Point], attr: str, title: str, x0: int, width: int, height: int, colors: dict[str, str]) -> str:
+    pts = [(p.size_mb, getattr(p, attr), p) for p in points if p.size_mb is not None and getattr(p, attr) is not None]
+    parts = [f'<g transform="translate({x0},0)">',
+             f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)} vs denoiser size</text>']
+    left, top, right, bottom = 52, 28, 12, 40
+    pw, ph = width - left - right, height - top - bottom
+    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+    if not pts:
+        parts.append(f'<text x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle" font-size="12" fill="#777">'
+                     f'no {html.escape(title)} values</text></g>')
+        return "".join(parts)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    xlo, xhi = min(xs), max(xs)
+    ylo, yhi = min(ys), max(ys)
+    xpad = (xhi - xlo) * 0.08 or max(abs(xhi) * 0.1, 0.01)
+    ypad = (yhi - ylo) * 0.08 or max(abs(yhi) * 0.1, 0.01)
+    xlo, xhi, ylo, yhi = max(0.0, xlo - xpad), xhi + xpad, ylo - ypad, yhi + ypad
+
+    def sx(v: float) -> float:
+        return left + (v - xlo) / (xhi - xlo) * pw
+
+    def sy(v: float) -> float:
+        return top + ph - (v - ylo) / (yhi - ylo) * ph
+
+    for t in _ticks(xlo, xhi):
+        parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 14}" text-anchor="middle" font-size="10">{t:.3g}</text>')
+    for t in _ticks(ylo, yhi):
+        parts.append(f'<text x="{left - 4}" y="{sy(t) + 3:.1f}" text-anchor="end" font-size="10">{t:.3g}</text>')
+        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" font-size="11">denoiser size (MB)</text>')
+    series: dict[str, list[tuple[float, float, Point]]] = {}
+    for x, y, p in pts:
+        series.setdefault(p.series, []).append((x, y, p))
+    for name, sp in series.items():
+        color = colors[name]
+        if len(sp) > 1:
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in sp)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        for x, y, p in sp:
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{color}">'
+                         f'<title>{html.escape(p.label)}: {y:.4g} at {x:.3g} MB</title></circle>')
+            short = p.label.split(": ", 1)[-1]
+            parts.append(f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 6:.1f}" font-size="10" fill="{color}">{html.escape(short)}</text>')
+    parts.append("</g>")
+    return "".join(parts)
+
+
+def quality_size_svg(points: Sequence[Point], width: int = 760, height: int = 300) -> str:
+    """Two panels (FID, CLIP score) of quality against denoiser size; one colour per series."""
+    names = list(dict.fromkeys(p.series for p in points))
+    colors = {n: _COLORS[i % len(_COLORS)] for i, n in enumerate(names)}
+    half = width // 2
+    legend_h = 16 * len(names) + 6
+    body = [_panel(list(points), "fid", "FID", 0, half, height, colors),
+            _panel(list(points), "clip", "CLIP score", half, half, height, colors)]
+    for i, n in enumerate(names):
+        y = height + 12 + 16 * i
+        body.append(f'<rect x="10" y="{y - 9}" width="10" height="10" fill="{colors[n]}"/>'
+                    f'<text x="26" y="{y}" font-size="11">{html.escape(n)}</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + legend_h}" '
+            f'viewBox="0 0 {width} {height + legend_h}" font-family="sans-serif">'
+            f'<rect width="100%" height="100%" fill="white"/>{"".join(body)}</svg>')
+
+
+# ------------------------------------------------------------------------------------------
+# tables
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def headline_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    """``(metric, value, original's value)`` rows of the main table."""
+    base = metrics.get("baseline_scores") or {}
+    fid = metrics.get("fid") or {}
+    rows = [("denoiser size (MB)", _fmt(_size_mb(metrics.get("size"))), _fmt(_size_mb(base.get("size")))),
+            ("FID", _fmt(_value(fid)), _fmt(_value(base.get("fid"))))]
+    if fid.get("kid_mean") is not None:
+        rows.append(("KID", f"{fid['kid_mean']:.5g} ± {fid['kid_std']:.2g}", _fmt((base.get("fid") or {}).get("kid_mean"))))
+    if metrics.get("clip_score"):
+        rows.append(("CLIP score", _fmt(_value(metrics["clip_score"])), _fmt(_value(base.get("clip_score")))))
+    fd = metrics.get("fidelity") or {}
+    for key, name in (("psnr", "PSNR to original (dB)"), ("ssim", "SSIM to original"), ("lpips", "LPIPS to original")):
+        if key in fd:
+            rows.append((name, _fmt(fd[key]), "–"))
+    return rows
+
+
+def provenance_lines(metrics: dict) -> list[tuple[str, dict]]:
+    """``(metric, provenance dict)`` for every number that carries one."""
+    out = []
+    fid = metrics.get("fid") or {}
+    if fid:
+        out.append(("FID / KID", {k: v for k, v in fid.items() if k not in ("value", "fid", "kid_mean", "kid_std", "extra")}))
+    clip = metrics.get("clip_score") or {}
+    if clip:
+        out.append(("CLIP score", {k: v for k, v in clip.items() if k != "value"}))
+    fd = metrics.get("fidelity") or {}
+    if fd:
+        prov = dict(fd.get("provenance") or {})
+        prov.update({k: v for k, v in fd.items() if k in ("n_pairs", "lpips_note", "scope", "baseline")})
+        out.append(("PSNR / SSIM / LPIPS", prov))
+    if metrics.get("generation"):
+        out.append(("generation", metrics["generation"]))
+    return out
+
+
+def _stage_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    for st in metrics.get("stages") or []:
+        if isinstance(st, dict):
+            summary = st.get("summary")
+            text = json.dumps(summary, default=str)[:300] if summary is not None else ""
+            rows.append((str(st.get("index", "")), str(st.get("name", "")), text))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# writers
+
+
+def _markdown(title: str, entries: list[tuple[str, dict, Path]], plot_rel: str, out_dir: Path) -> str:
+    lines = [f"# {title}", ""]
+    for name, m, folder in entries:
+        if len(entries) > 1:
+            lines += [f"## {name}", ""]
+        lines += [f"- model: `{m.get('model')}`", f"- compared with: `{m.get('baseline') or '–'}`",
+                  f"- reference for FID: `{(m.get('fid') or {}).get('reference') or m.get('reference') or '–'}`", ""]
+        if m.get("grid"):
+            rel = os.path.relpath(folder / m["grid"], out_dir)
+            lines += [f"![grid: rows prompt x seed, columns models]({rel})", ""]
+        lines += ["| metric | this model | original |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in headline_rows(m)]
+        lines.append("")
+        if m.get("fid", {}).get("note"):
+            lines += [f"Note: {m['fid']['note']}", ""]
+        lines += ["### Provenance", ""]
+        for metric, prov in provenance_lines(m):
+            lines.append(f"- **{metric}**: " + "; ".join(f"{k}: {_fmt(v)}" for k, v in prov.items()))
+        lines.append("")
+        stages = _stage_rows(m)
+        if stages:
+            lines += ["### Stages", "", "| # | stage | summary |", "|---|---|---|"]
+            lines += [f"| {a} | {b} | `{c}` |" for a, b, c in stages]
+            lines.append("")
+    lines += ["## Quality vs size", "", f"![quality vs size]({plot_rel})", ""]
+    return "\n".join(lines)
+
+
+def _html(title: str, entries: list[tuple[str, dict, Path]], svg: str, out_dir: Path) -> str:
+    e = html.escape
+    body = [f"<h1>{e(title)}</h1>"]
+    for name, m, folder in entries:
+        if len(entries) > 1:
+            body.append(f"<h2>{e(name)}</h2>")
+        body.append(f"<p>model: <code>{e(str(m.get('model')))}</code>; compared with: <code>{e(str(m.get('baseline') or '–'))}</code></p>")
+        if m.get("grid"):
+            rel = os.path.relpath(folder / m["grid"], out_dir)
+            body.append(f'<p><img src="{e(rel)}" alt="grid" style="max-width:100%"></p>')
+        body.append("<table><tr><th>metric</th><th>this model</th><th>original</th></tr>")
+        body += [f"<tr><td>{e(a)}</td><td>{e(b)}</td><td>{e(c)}</td></tr>" for a, b, c in headline_rows(m)]
+        body.append("</table>")
+        if m.get("fid", {}).get("note"):
+            body.append(f"<p>Note: {e(m['fid']['note'])}</p>")
+        body.append("<h3>Provenance</h3><ul>")
+        for metric, prov in provenance_lines(m):
+            items = "".join(f"<li><b>{e(k)}</b>: {e(_fmt(v))}</li>" for k, v in prov.items())
+            body.append(f"<li><b>{e(metric)}</b><ul>{items}</ul></li>")
+        body.append("</ul>")
+        stages = _stage_rows(m)
+        if stages:
+            body.append("<h3>Stages</h3><table><tr><th>#</th><th>stage</th><th>summary</th></tr>")
+            body += [f"<tr><td>{e(a)}</td><td>{e(b)}</td><td><code>{e(c)}</code></td></tr>" for a, b, c in stages]
+            body.append("</table>")
+    body += ["<h2>Quality vs size</h2>", svg]
+    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}code{font-size:90%}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{style}</style></head>"
+            f"<body>{''.join(body)}</body></html>\n")
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(folder: Path, others: Sequence[Path] = (), out_dir: Path | None = None, title: str | None = None) -> Path:
+    """Write ``report.md``, ``report.html`` and the plot for ``folder`` (and ``others``, compared).
+
+    Args:
+        folder: a run or eval directory holding ``metrics.json``.
+        others: more such directories for a comparison report.
+        out_dir: where to write (default ``folder``).
+
+    Returns:
+        The path of ``report.md``.
+    """
+    folders = [Path(folder)] + [Path(o) for o in others]
+    out_dir = Path(out_dir) if out_dir is not None else folders[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _unique_names(folders)
+    entries = [(n, read_metrics(f), f) for n, f in zip(names, folders)]
+    points = [p for n, m, _ in entries for p in points_of(m, n)]
+    svg = quality_size_svg(points)
+    _write(out_dir / PLOT_FILE, svg)
+    title = title or ("diffsqueeze report: " + names[0] if len(entries) == 1 else f"diffsqueeze comparison of {len(entries)} runs")
+    _write(out_dir / "report.md", _markdown(title, entries, PLOT_FILE, out_dir))
+    _write(out_dir / "report.html", _html(title, entries, svg, out_dir))
+    return out_dir / "report.md"
+
+
+def _unique_names(folders: Sequence[Path]) -> list[str]:
+    names = [f.resolve().name or str(f) for f in folders]
+    if len(set(names)) < len(names):
+        names = [str(f) for f in folders]
+    return names

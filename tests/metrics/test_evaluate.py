@@ -1,0 +1,146 @@
+"""The evaluation job (sharded, resumable, identical for 1 and 2 processes) and evaluate_run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+
+from diffsqueeze.errors import DiffsqueezeError, RecipeError
+from diffsqueeze.metrics.clip_score import ClipScorer, tiny_clip
+from diffsqueeze.metrics.config import EvalConfig
+from diffsqueeze.metrics.evaluate import EvalJob, builtin_dataset, evaluate_run, run_eval_job, tiny_feature_net
+from diffsqueeze.models import load_pipeline, save_pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULT_KEYS = ("fid", "clip_score", "fidelity", "image_sha256")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A saved 'compressed' tiny-sd (first conv scaled) and a saved tiny CLIP."""
+    root = tmp_path_factory.mktemp("models")
+    pipe = load_pipeline("builtin:tiny-sd")
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.mul_(0.5)
+    save_pipeline(pipe, root / "altered")
+    model, processor = tiny_clip()
+    model.save_pretrained(root / "clip", safe_serialization=True)
+    processor.save_pretrained(root / "clip")
+    return root
+
+
+def _results(metrics):
+    """The result part of metrics.json (what must not depend on the number of processes)."""
+    out = json.loads(json.dumps({k: metrics[k] for k in RESULT_KEYS if k in metrics}))
+    for block in out.values():
+        if isinstance(block, dict):
+            block.pop("num_processes", None)
+    return out
+
+
+def _eval_args(models, out, n=6):
+    return ["eval", "--model", str(models / "altered"), "--baseline", "builtin:tiny-sd", "--ref", "fp",
+            "--num-images", str(n), "--batch-size", "2", "--steps", "2", "--guidance", "5", "--features", "tiny-random",
+            "--kid-subset-size", "4", "--clip-model", str(models / "clip"), "--out", str(out), "--save-images",
+            "--no-progress"]
+
+
+def test_one_and_two_processes_give_identical_images_and_numbers(models, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    p1 = subprocess.Popen([sys.executable, "-m", "diffsqueeze", *_eval_args(models, one)], env=env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p2 = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffsqueeze",
+                           *_eval_args(models, two)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out1, out2 = p1.communicate(timeout=240)[0], p2.communicate(timeout=240)[0]
+    assert p1.returncode == 0, out1[-3000:]
+    assert p2.returncode == 0, out2[-3000:]
+    m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
+    assert m1["generation"]["num_processes"] == 1 and m2["generation"]["num_processes"] == 2
+    assert len(m2["timing"]["per_process"]) == 2
+    assert _results(m1) == _results(m2)
+    for name in ("images", "images-baseline"):
+        files = sorted(p.name for p in (one / name).glob("*.png"))
+        assert files == [f"{i:06d}.png" for i in range(6)]
+        for f in files:
+            assert (one / name / f).read_bytes() == (two / name / f).read_bytes()
+    assert m1["fid"]["value"] > 0 and m1["fidelity"]["psnr"] < 100 and "FID" in out1 and "weights_sha256" not in out1
+    assert (one / "report.md").is_file() and (one / "report.html").is_file()
+
+
+def test_resume_skips_finished_shards(tmp_path):
+    job = EvalJob(model="builtin:tiny-sd", reference="fp", baseline="builtin:tiny-sd", num_images=4, batch_size=2,
+                  num_inference_steps=2, guidance_scale=5.0, features="tiny-random", kid_subset_size=4)
+    pipe = load_pipeline("builtin:tiny-sd")
+    kw = dict(pipe=pipe, baseline_pipe=pipe, extractor=tiny_feature_net(), progress=False)
+    first = run_eval_job(job, tmp_path, **kw)
+    shards = sorted((tmp_path / "shards").glob("batch-*.safetensors"))
+    assert len(shards) == 2
+    kept = shards[0].stat().st_mtime_ns
+    shards[1].unlink()
+    again = run_eval_job(job, tmp_path, **kw)
+    assert shards[0].stat().st_mtime_ns == kept and shards[1].is_file()
+    assert _results(first) == _results(again) and again["fid"]["value"] == pytest.approx(0.0, abs=1e-9)
+    # other settings in the same folder: refused, unless overwrite
+    other = EvalJob(**{**job.__dict__, "num_inference_steps": 3})
+    with pytest.raises(DiffsqueezeError, match="steps"):
+        run_eval_job(other, tmp_path, **kw)
+    assert run_eval_job(other, tmp_path, overwrite=True, **kw)["generation"]["steps"] == 3
+
+
+def test_folder_and_builtin_references(tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(5):
+        arr = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g).numpy()
+        PIL.Image.fromarray(arr).save(ref / f"{i}.png")
+    job = EvalJob(model="builtin:tiny-sd", reference=str(ref), num_images=4, batch_size=4, num_inference_steps=2,
+                  guidance_scale=1.0, features="tiny-random", kid_subset_size=4)
+    os.environ["DIFFSQUEEZE_FID_CACHE"] = str(tmp_path / "cache")
+    try:
+        m = run_eval_job(job, tmp_path / "out", extractor=tiny_feature_net(), progress=False)
+    finally:
+        del os.environ["DIFFSQUEEZE_FID_CACHE"]
+    f = m["fid"]
+    assert f["num_reference"] == 5 and f["num_generated"] == 4 and f["reference"] == str(ref) and f["value"] > 0
+    assert f["reference_key"] and f["kid_subset_size"] == 4 and "fidelity" not in m
+    assert list((tmp_path / "cache").glob("*.safetensors"))
+    fm = builtin_dataset("builtin:fashion-mnist")
+    assert fm.dtype == torch.uint8 and fm.shape[1:] == (3, 32, 32) and fm.shape[0] >= 2000
+
+
+def test_job_errors():
+    with pytest.raises(DiffsqueezeError, match="--baseline"):
+        EvalJob(model="builtin:tiny-sd", reference="fp")
+    with pytest.raises(DiffsqueezeError, match=">= 2"):
+        EvalJob(model="builtin:tiny-sd", reference="x", num_images=1)
+    with pytest.raises(RecipeError, match="features"):
+        EvalConfig(features="vgg")
+    with pytest.raises(RecipeError, match="fid_backend"):
+        EvalConfig(fid_backend="tf")
+
+
+def test_evaluate_run_writes_grid_metrics_and_reports(tmp_path):
+    teacher = load_pipeline("builtin:tiny-sd")
+    pipe = load_pipeline("builtin:tiny-sd")
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.mul_(0.5)
+    cfg = EvalConfig(seeds=(0, 1), num_inference_steps=2, guidance_scale=5.0, grid_prompts=1, num_images=2, batch_size=2,
+                     features="tiny-random")
+    history = [{"index": 0, "name": "prune", "summary": {"sparsity": 0.5}}]
+    summary = evaluate_run(pipe, teacher, cfg, tmp_path, history)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["fid"] == m["fid"]["value"] > 0 and summary["psnr"] == m["fidelity"]["psnr"]
+    assert m["kind"] == "run" and m["stages"] == history and m["baseline_scores"]["fid"]["value"] == 0.0
+    grid = PIL.Image.open(tmp_path / m["grid"])
+    assert grid.height > 2 * 128 and grid.width > 2 * 128  # 1 prompt x 2 seeds; original, compressed
+    md = (tmp_path / "report.md").read_text()
+    assert "| FID |" in md and "prune" in md and (tmp_path / "report.html").is_file()
+    shutil.rmtree(tmp_path / "eval")
