@@ -102,7 +102,8 @@ def builtin_dataset(name: str) -> torch.Tensor:
     return x[:, None].expand(-1, 3, -1, -1).contiguous()
 
 
-def reference_statistics(reference: str, extractor, backend: str, batch_size: int = 32, cache_dir: str | None = None):
+def reference_statistics(reference: str, extractor, backend: str, batch_size: int = 32, cache_dir: str | None = None,
+                         progress: bool = False):
     """:class:`~diffsqueeze.metrics.fid.ReferenceStats` for a folder, a builtin dataset or a
     ``.safetensors`` statistics file (cached, see ``fid.reference_stats``)."""
     from diffsqueeze.metrics import fid
@@ -122,7 +123,8 @@ def reference_statistics(reference: str, extractor, backend: str, batch_size: in
         raise DiffsqueezeError(f"reference '{reference}': not 'fp', a folder of images, a .safetensors statistics "
                                f"file or a builtin dataset ({', '.join(BUILTIN_DATASETS)})")
     try:
-        stats = fid.reference_stats(images, backend=backend, extractor=extractor, batch_size=batch_size, cache_dir=cache_dir)
+        stats = fid.reference_stats(images, backend=backend, extractor=extractor, batch_size=batch_size, cache_dir=cache_dir,
+                                    progress=progress)
     except FileNotFoundError as exc:
         raise DiffsqueezeError(str(exc)) from exc
     if reference.startswith("builtin:"):
@@ -235,7 +237,8 @@ class _Scorer:
         from diffsqueeze.metrics.fid import extract_features
 
         t0 = time.perf_counter()
-        feats = extract_features(images, self.extractor, backend=self.job.fid_backend, batch_size=len(images))
+        feats = extract_features(images, self.extractor, backend=self.job.fid_backend, batch_size=len(images),
+                                 progress=False)
         self.feat_seconds += time.perf_counter() - t0
         return torch.from_numpy(feats)
 

@@ -46,7 +46,7 @@ def _results(metrics):
 
 def _eval_args(models, out, n=6):
     return ["eval", "--model", str(models / "altered"), "--baseline", "builtin:tiny-sd", "--ref", "fp",
-            "--num-images", str(n), "--batch-size", "2", "--steps", "2", "--guidance", "5", "--features", "tiny-random",
+            "--num-images", str(n), "--batch-size", "2", "--steps", "2", "--guidance", "1", "--features", "tiny-random",
             "--kid-subset-size", "4", "--clip-model", str(models / "clip"), "--out", str(out), "--save-images",
             "--no-progress"]
 
@@ -74,43 +74,45 @@ def test_one_and_two_processes_give_identical_images_and_numbers(models, tmp_pat
     assert (one / "report.md").is_file() and (one / "report.html").is_file()
 
 
-def test_resume_skips_finished_shards(tmp_path):
-    job = EvalJob(model="builtin:tiny-sd", reference="fp", baseline="builtin:tiny-sd", num_images=4, batch_size=2,
-                  num_inference_steps=2, guidance_scale=5.0, features="tiny-random", kid_subset_size=4)
-    pipe = load_pipeline("builtin:tiny-sd")
-    kw = dict(pipe=pipe, baseline_pipe=pipe, extractor=tiny_feature_net(), progress=False)
-    first = run_eval_job(job, tmp_path, **kw)
-    shards = sorted((tmp_path / "shards").glob("batch-*.safetensors"))
-    assert len(shards) == 2
-    kept = shards[0].stat().st_mtime_ns
-    shards[1].unlink()
-    again = run_eval_job(job, tmp_path, **kw)
-    assert shards[0].stat().st_mtime_ns == kept and shards[1].is_file()
-    assert _results(first) == _results(again) and again["fid"]["value"] == pytest.approx(0.0, abs=1e-9)
-    # other settings in the same folder: refused, unless overwrite
-    other = EvalJob(**{**job.__dict__, "num_inference_steps": 3})
-    with pytest.raises(DiffsqueezeError, match="steps"):
-        run_eval_job(other, tmp_path, **kw)
-    assert run_eval_job(other, tmp_path, overwrite=True, **kw)["generation"]["steps"] == 3
-
-
-def test_folder_and_builtin_references(tmp_path):
-    ref = tmp_path / "ref"
-    ref.mkdir()
+@pytest.fixture(scope="module")
+def ref_folder(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("ref")
     g = torch.Generator().manual_seed(0)
     for i in range(5):
         arr = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g).numpy()
         PIL.Image.fromarray(arr).save(ref / f"{i}.png")
-    job = EvalJob(model="builtin:tiny-sd", reference=str(ref), num_images=4, batch_size=4, num_inference_steps=2,
+    return ref
+
+
+def test_resume_skips_finished_shards(tmp_path, ref_folder, monkeypatch):
+    monkeypatch.setenv("DIFFSQUEEZE_FID_CACHE", str(tmp_path / "cache"))
+    job = EvalJob(model="builtin:tiny-sd", reference=str(ref_folder), num_images=4, batch_size=2,
+                  num_inference_steps=2, guidance_scale=1.0, features="tiny-random", kid_subset_size=4)
+    kw = dict(pipe=load_pipeline("builtin:tiny-sd"), extractor=tiny_feature_net(), progress=False)
+    out = tmp_path / "out"
+    first = run_eval_job(job, out, **kw)
+    shards = sorted((out / "shards").glob("batch-*.safetensors"))
+    assert len(shards) == 2
+    kept = shards[0].stat().st_mtime_ns
+    shards[1].unlink()
+    again = run_eval_job(job, out, **kw)
+    assert shards[0].stat().st_mtime_ns == kept and shards[1].is_file()
+    assert _results(first) == _results(again)
+    # other settings in the same folder: refused, unless overwrite
+    other = EvalJob(**{**job.__dict__, "num_inference_steps": 3})
+    with pytest.raises(DiffsqueezeError, match="steps"):
+        run_eval_job(other, out, **kw)
+    assert run_eval_job(other, out, overwrite=True, **kw)["generation"]["steps"] == 3
+
+
+def test_folder_and_builtin_references(tmp_path, ref_folder, monkeypatch):
+    monkeypatch.setenv("DIFFSQUEEZE_FID_CACHE", str(tmp_path / "cache"))
+    job = EvalJob(model="builtin:tiny-sd", reference=str(ref_folder), num_images=2, batch_size=2, num_inference_steps=1,
                   guidance_scale=1.0, features="tiny-random", kid_subset_size=4)
-    os.environ["DIFFSQUEEZE_FID_CACHE"] = str(tmp_path / "cache")
-    try:
-        m = run_eval_job(job, tmp_path / "out", extractor=tiny_feature_net(), progress=False)
-    finally:
-        del os.environ["DIFFSQUEEZE_FID_CACHE"]
+    m = run_eval_job(job, tmp_path / "out", extractor=tiny_feature_net(), progress=False)
     f = m["fid"]
-    assert f["num_reference"] == 5 and f["num_generated"] == 4 and f["reference"] == str(ref) and f["value"] > 0
-    assert f["reference_key"] and f["kid_subset_size"] == 4 and "fidelity" not in m
+    assert f["num_reference"] == 5 and f["num_generated"] == 2 and f["reference"] == str(ref_folder) and f["value"] > 0
+    assert f["reference_key"] and f["kid_subset_size"] == 2 and "fidelity" not in m
     assert list((tmp_path / "cache").glob("*.safetensors"))
     fm = builtin_dataset("builtin:fashion-mnist")
     assert fm.dtype == torch.uint8 and fm.shape[1:] == (3, 32, 32) and fm.shape[0] >= 2000
