@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from diffsqueeze.config_parse import build_dataclass, join_path, to_plain
-from diffsqueeze.errors import ModelLoadError, RecipeError
+from diffsqueeze.errors import DiffsqueezeError, ModelLoadError, RecipeError
 from diffsqueeze.metrics.config import EvalConfig
 from diffsqueeze.pipelines.stage import stage_registry
 
@@ -33,6 +33,8 @@ class CalibrationConfig:
         num_inference_steps: sampler steps of the calibration trajectories.
         guidance_scale: classifier-free guidance scale (conditional and unconditional inputs recorded).
         batch_size: pipeline batch size while recording.
+        sampler: ``default`` (the pipeline's own scheduler) or a diffusers scheduler class name
+            (``DDIMScheduler``) built from the pipeline's scheduler config for the recording.
     """
 
     prompts: str = "builtin"
@@ -41,6 +43,7 @@ class CalibrationConfig:
     num_inference_steps: int = 20
     guidance_scale: float = 7.5
     batch_size: int = 8
+    sampler: str = "default"
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "timesteps", "num_inference_steps", "batch_size"):
@@ -49,6 +52,15 @@ class CalibrationConfig:
         if self.timesteps > self.num_inference_steps:
             raise RecipeError("timesteps", f"{self.timesteps} calibration timesteps cannot come from "
                               f"{self.num_inference_steps} sampler steps (num_inference_steps)")
+        if self.sampler != "default" and not (self.sampler.isidentifier() and self.sampler.endswith("Scheduler")):
+            raise RecipeError("sampler", f"'default' or a diffusers scheduler class name like DDIMScheduler; got {self.sampler!r}")
+        if not self.prompts.startswith("builtin"):
+            from diffsqueeze.models.prompts import load_prompts
+
+            try:
+                load_prompts(self.prompts)  # missing or empty prompt file: fail before any work
+            except DiffsqueezeError as exc:
+                raise RecipeError("prompts", str(exc)) from None
 
 
 @dataclass(frozen=True)

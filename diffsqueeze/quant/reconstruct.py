@@ -1,0 +1,278 @@
+"""Learned rounding (AdaRound) with block-wise reconstruction, and LSQ of activation scales.
+
+METHODS.md §4 (AdaRound, BRECQ, Q-Diffusion) and §5 (LSQ). The denoiser is split into
+reconstruction units: modules whose class is in ``rounding.block_types`` (ResNet blocks,
+transformer blocks) and every quantized layer outside them. Units are processed in execution
+order; for each unit only its own data is held:
+
+* inputs: captured from the *quantized* model (earlier units already hard-rounded), by a
+  forward pre-hook that ends the forward pass once the unit's inputs are in hand;
+* targets: the FP teacher's unit outputs on the same calibration inputs.
+
+Loss: mean over the batch of the summed squared output error, plus
+``lambda * sum(1 - |2 h(V) - 1|^beta)`` after the warmup (beta annealed 20 -> 2). At the end
+rounding is hardened (``h = 1[V >= 0]``) and the on-grid weight is written into the layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from diffsqueeze.models.roles import module_components
+from diffsqueeze.pipelines.calibration import CalibrationData
+from diffsqueeze.pipelines.faults import maybe_kill
+from diffsqueeze.quant.modules import QuantMixin
+from diffsqueeze.quant.quantizers import rounding_regularizer
+from diffsqueeze.quant.timestep import timestep_routing
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    pass
+
+
+def reconstruction_units(denoiser: torch.nn.Module, block_types: tuple[str, ...]) -> list[str]:
+    """Blocks of ``block_types`` holding quantized layers, and quantized layers outside them."""
+    units: list[str] = []
+    for name, m in denoiser.named_modules():
+        if not name or any(name.startswith(u + ".") for u in units):
+            continue
+        if type(m).__name__ in block_types and any(isinstance(c, QuantMixin) for c in m.modules()):
+            units.append(name)
+        elif isinstance(m, QuantMixin):
+            units.append(name)
+    return units
+
+
+def beta_at(it: int, iters: int, cfg) -> tuple[float, bool]:
+    """Beta of the regularizer at iteration ``it`` and whether the regularizer is on (§4)."""
+    warm = int(cfg.warmup * iters)
+    if it < warm:
+        return cfg.beta_start, False
+    frac = (it - warm) / max(iters - warm, 1)
+    return cfg.beta_start + (cfg.beta_end - cfg.beta_start) * frac, True
+
+
+def _detach(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.detach()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detach(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    return obj
+
+
+def _batch_of(args: tuple, kwargs: dict) -> int:
+    for v in (*args, *kwargs.values()):
+        if torch.is_tensor(v) and v.dim() > 0:
+            return v.shape[0]
+    return 1
+
+
+def _take(obj: Any, idx: torch.Tensor, n: int) -> Any:
+    if torch.is_tensor(obj) and obj.dim() > 0 and obj.shape[0] == n:
+        return obj[idx]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_take(o, idx, n) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _take(v, idx, n) for k, v in obj.items()}
+    return obj
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    if hasattr(out, "sample"):
+        return [out.sample]
+    return []
+
+
+def output_loss(out_q: Any, out_fp: Any) -> torch.Tensor:
+    """Mean over the batch of the sum over features of the squared error (BRECQ)."""
+    qs, fs = _tensors(out_q), _tensors(out_fp)
+    n = qs[0].shape[0]
+    return sum(((q - f) ** 2).sum() for q, f in zip(qs, fs)) / n
+
+
+def execution_order(denoiser: torch.nn.Module, units: list[str], kwargs: dict) -> list[str]:
+    """Units sorted by their first call in one forward pass."""
+    from diffsqueeze.quant.ptq import call_denoiser
+
+    order: list[str] = []
+    mods = dict(denoiser.named_modules())
+    handles = [mods[u].register_forward_pre_hook(lambda m, a, u=u: order.append(u) if u not in order else None)
+               for u in units]
+    try:
+        with torch.no_grad():
+            call_denoiser(denoiser, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [u for u in units if u not in order]
+
+
+def capture(denoiser: torch.nn.Module, unit: str, batches: list, want: str) -> list:
+    """Per calibration batch: the unit's ``(args, kwargs)`` (``want="inputs"``) or its output."""
+    from diffsqueeze.quant.ptq import call_denoiser
+
+    module = denoiser.get_submodule(unit)
+    got: list = []
+
+    def pre(m, args, kwargs):
+        got.append((_detach(args), _detach(kwargs)))
+        raise _Stop
+
+    def post(m, args, kwargs, out):
+        got.append(_detach(out))
+        raise _Stop
+
+    handle = (module.register_forward_pre_hook(pre, with_kwargs=True) if want == "inputs"
+              else module.register_forward_hook(post, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    call_denoiser(denoiser, b.kwargs)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if len(got) != len(batches):
+        raise RuntimeError(f"unit '{unit}' was not called on every calibration batch ({len(got)}/{len(batches)})")
+    return got
+
+
+def reconstruct(denoiser, teacher_pipe, comp: str, cfg, data: CalibrationData, device, limit, masks, ctx) -> dict:
+    """Run AdaRound (if ``cfg.rounding.method == 'adaround'``) and LSQ unit by unit."""
+    rcfg = cfg.rounding
+    teacher = module_components(teacher_pipe)[comp]
+    batches = list(data.batches(cfg.batch_size, device, limit=limit))
+    units = reconstruction_units(denoiser, rcfg.block_types)
+    lsq_iters = cfg.activations.lsq_iters if cfg.activations else 0
+    report: dict = {"units": len(units), "iters": rcfg.iters if rcfg.method == "adaround" else 0,
+                    "lsq_iters": lsq_iters, "losses": {}}
+    gen = random.Random(ctx.seed)
+    with timestep_routing(denoiser) as tctx:
+        units = execution_order(denoiser, units, batches[0].kwargs) if batches else units
+        for ui, unit in enumerate(units):
+            inputs = capture(denoiser, unit, batches, "inputs")
+            targets = capture(teacher, unit, batches, "outputs")
+            module = denoiser.get_submodule(unit)
+            layers = [m for m in module.modules() if isinstance(m, QuantMixin)]
+            entry = {}
+            if rcfg.method == "adaround" and any(lay.quant_weights and lay.weight_quantizers() for lay in layers):
+                entry["adaround"] = _adaround(module, layers, inputs, targets, batches, tctx, rcfg, gen,
+                                              f"adaround {ui + 1}/{len(units)} {unit}")
+            if lsq_iters and any(lay.quant_acts and lay.act_quantizers() for lay in layers):
+                entry["lsq"] = _lsq(module, layers, inputs, targets, batches, tctx, cfg, gen,
+                                    f"lsq {ui + 1}/{len(units)} {unit}")
+            report["losses"][unit] = entry
+            del inputs, targets
+    return report
+
+
+def _minibatch(inputs, targets, batches, i: int, size: int, gen: random.Random):
+    """Captured batch ``i``, randomly subsampled to at most ``size`` samples."""
+    args, kwargs = inputs[i]
+    n = _batch_of(args, kwargs)
+    if n <= size:
+        return args, kwargs, targets[i]
+    device = next(v.device for v in (*args, *kwargs.values()) if torch.is_tensor(v))
+    idx = torch.tensor(sorted(gen.sample(range(n), size)), device=device)
+    return _take(args, idx, n), _take(kwargs, idx, n), _take(targets[i], idx, n)
+
+
+def _run(module, args, kwargs):
+    return module(*args, **kwargs)
+
+
+def _adaround(module, layers, inputs, targets, batches, tctx, rcfg, gen, desc) -> dict:
+    parts = [(lay, q, sl) for lay in layers if lay.quant_weights for q, sl in lay.weight_parts()]
+    act_state = [(lay, lay.quant_acts) for lay in layers]
+    for lay, q, sl in parts:
+        q.init_rounding(lay.weight[:, sl])
+    params = [q.alpha for _, q, _ in parts]
+    opt = torch.optim.Adam(params, lr=rcfg.lr)
+    first = last = None
+    try:
+        for lay in layers:
+            lay.quant_acts = False  # weights first (Q-Diffusion), activations afterwards
+        with torch.enable_grad():
+            bar = tqdm(range(rcfg.iters), desc=desc, leave=False, dynamic_ncols=True)
+            for it in bar:
+                i = gen.randrange(len(inputs))
+                args, kwargs, target = _minibatch(inputs, targets, batches, i, rcfg.batch_size, gen)
+                tctx.t = batches[i].timestep
+                rec = output_loss(_run(module, args, kwargs), target)
+                beta, on = beta_at(it, rcfg.iters, rcfg)
+                reg = sum(rounding_regularizer(q.alpha, beta) for _, q, _ in parts) if on else rec.new_zeros(())
+                loss = rec + rcfg.reg_weight * reg
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                value = float(rec)
+                first = value if first is None else first
+                last = value
+                if it % 10 == 0:
+                    bar.set_postfix(rec=f"{value:.4g}", reg=f"{float(reg):.4g}", beta=f"{beta:.1f}")
+                maybe_kill("tick")
+    finally:
+        for lay, flag in act_state:
+            lay.quant_acts = flag
+    with torch.no_grad():
+        for lay in layers:
+            if not lay.quant_weights or not lay.weight_quantizers():
+                continue
+            w = lay.weight
+            new = torch.cat([q.finalize_rounding(w[:, sl]) for q, sl in lay.weight_parts()], dim=1) \
+                if lay.split else lay.weight_parts()[0][0].finalize_rounding(w)
+            w.copy_(new)
+    return {"first_rec_loss": first, "last_rec_loss": last}
+
+
+def _lsq(module, layers, inputs, targets, batches, tctx, cfg, gen, desc) -> dict:
+    acfg = cfg.activations
+    quantizers = [q for lay in layers if lay.quant_acts for q in lay.act_quantizers()]
+    for q in quantizers:
+        q.lsq = True
+    params = [q.scale for q in quantizers]
+    opt = torch.optim.Adam(params, lr=acfg.lsq_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=acfg.lsq_iters)
+    first = last = None
+    try:
+        with torch.enable_grad():
+            bar = tqdm(range(acfg.lsq_iters), desc=desc, leave=False, dynamic_ncols=True)
+            for it in bar:
+                i = gen.randrange(len(inputs))
+                args, kwargs, target = _minibatch(inputs, targets, batches, i, cfg.rounding.batch_size, gen)
+                tctx.t = batches[i].timestep
+                loss = output_loss(_run(module, args, kwargs), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    for q in quantizers:
+                        q.scale.clamp_(min=1e-8)
+                value = float(loss)
+                first = value if first is None else first
+                last = value
+                if it % 10 == 0:
+                    bar.set_postfix(loss=f"{value:.4g}")
+                maybe_kill("tick")
+    finally:
+        for q in quantizers:
+            q.lsq = False
+    return {"first_loss": first, "last_loss": last}
+
+
+__all__ = ["reconstruct", "reconstruction_units", "beta_at", "output_loss"]
