@@ -35,6 +35,8 @@ class EvalConfig:
         grid_prompts: how many prompts of the set go into the grid (rows = prompts x seeds).
         fid_backend: ``torchmetrics`` (in memory, streaming) or ``clean-fid`` (folders).
         save_images: keep the generated FID images as PNG files beside the features.
+        score_stages: also score every intermediate stage checkpoint of a run on the grid's
+            images (size, PSNR/SSIM to the original, CLIP score) for the quality-vs-size plot.
         features: feature network for FID/KID: ``inception`` (the FID Inception-v3 weights) or
             ``tiny-random`` (a tiny random net for smoke tests: fast, meaningless numbers).
     """
@@ -53,6 +55,7 @@ class EvalConfig:
     fid_backend: str = "torchmetrics"
     save_images: bool = False
     features: str = "inception"
+    score_stages: bool = True
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:

@@ -573,12 +573,52 @@ def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[di
         metrics["fid"] = {"value": None, "note": "FID/KID skipped: eval.num_images is 0"}
     metrics["baseline_scores"] = base
     metrics["stages"] = [dict(h) for h in history]
+    if cfg.score_stages and len(history) > 1:
+        _score_stages(metrics["stages"][:-1], teacher, cfg, out_dir, row_prompts, row_seeds, theirs, clip)
     _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
     write_report(out_dir)
     summary = {k: (metrics.get(k) or {}).get("value") for k in ("fid", "clip_score")}
     summary.update(psnr=(metrics.get("fidelity") or {}).get("psnr"), ssim=(metrics.get("fidelity") or {}).get("ssim"),
                    metrics="metrics.json", report="report.md")
     return summary
+
+
+def _score_stages(stages: list[dict], teacher, cfg: EvalConfig, out_dir: Path, prompts: list[str], seeds: list[int],
+                  original: torch.Tensor, clip: ClipScorer | None) -> None:
+    """Add size, fidelity and CLIP score (on the grid's prompts and seeds) to each intermediate stage.
+
+    A stage's model is the original with the stage checkpoint loaded; its size is the bytes of the
+    checkpoint's denoiser file (unpacked state dict) or, if the stage left the denoiser alone, the
+    original's. The last stage is the exported model, scored as "compressed".
+    """
+    import copy
+
+    from diffsqueeze.pipelines.checkpoint import read_checkpoint
+    from diffsqueeze.pipelines.manifest import read_manifest
+
+    manifest = read_manifest(out_dir) or {}
+    entries = {e.get("index"): e for e in manifest.get("stages", [])}
+    name = _denoiser(teacher)
+    for st in stages:
+        folder = out_dir / str(entries.get(st.get("index"), {}).get("checkpoint", ""))
+        if not folder.is_dir() or folder == out_dir:
+            st["scores_note"] = "no checkpoint to score"
+            continue
+        model = copy.deepcopy(teacher)
+        try:
+            read_checkpoint(model, folder)
+        except DiffsqueezeError as exc:
+            st["scores_note"] = f"checkpoint unreadable: {exc}"
+            continue
+        images = generate_images(model, prompts, seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size)
+        weights = folder / f"{name}.safetensors"
+        size = (weights.stat().st_size, "disk (stage checkpoint, unpacked)") if weights.is_file() else denoiser_bytes(model)
+        st["size"] = {"denoiser_bytes": size[0], "measured": size[1]}
+        st["fidelity"] = {k: float(v.mean()) for k, v in per_image_fidelity(images, original).items()}
+        st["scope"] = f"grid: {len(prompts)} images (prompt x seed)"
+        if clip is not None:
+            st["clip_score"] = {"value": aggregate(clip.cosine_x100(images, prompts))}
+        del model
 
 
 def _denoiser(pipe) -> str:

@@ -49,6 +49,7 @@ class Point:
     size_mb: float | None
     fid: float | None
     clip: float | None
+    psnr: float | None = None
 
 
 def _value(block: Any) -> float | None:
@@ -72,12 +73,17 @@ def points_of(metrics: dict, series: str) -> list[Point]:
         pts.append(Point(f"{series}: original", series, _size_mb(base.get("size")), _value(base.get("fid")),
                          _value(base.get("clip_score"))))
     for st in metrics.get("stages") or []:
-        if isinstance(st, dict) and any(k in st for k in ("fid", "clip_score")):
+        if isinstance(st, dict) and any(k in st for k in ("fid", "clip_score", "fidelity")):
             pts.append(Point(f"{series}: {st.get('index', '?')}-{st.get('name', 'stage')}", series, _size_mb(st.get("size")),
-                             _value(st.get("fid")), _value(st.get("clip_score"))))
+                             _value(st.get("fid")), _value(st.get("clip_score")), _psnr(st)))
     pts.append(Point(f"{series}: {'compressed' if metrics.get('kind') == 'run' else 'model'}", series,
-                     _size_mb(metrics.get("size")), _value(metrics.get("fid")), _value(metrics.get("clip_score"))))
+                     _size_mb(metrics.get("size")), _value(metrics.get("fid")), _value(metrics.get("clip_score")),
+                     _psnr(metrics)))
     return pts
+
+
+def _psnr(block: dict) -> float | None:
+    return _value((block.get("fidelity") or {}).get("psnr"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -139,14 +145,15 @@ def _panel(points: list[Point], attr: str, title: str, x0: int, width: int, heig
     return "".join(parts)
 
 
-def quality_size_svg(points: Sequence[Point], width: int = 760, height: int = 300) -> str:
-    """Two panels (FID, CLIP score) of quality against denoiser size; one colour per series."""
+def quality_size_svg(points: Sequence[Point], width: int = 960, height: int = 300) -> str:
+    """Three panels (FID, CLIP score, PSNR to the original) against denoiser size; one colour per series."""
     names = list(dict.fromkeys(p.series for p in points))
     colors = {n: _COLORS[i % len(_COLORS)] for i, n in enumerate(names)}
-    half = width // 2
+    third = width // 3
     legend_h = 16 * len(names) + 6
-    body = [_panel(list(points), "fid", "FID", 0, half, height, colors),
-            _panel(list(points), "clip", "CLIP score", half, half, height, colors)]
+    body = [_panel(list(points), "fid", "FID", 0, third, height, colors),
+            _panel(list(points), "clip", "CLIP score", third, third, height, colors),
+            _panel(list(points), "psnr", "PSNR to original", 2 * third, third, height, colors)]
     for i, n in enumerate(names):
         y = height + 12 + 16 * i
         body.append(f'<rect x="10" y="{y - 9}" width="10" height="10" fill="{colors[n]}"/>'
@@ -204,13 +211,22 @@ def provenance_lines(metrics: dict) -> list[tuple[str, dict]]:
     return out
 
 
-def _stage_rows(metrics: dict) -> list[tuple[str, str, str]]:
+def _brief(summary: Any) -> Any:
+    """A stage summary without its per-layer detail (``layers`` keys), for a table cell."""
+    if isinstance(summary, dict):
+        return {k: _brief(v) for k, v in summary.items() if k != "layers"}
+    return summary
+
+
+def _stage_rows(metrics: dict) -> list[tuple[str, ...]]:
     rows = []
     for st in metrics.get("stages") or []:
         if isinstance(st, dict):
             summary = st.get("summary")
-            text = json.dumps(summary, default=str)[:300] if summary is not None else ""
-            rows.append((str(st.get("index", "")), str(st.get("name", "")), text))
+            text = json.dumps(_brief(summary), default=str)[:200] if summary is not None else ""
+            fd = st.get("fidelity") or {}
+            rows.append((str(st.get("index", "")), str(st.get("name", "")), _fmt(_size_mb(st.get("size"))),
+                         _fmt(fd.get("psnr")), _fmt(fd.get("ssim")), _fmt(_value(st.get("clip_score"))), text))
     return rows
 
 
@@ -239,8 +255,10 @@ def _markdown(title: str, entries: list[tuple[str, dict, Path]], plot_rel: str, 
         lines.append("")
         stages = _stage_rows(m)
         if stages:
-            lines += ["### Stages", "", "| # | stage | summary |", "|---|---|---|"]
-            lines += [f"| {a} | {b} | `{c}` |" for a, b, c in stages]
+            lines += ["### Stages", "", "Scores of intermediate stages use the grid's prompts and seeds; the last stage is the "
+                      "compressed model above.", "",
+                      "| # | stage | size (MB) | PSNR | SSIM | CLIP | summary |", "|---|---|---|---|---|---|---|"]
+            lines += ["| " + " | ".join(r[:-1]) + f" | `{r[-1]}` |" for r in stages]
             lines.append("")
     lines += ["## Quality vs size", "", f"![quality vs size]({plot_rel})", ""]
     return "\n".join(lines)
@@ -268,8 +286,10 @@ def _html(title: str, entries: list[tuple[str, dict, Path]], svg: str, out_dir: 
         body.append("</ul>")
         stages = _stage_rows(m)
         if stages:
-            body.append("<h3>Stages</h3><table><tr><th>#</th><th>stage</th><th>summary</th></tr>")
-            body += [f"<tr><td>{e(a)}</td><td>{e(b)}</td><td><code>{e(c)}</code></td></tr>" for a, b, c in stages]
+            body.append("<h3>Stages</h3><table><tr><th>#</th><th>stage</th><th>size (MB)</th><th>PSNR</th><th>SSIM</th>"
+                        "<th>CLIP</th><th>summary</th></tr>")
+            body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r[:-1]) + f"<td><code>{e(r[-1])}</code></td></tr>"
+                     for r in stages]
             body.append("</table>")
     body += ["<h2>Quality vs size</h2>", svg]
     style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"

@@ -14,7 +14,7 @@ import torch
 from diffsqueeze.errors import DiffsqueezeError, RecipeError
 from diffsqueeze.metrics.clip_score import ClipScorer, tiny_clip
 from diffsqueeze.metrics.config import EvalConfig
-from diffsqueeze.metrics.evaluate import EvalJob, builtin_dataset, evaluate_run, run_eval_job, tiny_feature_net
+from diffsqueeze.metrics.evaluate import EvalJob, builtin_dataset, run_eval_job, tiny_feature_net
 from diffsqueeze.models import load_pipeline, save_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,20 +129,39 @@ def test_job_errors():
         EvalConfig(fid_backend="tf")
 
 
-def test_evaluate_run_writes_grid_metrics_and_reports(tmp_path):
-    teacher = load_pipeline("builtin:tiny-sd")
-    pipe = load_pipeline("builtin:tiny-sd")
-    with torch.no_grad():
-        pipe.unet.conv_in.weight.mul_(0.5)
-    cfg = EvalConfig(seeds=(0, 1), num_inference_steps=2, guidance_scale=5.0, grid_prompts=1, num_images=2, batch_size=2,
-                     features="tiny-random")
-    history = [{"index": 0, "name": "prune", "summary": {"sparsity": 0.5}}]
-    summary = evaluate_run(pipe, teacher, cfg, tmp_path, history)
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    assert summary["fid"] == m["fid"]["value"] > 0 and summary["psnr"] == m["fidelity"]["psnr"]
-    assert m["kind"] == "run" and m["stages"] == history and m["baseline_scores"]["fid"]["value"] == 0.0
-    grid = PIL.Image.open(tmp_path / m["grid"])
+def test_run_with_eval_section_scores_stages_and_writes_reports(tmp_path):
+    """`diffsqueeze run` with an eval: section calls evaluate_run (real runner, two prune stages)."""
+    from diffsqueeze.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+model: builtin:tiny-sd
+output_dir: {tmp_path / 'run'}
+device: cpu
+stages:
+  - prune: {{targets: {{unet: 0.2}}, scope: global, pattern: unstructured}}
+  - prune: {{targets: {{unet: 0.5}}, scope: global, pattern: unstructured}}
+eval:
+  seeds: [0, 1]
+  num_inference_steps: 2
+  guidance_scale: 1.0
+  grid_prompts: 1
+  num_images: 2
+  batch_size: 2
+  features: tiny-random
+""")
+    assert main(["run", str(recipe)]) == 0
+    run = tmp_path / "run"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["kind"] == "run" and m["fid"]["value"] > 0 and m["fid"]["num_generated"] == 2
+    assert m["fid"]["reference"].startswith("fp:") and m["baseline_scores"]["fid"]["value"] == 0.0
+    assert 0 < m["fidelity"]["psnr"] < 100 and m["size"]["measured"] == "disk"
+    first, last = m["stages"]
+    assert first["name"] == "prune" and first["size"]["measured"].startswith("disk") and "psnr" in first["fidelity"]
+    assert "fidelity" not in last  # the last stage is the exported model, scored at the top level
+    grid = PIL.Image.open(run / m["grid"])
     assert grid.height > 2 * 128 and grid.width > 2 * 128  # 1 prompt x 2 seeds; original, compressed
-    md = (tmp_path / "report.md").read_text()
-    assert "| FID |" in md and "prune" in md and (tmp_path / "report.html").is_file()
-    shutil.rmtree(tmp_path / "eval")
+    md = (run / "report.md").read_text()
+    assert "| FID |" in md and "| 0 | prune |" in md and (run / "report.html").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["eval"]["status"] == "done" and manifest["eval"]["metrics"]["fid"] == m["fid"]["value"]

@@ -58,14 +58,20 @@ def test_comparison_plot_has_a_point_per_model(runs, tmp_path):
     assert main(["report", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
     root = ET.fromstring((out / PLOT_FILE).read_text())
     circles = root.findall(f".//{SVG}circle")
-    assert len(circles) == 8  # 2 runs x (original, compressed) x (FID panel, CLIP panel)
+    assert len(circles) == 10  # 2 runs x (original, compressed) x (FID, CLIP) + 2 compressed x PSNR
     md = (out / "report.md").read_text()
     assert "## run0" in md and "## run1" in md and "(../run0/grids/g.png)" in md
 
 
 def test_points_and_missing_values():
     pts = points_of(_metrics(2e6, 10.0, 25.0), "a")
-    assert [(p.label, p.size_mb, p.fid, p.clip) for p in pts] == [("a: original", 3.4, 0.0, 31.0), ("a: compressed", 2.0, 10.0, 25.0)]
+    assert [(p.label, p.size_mb, p.fid, p.clip, p.psnr) for p in pts] == [
+        ("a: original", 3.4, 0.0, 31.0, None), ("a: compressed", 2.0, 10.0, 25.0, 24.5)]
+    m = _metrics(2e6, 10.0, 25.0)
+    m["stages"] = [{"index": 0, "name": "prune", "size": {"denoiser_bytes": 3e6}, "fidelity": {"psnr": 30.0, "ssim": 0.9}},
+                   {"index": 1, "name": "ptq"}]
+    pts = points_of(m, "a")
+    assert [p.label for p in pts] == ["a: original", "a: 0-prune", "a: compressed"] and pts[1].psnr == 30.0
     m = _metrics(2e6, 10.0, 25.0)
     m["fid"] = {"value": None, "note": "FID/KID skipped"}
     svg = quality_size_svg(points_of(m, "a"))
