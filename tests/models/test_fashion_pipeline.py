@@ -92,6 +92,6 @@ def test_builtin_clip_classifies_reference_images():
     assert acc > 0.6
     # the processor path (PIL RGB -> pixels) agrees with the direct tensor path
     proc = fashion.build_fashion_clip_processor()
-    pil = [Image.fromarray(im).convert("RGB") for im in pad_to_32(x[:4])]
+    pil = [Image.fromarray(im).convert("RGB") for im in pad_to_32(x[::10][:4])]
     pv = proc(images=pil, return_tensors="pt").pixel_values
-    assert torch.allclose(pv, px[:4], atol=2e-2)
+    assert torch.allclose(pv, px[:4], atol=1e-5)
