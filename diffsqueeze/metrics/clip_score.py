@@ -154,8 +154,11 @@ class ClipScorer:
         device = next(self.model.parameters()).device
         pixels = self.processor(images=[i.cpu() for i in images], return_tensors="pt")["pixel_values"]
         img = self.features.get_image_features(pixel_values=pixels.to(device))
-        text = self.processor(text=list(prompts), return_tensors="pt", padding=True)
         max_len = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None)
+        # Truncating in the tokenizer keeps the end-of-text token that CLIP pools at; torchmetrics
+        # slices the ids instead. Both agree on prompts that fit (every test and builtin prompt).
+        text = self.processor(text=list(prompts), return_tensors="pt", padding=True, truncation=max_len is not None,
+                              max_length=max_len)
         ids, mask = text["input_ids"], text["attention_mask"]
         if max_len is not None and ids.shape[-1] > max_len:
             ids, mask = ids[..., :max_len], mask[..., :max_len]
