@@ -1,0 +1,89 @@
+"""Accounting (METHODS §9): bit packing, packed export round trip, OPs = FP MACs + MACs b_w b_a / 64."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import diffsqueeze.models  # noqa: F401  (import order: models before module_swaps)
+from diffsqueeze.quant.accounting import ops_count, pack_bits, read_packed, unpack_bits, write_packed
+from diffsqueeze.quant.binary_modules import make_binary_module
+
+
+def test_pack_unpack_roundtrip():
+    bits = torch.rand(1001, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = pack_bits(bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == 126
+    assert torch.equal(unpack_bits(packed, 1001), bits)
+    assert pack_bits(torch.tensor([True] + [False] * 7)).tolist() == [128]
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.body(self.conv_in(x))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def _binarize(model: Toy, order: int, act_bits: int | None, masked: bool = False) -> None:
+    for name in ("body", "fc"):
+        layer = getattr(model, name)
+        act = {"format": f"int{act_bits}_sym", "shape": [1], "groups": 1, "n_timesteps": 1} if act_bits else None
+        b = make_binary_module(layer, {"order": order, "masked": masked, "act": act})
+        b.weight_quant.init_from(b.weight)
+        setattr(model, name, b)
+
+
+def test_ops_formula():
+    torch.manual_seed(0)
+    model = Toy()
+    x = torch.randn(1, 3, 5, 5)
+    call = lambda m, kw: m(kw["x"])  # noqa: E731
+    fp = ops_count(model, {"x": x}, call)
+    macs_in, macs_body, macs_fc = 25 * 8 * 3 * 9, 25 * 8 * 8 * 9, 4 * 8
+    assert fp["macs"] == macs_in + macs_body + macs_fc and fp["ops"] == fp["macs"]
+    _binarize(model, order=2, act_bits=4)
+    q = ops_count(model, {"x": x}, call)
+    assert q["macs"] == fp["macs"]
+    assert q["fp_macs"] == macs_in
+    assert q["ops"] == macs_in + (macs_body + macs_fc) * 2 * 4 / 64
+    assert q["layers"]["body"]["b_w"] == 2 and q["layers"]["body"]["b_a"] == 4
+
+
+def test_ops_w1a32():
+    torch.manual_seed(0)
+    model = Toy()
+    _binarize(model, order=1, act_bits=None)
+    q = ops_count(model, {"x": torch.randn(1, 3, 5, 5)}, lambda m, kw: m(kw["x"]))
+    assert q["layers"]["fc"]["b_a"] == 32 and q["layers"]["fc"]["b_w"] == 1
+    assert q["ops"] == 25 * 8 * 3 * 9 + (25 * 8 * 8 * 9 + 32) * 32 / 64
+
+
+def test_packed_export_restores_binary_weights_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = Toy()
+    with torch.no_grad():
+        model.body.weight.mul_(torch.rand_like(model.body.weight) > 0.5)  # pruned
+    _binarize(model, order=2, act_bits=4, masked=True)
+    with torch.no_grad():  # learned scales may leave the initialization (a2 > a1 here)
+        model.fc.weight_quant.a2.mul_(5.0)
+        model.body.act_quant.scale.fill_(0.123)
+    info = write_packed(model, tmp_path / "toy.safetensors")
+    assert info["bytes"] == (tmp_path / "toy.safetensors").stat().st_size
+    assert info["breakdown_bytes"]["binary_codes"] == 2 * (72 + 4)  # 576 bits and 32 bits, two bases
+    assert info["breakdown_bytes"]["masks"] == 72 + 4  # keep bits of both masked layers
+    fresh = Toy()
+    _binarize(fresh, order=2, act_bits=4, masked=True)
+    read_packed(fresh, tmp_path / "toy.safetensors")
+    for name in ("body", "fc"):
+        assert torch.equal(getattr(fresh, name).binary_weight(), getattr(model, name).binary_weight())
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    fp32 = sum(t.numel() * 4 for t in Toy().state_dict().values())
+    assert info["bytes"] < fp32
