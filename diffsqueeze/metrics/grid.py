@@ -104,8 +104,12 @@ def known_metric(spec: str) -> str | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    for key, fmt in (("fid", "FID {:.2f}"), ("clip_score", "CLIP {:.2f}"), ("psnr", "PSNR {:.1f}")):
-        value = (data.get(key) or {}).get("value") if isinstance(data.get(key), dict) else data.get(key)
+    fidelity = data.get("fidelity") if isinstance(data.get("fidelity"), dict) else {}
+    candidates = (("FID {:.2f}", data.get("fid")), ("CLIP {:.2f}", data.get("clip_score")),
+                  ("PSNR {:.1f} dB", fidelity.get("psnr")))
+    for fmt, value in candidates:
+        if isinstance(value, dict):
+            value = value.get("value")
         if isinstance(value, (int, float)):
             return fmt.format(value)
     return None
