@@ -95,3 +95,9 @@ def test_builtin_clip_classifies_reference_images():
     pil = [Image.fromarray(im).convert("RGB") for im in pad_to_32(x[::10][:4])]
     pv = proc(images=pil, return_tensors="pt").pixel_values
     assert torch.allclose(pv, px[:4], atol=1e-5)
+
+
+def test_shipped_weights_within_budget():
+    files = list(fashion.WEIGHTS_DIR.rglob("*.safetensors"))
+    assert not list(fashion.WEIGHTS_DIR.rglob("*.bin")) and not list(fashion.WEIGHTS_DIR.rglob("*.pt"))
+    assert sum(f.stat().st_size for f in files) <= 30 * 2**20

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .clip import CLIP_DIR, WEIGHTS_DIR, image_processor, load_fashion_clip
+from .clip import CLIP_DIR, WEIGHTS_DIR, image_processor, load_fashion_clip  # noqa: F401
 from .data import (CLASS_NAMES, FashionMNISTMissingError, caption, class_prompt, load_fashion_mnist,
                    load_reference_subset, pad_to_32)
 from .pipeline import FashionDiffusionPipeline, FashionPipelineOutput
@@ -18,7 +18,7 @@ PIPELINE_DIR = WEIGHTS_DIR / "pipeline"
 
 __all__ = [
     "CLASS_NAMES", "FashionDiffusionPipeline", "FashionPipelineOutput", "FashionMNISTMissingError",
-    "PIPELINE_DIR", "CLIP_DIR", "build_fashion_pipeline", "build_fashion_clip", "build_fashion_clip_processor",
+    "PIPELINE_DIR", "CLIP_DIR", "WEIGHTS_DIR", "build_fashion_pipeline", "build_fashion_clip", "build_fashion_clip_processor",
     "BuiltinWeightsMissingError", "caption", "class_prompt", "load_fashion_mnist", "load_reference_subset", "load_tokenizer", "pad_to_32",
 ]
 
