@@ -32,10 +32,12 @@ Resize conventions (the network needs 299x299; images of another size are resize
   (``nv_bilinear_float``), delegated to that package.
 
 299x299 images are never resized, so all modes agree on them. Non-square images are stretched.
-How much the modes differ is measured in the project docs (metrics section); in short: the two
-antialiased modes are close, the non-antialiased ones move FID noticeably for 512px images.
-Numbers computed with different resize modes are not comparable; every :class:`FIDResult`
-records its mode.
+How much the modes differ (measured on 16 natural-image crops, real weights): against ``clean``,
+the other modes change the features by 5-8 % (relative L2) for 256 and 512 px images and by
+19-22 % for 64 px images; the FID between the same images under mode X and under ``clean`` is
+1-2.4 at 256/512 px and 15-19 at 64 px. ``bilinear_aa`` equals ``bilinear`` when upsampling
+(antialias only acts when shrinking). Numbers computed with different resize modes are not
+comparable; every :class:`FIDResult` records its mode.
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ def kernel_inception_distance(
 # reference statistics and their cache
 
 
-@dataclass
+@dataclass(eq=False)
 class ReferenceStats:
     """Statistics of a reference image set for one network and resize mode.
 
@@ -341,12 +343,6 @@ def _resolve(
     return extractor, extractor.resize
 
 
-def _extractor_device(extractor: FeatureExtractor) -> torch.device:
-    for t in extractor.parameters():
-        return t.device
-    return torch.device("cpu")
-
-
 def extract_features(
     images: ImagesLike,
     extractor: FeatureExtractor,
@@ -354,7 +350,7 @@ def extract_features(
     backend: str = "torchmetrics",
     batch_size: int = 32,
     num_workers: int = 0,
-    progress: bool = False,
+    progress: bool = True,
 ) -> np.ndarray:
     """Features ``(N, d)`` float32 of a folder / in-memory images, through one backend's pipeline.
 
@@ -379,7 +375,7 @@ def extract_features(
             model=extractor,
             num_workers=num_workers,
             batch_size=batch_size,
-            device=_extractor_device(extractor),
+            device=extractor.device,
             mode="clean",
             verbose=progress,
         )
@@ -403,7 +399,7 @@ def reference_stats(
     batch_size: int = 32,
     num_workers: int = 0,
     device: str | torch.device | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> ReferenceStats:
     """Statistics (mu, sigma, features) of a reference set, from the cache when possible.
 
@@ -607,7 +603,7 @@ class FIDAccumulator(nn.Module):
             else None
         )
         self.kid_subsets, self.seed = kid_subsets, seed
-        self.to(device if device is not None else _extractor_device(self.extractor))
+        self.to(device if device is not None else self.extractor.device)
         self.reference_source = "streamed (update(real=True))"
         self.reference_key: str | None = None
         if reference is not None:
@@ -700,7 +696,7 @@ def compute_fid(
     device: str | torch.device | None = None,
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> FIDResult:
     """FID (and KID) of generated images against a reference, in one process.
 

@@ -157,7 +157,9 @@ class FeatureExtractor(nn.Module):
         """Stay in eval mode whatever is asked (like torchmetrics' NoTrainInceptionV3)."""
         return super().train(False)
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """Device of the network's weights (CPU for a weightless network)."""
         for t in self.network.parameters():
             return t.device
         for t in self.network.buffers():
@@ -168,7 +170,7 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected (N, 3, H, W) images in [0, 255]; got shape {tuple(images.shape)}")
-        x = images.to(self._device())
+        x = images.to(self.device)
         x = resize_for_inception(x, self.resize, INCEPTION_SIZE)
         x = (x - 128.0) / 128.0
         feats = self.network(x)

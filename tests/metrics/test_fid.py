@@ -393,6 +393,49 @@ def test_reference_as_stats_file_and_mismatches(tmp_path: Path) -> None:
         compute_fid(gen, stats, extractor=ex, backend="tf")
 
 
+def _ddp_worker(rank: int, world: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=rank, world_size=world)
+    try:
+        ex = tiny_extractor()
+        gen, ref = make_images(9, 32, seed=4), make_images(9, 32, seed=5)
+        stats = reference_stats(ref, extractor=ex, cache=False, progress=False)
+        out = {}
+        for name, reference, kid in [("features", stats, True), ("mu_sigma", dataclasses.replace(stats, features=None), False)]:
+            acc = FIDAccumulator(reference, extractor=ex, kid=kid, kid_subsets=5)
+            acc.update(gen[rank::world])
+            out[name] = acc.compute().to_dict()
+        Path(folder, f"{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes re-import torch: ~15-60 s on 2 shared cores
+def test_accumulator_syncs_across_processes(tmp_path: Path) -> None:
+    """Two gloo processes, each with half the generated images, get the single-process result.
+
+    9 + 9 images: the KID subsets are the whole sets, so the gathered order does not matter.
+    """
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ex = tiny_extractor()
+    gen, ref = make_images(9, 32, seed=4), make_images(9, 32, seed=5)
+    stats = reference_stats(ref, extractor=ex, cache=False)
+    single = FIDAccumulator(stats, extractor=ex, kid_subsets=5)
+    single.update(gen)
+    expected = single.compute()
+    for rank in range(2):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        for name in ("features", "mu_sigma"):
+            r = got[name]
+            assert (r["num_generated"], r["num_reference"]) == (9, 9), name
+            assert r["fid"] == pytest.approx(expected.fid, rel=1e-5), name
+        assert got["features"]["kid_subset_size"] == 9
+        assert got["features"]["kid_mean"] == pytest.approx(expected.kid_mean, rel=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # real weights
 
@@ -423,6 +466,7 @@ def test_backends_agree_on_real_inception(tmp_path: Path) -> None:
     ex = load_inception()
     a = compute_fid(gen, ref, backend="torchmetrics", extractor=ex, cache=False)
     b = compute_fid(gen, ref, backend="clean-fid", extractor=ex, cache=False)
+    print(f"torchmetrics fid={a.fid:.4f} kid={a.kid_mean:.6f} | clean-fid fid={b.fid:.4f} kid={b.kid_mean:.6f}")
     assert a.weights_sha256 == b.weights_sha256
     assert a.fid > 1.0
     assert a.fid == pytest.approx(b.fid, rel=0.01)
