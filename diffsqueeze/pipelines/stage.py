@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from diffsqueeze.pipelines.context import StageContext
 
 # Modules whose import registers the shipped stages.
-BUILTIN_STAGE_MODULES = ("diffsqueeze.prune.stage", "diffsqueeze.quant.ptq")
+BUILTIN_STAGE_MODULES = ("diffsqueeze.prune.stage", "diffsqueeze.quant.ptq", "diffsqueeze.quant.binarize_stage")
 
 
 class Stage(Protocol):
