@@ -105,7 +105,9 @@ def known_metric(spec: str) -> str | None:
     except (OSError, json.JSONDecodeError):
         return None
     fidelity = data.get("fidelity") if isinstance(data.get("fidelity"), dict) else {}
-    candidates = (("FID {:.2f}", data.get("fid")), ("CLIP {:.2f}", data.get("clip_score")),
+    fid = data.get("fid") if isinstance(data.get("fid"), dict) else {}
+    n = f" (n={fid['num_generated']})" if isinstance(fid.get("num_generated"), int) else ""
+    candidates = (("FID {:.2f}" + n, data.get("fid")), ("CLIP {:.2f}", data.get("clip_score")),
                   ("PSNR {:.1f} dB", fidelity.get("psnr")))
     for fmt, value in candidates:
         if isinstance(value, dict):

@@ -63,8 +63,8 @@ def test_sizes_and_labels(pipe, altered_folder):
         b.numel() * b.element_size() for b in pipe.unet.buffers())
     disk, kind = denoiser_bytes(pipe, altered_folder)
     assert kind == "disk" and abs(disk - mem) / mem < 0.05
-    (altered_folder / "metrics.json").write_text(json.dumps({"fid": {"value": 12.345}}))
-    assert column_label(pipe, str(altered_folder)) == [f"{disk / 1e6:.2f} MB (disk)", "FID 12.35"]
+    (altered_folder / "metrics.json").write_text(json.dumps({"fid": {"value": 12.345, "num_generated": 64}}))
+    assert column_label(pipe, str(altered_folder)) == [f"{disk / 1e6:.2f} MB (disk)", "FID 12.35 (n=64)"]
     (altered_folder / "metrics.json").write_text(json.dumps({"fid": {"value": None}, "fidelity": {"psnr": 31.26}}))
     assert column_label(pipe, str(altered_folder))[1] == "PSNR 31.3 dB"
     (altered_folder / "metrics.json").unlink()
