@@ -111,6 +111,8 @@ class ActQuantConfig:
         lsq_iters: LSQ iterations per reconstruction unit (0 = keep the initialization).
         lsq_lr: LSQ learning rate (cosine schedule).
         first_last_bits: bits of the first and last layer's input (8, QuEST); 0 = same as ``bits``.
+        search_values: activation values kept (random subsample) per layer and timestep group
+            for the scale search.
     """
 
     bits: int = 8
@@ -121,9 +123,12 @@ class ActQuantConfig:
     lsq_iters: int = 0
     lsq_lr: float = 4e-4
     first_last_bits: int = 8
+    search_values: int = 2**20
 
     def __post_init__(self) -> None:
         format_spec(self.format, self.bits, "")
+        if self.search_values < 1024:
+            raise RecipeError("search_values", f"must be >= 1024, got {self.search_values}")
         if self.timestep_groups < 1:
             raise RecipeError("timestep_groups", f"must be >= 1, got {self.timestep_groups}")
         if self.lsq_iters < 0:

@@ -44,8 +44,6 @@ from diffsqueeze.quant.search import (
 from diffsqueeze.quant.timestep import attach_timestep_routing, group_assignment, timestep_routing
 
 log = logging.getLogger(__name__)
-MAX_ACT_ELEMENTS = 2**20
-"""Activation values kept per layer and timestep group for the scale search."""
 
 
 class StopForward(Exception):
@@ -322,6 +320,7 @@ class PTQStage:
         modules = dict(denoiser.named_modules())
         store: dict = {}
         current = {"batch": None}
+        max_values = self.config.activations.search_values if self.config.activations else 0
 
         def hook_for(name):
             conv = isinstance(modules[name], torch.nn.Conv2d)
@@ -337,7 +336,7 @@ class PTQStage:
                                            f"(calibration step {b.step}); the model diverges under these settings")
                 rows = _act_rows(x, conv).float()
                 key = (name, group_of[b.step])
-                cap = max(64, MAX_ACT_ELEMENTS // rows.shape[1])
+                cap = max(64, max_values // rows.shape[1])
                 have = store.get(key)
                 rows = rows if have is None else torch.cat([have, rows])
                 if rows.shape[0] > cap:
