@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from diffsqueeze.errors import DiffsqueezeError, RecipeError
-from diffsqueeze.metrics.clip_score import ClipScorer, tiny_clip
+from diffsqueeze.metrics.clip_score import tiny_clip
 from diffsqueeze.metrics.config import EvalConfig
 from diffsqueeze.metrics.evaluate import EvalJob, builtin_dataset, run_eval_job, tiny_feature_net
 from diffsqueeze.models import load_pipeline, save_pipeline
