@@ -224,6 +224,11 @@ def _save_pngs(images: torch.Tensor, folder: Path, start: int) -> None:
         os.replace(tmp, path)
 
 
+def _pngs_present(out_dir: Path, start: int, count: int, baseline: bool) -> bool:
+    folders = [out_dir / "images"] + ([out_dir / "images-baseline"] if baseline else [])
+    return all((f / f"{i:06d}.png").is_file() for f in folders for i in range(start, start + count))
+
+
 class _Scorer:
     """Per-batch work shared by all processes: generate, extract features, CLIP, fidelity."""
 
@@ -358,7 +363,9 @@ def run_eval_job(
 
     batches = _batches(job.num_images, job.batch_size)
     mine = [(b, s, c) for b, (s, c) in enumerate(batches) if b % state.num_processes == state.process_index]
-    todo = [(b, s, c) for b, s, c in mine if _read_shard(shard_dir / f"batch-{b:06d}.safetensors", key, s, c) is None]
+    todo = [(b, s, c) for b, s, c in mine
+            if _read_shard(shard_dir / f"batch-{b:06d}.safetensors", key, s, c) is None
+            or (job.save_images and not _pngs_present(out_dir, s, c, baseline_pipe is not None))]
     if len(todo) < len(mine):
         log.info("resuming: %d of this process's %d batches already done", len(mine) - len(todo), len(mine))
     scorer = _Scorer(job, pipe, baseline_pipe, extractor, clip, prompts, out_dir)

@@ -103,6 +103,10 @@ def test_resume_skips_finished_shards(tmp_path, ref_folder, monkeypatch):
     again = run_eval_job(job, out, **kw)
     assert shards[0].stat().st_mtime_ns == kept and shards[1].is_file()
     assert _results(first) == _results(again)
+    # asking for the PNGs later redoes only the batches whose images are missing
+    with_pngs = run_eval_job(EvalJob(**{**job.__dict__, "save_images": True}), out, **kw)
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
+    assert _results(with_pngs) == _results(first)
     # other settings in the same folder: refused, unless overwrite
     other = EvalJob(**{**job.__dict__, "num_inference_steps": 3})
     with pytest.raises(DiffsqueezeError, match="steps"):
