@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from diffsqueeze.errors import RecipeError
 
 #: FID/KID implementations :func:`diffsqueeze.metrics.evaluate.evaluate_run` can use.
 FID_BACKENDS = ("torchmetrics", "clean-fid")
+#: Builtin reference image sets for FID/KID.
+BUILTIN_REFERENCES = ("builtin:fashion-mnist",)
+#: Builtin CLIP models for the CLIP score.
+BUILTIN_CLIPS = ("builtin:fashion-clip",)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 #: Feature networks for FID/KID.
 FEATURE_NETS = ("inception", "tiny-random")
 
@@ -78,9 +85,22 @@ class EvalConfig:
             raise RecipeError("prompts", "must name a prompt set or a file")
         if not self.reference:
             raise RecipeError("reference", "must be 'fp', a folder of images or a builtin dataset")
-        if self.clip_model is not None and not self.clip_model.strip():
-            raise RecipeError("clip_model", "empty; leave it out (null) to skip the CLIP score")
+        if self.clip_model is not None:
+            if not self.clip_model.strip():
+                raise RecipeError("clip_model", "empty; leave it out (null) to skip the CLIP score")
+            if not (self.clip_model in BUILTIN_CLIPS or Path(self.clip_model).is_dir() or _looks_like_hub_id(self.clip_model)):
+                raise RecipeError("clip_model", f"'{self.clip_model}' is no folder, hub id (org/name) or builtin "
+                                  f"({', '.join(BUILTIN_CLIPS)})")
+        ref = self.reference
+        if not (ref == "fp" or ref in BUILTIN_REFERENCES or Path(ref).is_dir()
+                or (ref.endswith(".safetensors") and Path(ref).is_file())):
+            raise RecipeError("reference", f"'{ref}': expected 'fp', a folder of images, a .safetensors statistics "
+                              f"file or one of {', '.join(BUILTIN_REFERENCES)}")
         if self.fid_backend not in FID_BACKENDS:
             raise RecipeError("fid_backend", f"unknown backend '{self.fid_backend}'; known: {', '.join(FID_BACKENDS)}")
         if self.features not in FEATURE_NETS:
             raise RecipeError("features", f"unknown feature network '{self.features}'; known: {', '.join(FEATURE_NETS)}")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return not spec.startswith((".", "/", "~")) and not Path(spec).exists() and bool(_HUB_ID.match(spec))

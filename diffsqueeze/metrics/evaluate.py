@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from diffsqueeze.errors import DiffsqueezeError
 from diffsqueeze.metrics.clip_score import ClipScorer, aggregate, module_hash
-from diffsqueeze.metrics.config import FEATURE_NETS, EvalConfig
+from diffsqueeze.metrics.config import BUILTIN_REFERENCES, FEATURE_NETS, EvalConfig
 from diffsqueeze.metrics.fidelity import fidelity_summary, lpips_status, per_image_fidelity
 from diffsqueeze.metrics.grid import (
     GridColumn,
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 METRICS_FORMAT = 1
 SHARD_DIR = "shards"
 JOB_FILE = "job.json"
-BUILTIN_DATASETS = ("builtin:fashion-mnist",)
+BUILTIN_DATASETS = BUILTIN_REFERENCES
 
 
 # ------------------------------------------------------------------------------------------

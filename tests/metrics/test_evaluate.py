@@ -139,6 +139,11 @@ def test_job_errors():
         EvalConfig(features="vgg")
     with pytest.raises(RecipeError, match="fid_backend"):
         EvalConfig(fid_backend="tf")
+    with pytest.raises(RecipeError, match="reference"):
+        EvalConfig(reference="/no/such/folder")
+    with pytest.raises(RecipeError, match="clip_model"):
+        EvalConfig(clip_model="./missing-clip")
+    assert EvalConfig(clip_model="openai/clip-vit-base-patch32", reference="builtin:fashion-mnist").clip_model
 
 
 def test_run_with_eval_section_scores_stages_and_writes_reports(tmp_path):
