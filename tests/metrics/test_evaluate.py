@@ -196,3 +196,30 @@ def test_real_inception_provenance(tmp_path):
     f = m["fid"]
     assert f["weights"] == "inception-2015-12-05" and f["weights_sha256"] == EXPECTED_SHA256 and f["resize"] == "clean"
     assert abs(f["value"]) < 1e-6  # same model, same seeds: identical images
+
+
+@pytest.mark.slow
+def test_killed_job_continues(models, tmp_path):
+    """SIGKILL the CLI after its first shard; the rerun finishes with the uninterrupted numbers."""
+    import time
+
+    from diffsqueeze.cli import main
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = tmp_path / "killed"
+    args = _eval_args(models, killed, n=8)
+    p = subprocess.Popen([sys.executable, "-m", "diffsqueeze", *args], env=env, cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((killed / "shards").glob("batch-*.safetensors")):
+        time.sleep(0.2)
+    p.kill()
+    p.wait()
+    done_before = len(list((killed / "shards").glob("batch-*.safetensors")))
+    assert 1 <= done_before
+    assert main(args) == 0
+    assert main(_eval_args(models, tmp_path / "clean", n=8)) == 0
+    a = json.loads((killed / "metrics.json").read_text())
+    b = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    assert _results(a) == _results(b)
+    assert a["timing"]["per_process"][0]["images"] == 8 - 2 * done_before
