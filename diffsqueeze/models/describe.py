@@ -78,6 +78,12 @@ def format_description(desc: dict, manifest: dict | None = None, layers: bool = 
                 if "target" in c:
                     lines.append(f"    {comp}: sparsity target {c['target']:.4f}, achieved {c['achieved']:.4f} "
                                  f"({c['pruned_weights']:,} of {c['counted_weights']:,} weights)")
+            summary = s.get("summary") or {}
+            if "storage" in summary and "ops" in summary:  # binarize: packed size and OPs (METHODS 9)
+                st, ops = summary["storage"], summary["ops"]
+                lines.append(f"    {summary.get('component', '')}: packed {st['packed_bytes'] / 2**20:.2f} MiB vs FP32 "
+                             f"{st['fp32_bytes'] / 2**20:.2f} MiB ({st['ratio_fp32_to_packed']:.1f}x); OPs {ops['ops']:.4g} "
+                             f"vs FP32 {ops['ops_fp32']:.4g} ({ops['saving_vs_fp32']:.1f}x), {ops['per']}")
     if layers:
         for name, c in desc["components"].items():
             lines.append("")

@@ -98,6 +98,11 @@ def test_tiny_sd_pruned_binarized_w1a4_reloads(tmp_path):
     assert summary["storage"]["ratio_fp32_to_packed"] > 3
     assert summary["ops"]["saving_vs_fp32"] > 3
     assert summary["training"]["groups_switched_on_at"] == [0, 0, 0]  # 30% of 2 iters: all at once
+    from diffsqueeze.models.describe import describe_pipeline, format_description
+    from diffsqueeze.pipelines.manifest import read_manifest
+
+    text = format_description(describe_pipeline(pipe, state, run_dir / "model"), read_manifest(run_dir))
+    assert "unet: packed" in text and "OPs" in text  # `diffsqueeze inspect` shows the accounting
     fresh, _ = load_with_state(str(run_dir))
     read_packed(fresh.unet, run_dir / "packed" / "unet.safetensors")
     kw = _unet_kwargs()
@@ -130,3 +135,20 @@ def test_tiny_dit_transformer_policy_w1a32_no_training(tmp_path):
     summary = state.history[-1]["summary"]
     assert summary["groups_innermost_first"] == [["transformer_blocks.0", "transformer_blocks.1"]]
     assert summary["activations"]["quantizers"] == 0
+
+
+def test_dataset_batches_give_noisy_latents_and_epsilon_targets(tiny_sd):
+    from diffsqueeze.models.fashion.data import FashionMNISTMissingError, load_fashion_mnist
+    from diffsqueeze.quant.binarize_stage import dataset_batches
+
+    try:
+        load_fashion_mnist("train")
+    except FashionMNISTMissingError:
+        pytest.skip("Fashion-MNIST is not installed")
+    kwargs, target = next(dataset_batches(tiny_sd, tiny_sd.unet, _train(mode="dataset", batch_size=2),
+                                          torch.device("cpu"), seed=0))
+    assert kwargs["sample"].shape == (2, 4, 16, 16) and target.shape == (2, 4, 16, 16)
+    assert kwargs["encoder_hidden_states"].shape[0] == 2
+    assert 0 <= int(kwargs["timestep"].min()) and int(kwargs["timestep"].max()) < 1000
+    assert tiny_sd.scheduler.config.prediction_type == "epsilon"
+    assert abs(float(target.std()) - 1.0) < 0.3  # epsilon targets are unit Gaussian noise
