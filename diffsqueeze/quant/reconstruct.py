@@ -219,11 +219,11 @@ def _adaround(module, layers, inputs, targets, batches, tctx, rcfg, gen, desc) -
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                value = float(rec)
+                value = float(rec.detach())
                 first = value if first is None else first
                 last = value
                 if it % 10 == 0:
-                    bar.set_postfix(rec=f"{value:.4g}", reg=f"{float(reg):.4g}", beta=f"{beta:.1f}")
+                    bar.set_postfix(rec=f"{value:.4g}", reg=f"{float(reg.detach()):.4g}", beta=f"{beta:.1f}")
                 maybe_kill("tick")
     finally:
         for lay, flag in act_state:
@@ -263,7 +263,7 @@ def _lsq(module, layers, inputs, targets, batches, tctx, cfg, gen, desc) -> dict
                 with torch.no_grad():
                     for q in quantizers:
                         q.scale.clamp_(min=1e-8)
-                value = float(loss)
+                value = float(loss.detach())
                 first = value if first is None else first
                 last = value
                 if it % 10 == 0:
