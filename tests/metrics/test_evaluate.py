@@ -146,6 +146,31 @@ def test_job_errors():
     assert EvalConfig(clip_model="openai/clip-vit-base-patch32", reference="builtin:fashion-mnist").clip_model
 
 
+def test_evaluate_run_without_fid(tmp_path):
+    """evaluate_run with num_images 0: grid, fidelity and CLIP on the grid's images, reports."""
+    from diffsqueeze.metrics.clip_score import ClipScorer
+    from diffsqueeze.metrics.evaluate import evaluate_run
+
+    teacher = load_pipeline("builtin:tiny-sd")
+    pipe = load_pipeline("builtin:tiny-sd")
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.mul_(0.5)
+    model, processor = tiny_clip()
+    clip_dir = tmp_path / "clip"
+    model.save_pretrained(clip_dir, safe_serialization=True)
+    processor.save_pretrained(clip_dir)
+    cfg = EvalConfig(seeds=(0,), num_inference_steps=1, guidance_scale=1.0, grid_prompts=1, num_images=0,
+                     clip_model=str(clip_dir))
+    summary = evaluate_run(pipe, teacher, cfg, tmp_path, [{"index": 0, "name": "prune", "summary": {}}])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["fid"] is None and "skipped" in m["fid"]["note"] and summary["psnr"] == m["fidelity"]["psnr"] < 100
+    assert m["fidelity"]["n_pairs"] == 1 and m["clip_score"]["n"] == 1
+    assert m["clip_score"]["weights_hash"] == ClipScorer(model, processor).weights_hash
+    assert "clip_score" in m["baseline_scores"] and (tmp_path / m["grid"]).is_file()
+    assert "| CLIP score |" in (tmp_path / "report.md").read_text() and (tmp_path / "report.html").is_file()
+
+
+@pytest.mark.slow
 def test_run_with_eval_section_scores_stages_and_writes_reports(tmp_path):
     """`diffsqueeze run` with an eval: section calls evaluate_run (real runner, two prune stages)."""
     from diffsqueeze.cli import main
