@@ -15,7 +15,7 @@ log = logging.getLogger("diffsqueeze")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """diffusers/transformers chatter (deprecations, load bars) drowns the tool's own output."""
     import diffusers
     import transformers
@@ -31,7 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from diffsqueeze.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    _quiet_libraries()
+    quiet_libraries()
     run_dir = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
     print(f"run complete: {run_dir}")
     print(f"  compressed model: {run_dir / 'model'}   (diffsqueeze inspect {run_dir})")
@@ -44,7 +44,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from diffsqueeze.models.io import model_folder
     from diffsqueeze.pipelines.manifest import read_manifest
 
-    _quiet_libraries()
+    quiet_libraries()
     path = Path(args.path)
     manifest = read_manifest(path) if path.is_dir() else None
     if manifest is not None and model_folder(args.path) is None:

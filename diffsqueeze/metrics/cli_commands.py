@@ -15,13 +15,9 @@ log = logging.getLogger(__name__)
 
 
 def _quiet_libraries() -> None:
-    import diffusers
-    import transformers
+    from diffsqueeze.cli import quiet_libraries
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, steps: int, guidance: float) -> None:
