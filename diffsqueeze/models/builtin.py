@@ -150,3 +150,14 @@ def build_tiny_dit() -> StableDiffusion3Pipeline:
         text_encoder_3=None,
         tokenizer_3=None,
     )
+
+
+@register_builtin("fashion")
+def build_fashion() -> DiffusionPipeline:
+    """The trained Fashion-MNIST text-to-image model (docs/builtin-model.md), 1x32x32 pixel space."""
+    from diffsqueeze.models.fashion import BuiltinWeightsMissingError, build_fashion_pipeline
+
+    try:
+        return build_fashion_pipeline()
+    except BuiltinWeightsMissingError as exc:
+        raise ModelLoadError(str(exc)) from None

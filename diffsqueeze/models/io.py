@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -21,6 +22,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # Pipeline classes that live outside diffusers, by the _class_name their model_index.json holds.
 PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {}
+# Shipped ones, imported on first use (their import is heavier than a dictionary entry).
+SHIPPED_PIPELINE_CLASSES = {"FashionDiffusionPipeline": "diffsqueeze.models.fashion"}
 
 
 def register_pipeline_class(cls: type[DiffusionPipeline]) -> type[DiffusionPipeline]:
@@ -112,7 +115,11 @@ def _from_pretrained(where: str) -> DiffusionPipeline:
             meta = json.loads(index.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ModelLoadError(f"{index} is not valid JSON: {exc}") from exc
-        cls = PIPELINE_CLASSES.get(meta.get("_class_name"), DiffusionPipeline)
+        class_name = meta.get("_class_name")
+        if class_name in SHIPPED_PIPELINE_CLASSES and class_name not in PIPELINE_CLASSES:
+            module = importlib.import_module(SHIPPED_PIPELINE_CLASSES[class_name])
+            register_pipeline_class(getattr(module, class_name))
+        cls = PIPELINE_CLASSES.get(class_name, DiffusionPipeline)
         # Optional components saved as absent ([null, null]) must be passed as None explicitly.
         absent = {k: None for k, v in meta.items() if isinstance(v, list) and v == [None, None]}
         pickles = [p.name for p in Path(where).rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]

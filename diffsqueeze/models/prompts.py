@@ -19,6 +19,12 @@ BUILTIN_PROMPTS: dict[str, list[str]] = {
         "a sneaker on a white background",
         "a watercolor painting of a bird",
     ],
+    # The classes of the builtin Fashion-MNIST model, one canonical prompt each (data.class_prompt).
+    "builtin:fashion": [
+        "a photo of a t-shirt", "a photo of a trouser", "a photo of a pullover", "a photo of a dress",
+        "a photo of a coat", "a photo of a sandal", "a photo of a shirt", "a photo of a sneaker",
+        "a photo of a bag", "a photo of an ankle boot",
+    ],
 }
 
 
