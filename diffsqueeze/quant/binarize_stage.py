@@ -236,6 +236,13 @@ def block_groups(denoiser: nn.Module, kwargs: dict) -> tuple[list[str], list[lis
     return order, groups
 
 
+def progressive_schedule(iters: int, fraction: float, n_groups: int) -> tuple[int, dict[int, int]]:
+    """Progressive initialization: ``P = int(fraction * iters)`` steps; group ``g`` (0 = innermost)
+    is binarized from step ``g * P // G``; activation quantizers switch on at step ``P``."""
+    steps = int(fraction * iters)
+    return steps, {g: (g * steps) // max(n_groups, 1) for g in range(n_groups)}
+
+
 @dataclass
 class LayerPlan:
     name: str
@@ -474,8 +481,8 @@ class BinarizeStage:
         layers_of_group = [[m for m in binary.values() if m.config.get("group") == g] for g in range(n_groups)]
         if not tc.iters:
             return {"mode": tc.mode, "iters": 0}
-        prog_steps = int(cfg.progressive_fraction * tc.iters) if cfg.progressive else 0
-        switch_on = {g: (g * prog_steps) // max(n_groups, 1) for g in range(n_groups)}
+        prog_steps, switch_on = progressive_schedule(tc.iters, cfg.progressive_fraction if cfg.progressive else 0.0,
+                                                     n_groups)
         acts_on_at = prog_steps if cfg.activations is not None else None
         for m in binary.values():
             m.weight_quant.enabled = not cfg.progressive
@@ -565,7 +572,7 @@ class BinarizeStage:
     # ---- accounting --------------------------------------------------------------------------
 
     def _accounting(self, denoiser, teacher, first, comp: str, ctx: StageContext) -> dict:
-        one = {k: (v[:1] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in first.kwargs.items()}
+        one = _first_sample(first.kwargs)
         ops = ops_count(denoiser, one, call_denoiser)
         ops_fp = ops_count(teacher, one, call_denoiser)
         folder = Path(ctx.run_dir) / PACKED_DIR
@@ -584,6 +591,15 @@ class BinarizeStage:
                         "fp32_bytes": fp32, "ratio_fp32_to_packed": round(fp32 / packed["bytes"], 3),
                         "breakdown_bytes": packed["breakdown_bytes"]},
         }
+
+
+def _first_sample(obj):
+    """Batch-1 slice of recorded kwargs (tensors with a batch dim, nested dicts such as added_cond_kwargs)."""
+    if torch.is_tensor(obj):
+        return obj[:1] if obj.dim() > 0 else obj
+    if isinstance(obj, dict):
+        return {k: _first_sample(v) for k, v in obj.items()}
+    return obj
 
 
 class _Batch:

@@ -152,3 +152,11 @@ def test_dataset_batches_give_noisy_latents_and_epsilon_targets(tiny_sd):
     assert 0 <= int(kwargs["timestep"].min()) and int(kwargs["timestep"].max()) < 1000
     assert tiny_sd.scheduler.config.prediction_type == "epsilon"
     assert abs(float(target.std()) - 1.0) < 0.3  # epsilon targets are unit Gaussian noise
+
+
+def test_progressive_schedule_innermost_first():
+    from diffsqueeze.quant.binarize_stage import progressive_schedule
+
+    steps, on = progressive_schedule(1000, 0.3, 3)
+    assert steps == 300 and on == {0: 0, 1: 100, 2: 200}
+    assert progressive_schedule(1000, 0.0, 3) == (0, {0: 0, 1: 0, 2: 0})  # progressive off: all at once
