@@ -46,6 +46,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     path = Path(args.path)
+    if getattr(args, "sensitivity", False):
+        from diffsqueeze.quant.sensitivity import format_sensitivity, sensitivity_for_run
+
+        report = sensitivity_for_run(path)
+        print(json.dumps(report, indent=2) if args.json else format_sensitivity(report))
+        return 0
     manifest = read_manifest(path) if path.is_dir() else None
     if manifest is not None and model_folder(args.path) is None:
         # an unfinished run: show its stages, no model yet
@@ -78,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory, diffusers folder, builtin:NAME or hub id")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--layers", action="store_true", help="list every conv/linear layer")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="layer sensitivity ranking of a quantized run (measured and saved if missing)")
     p.set_defaults(func=cmd_inspect)
 
     try:

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from diffsqueeze.pipelines.context import StageContext
 
 # Modules whose import registers the shipped stages.
-BUILTIN_STAGE_MODULES = ("diffsqueeze.prune.stage", "diffsqueeze.quant.ptq", "diffsqueeze.quant.binarize_stage")
+BUILTIN_STAGE_MODULES = ("diffsqueeze.prune.stage", "diffsqueeze.quant.ptq", "diffsqueeze.quant.binarize_stage",
+                         "diffsqueeze.quant.quest")
 
 
 class Stage(Protocol):

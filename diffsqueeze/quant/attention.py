@@ -21,9 +21,14 @@ from diffsqueeze.pipelines.module_swaps import register_module_kind
 
 
 def quantize_probs(p: Tensor, bits: int) -> Tensor:
-    """Unsigned fake quantization of probabilities in [0, 1]: ``round(p (2^b - 1)) / (2^b - 1)``."""
+    """Unsigned fake quantization of probabilities in [0, 1]: ``round(p (2^b - 1)) / (2^b - 1)``.
+
+    Straight-through gradient (the value is exactly the quantized one), so finetuning stages
+    (QuEST) train through quantized attention.
+    """
     levels = 2**bits - 1
-    return torch.clamp(torch.round(p * levels), 0, levels) / levels
+    q = torch.clamp(torch.round(p.detach() * levels), 0, levels) / levels
+    return q + (p - p.detach()) if p.requires_grad else q
 
 
 def explicit_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,

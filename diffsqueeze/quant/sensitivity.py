@@ -1,0 +1,184 @@
+"""Measured layer sensitivity (METHODS.md §6, QuEST stage 2 selection).
+
+The sensitivity of a quantized layer is the error of the denoiser output when *only that
+layer* is quantized (at the bits the ``ptq`` stage gave it: its own weight and activation
+quantizers) and everything else is the FP teacher, averaged over the calibration set:
+
+    mse_L = mean over samples of mean((eps_theta^{L quantized}(x_t, t, c) - eps_theta^{fp}(x_t, t, c))^2)
+
+It is measured by temporarily placing the student's quantized module inside the (frozen)
+teacher denoiser, one layer at a time, so layers whose stored weights are already on the grid
+(learned rounding writes them back) are measured as they are. The ranking is written to
+``<run_dir>/sensitivity.json`` and shown by ``diffsqueeze inspect RUN --sensitivity``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from diffsqueeze.pipelines.calibration import CalibrationData
+from diffsqueeze.quant.modules import QuantMixin
+from diffsqueeze.quant.timestep import TimestepContext
+
+log = logging.getLogger(__name__)
+SENSITIVITY_FILE = "sensitivity.json"
+
+
+def _call(denoiser: torch.nn.Module, kwargs: dict) -> torch.Tensor:
+    out = denoiser(**{**kwargs, "return_dict": False})
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _swap(root: torch.nn.Module, name: str, new: torch.nn.Module) -> torch.nn.Module:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def quantized_layers(denoiser: torch.nn.Module) -> dict[str, QuantMixin]:
+    """Quantized layers (``QuantLinear``/``QuantConv2d``) of a denoiser, by name."""
+    return {n: m for n, m in denoiser.named_modules() if isinstance(m, QuantMixin)}
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    data: CalibrationData,
+    layers: list[str] | None = None,
+    samples_per_timestep: int = 2,
+    batch_size: int = 8,
+    progress: Callable[[Iterable, str, int], Iterable] | None = None,
+) -> list[dict]:
+    """Rank quantized layers by the denoiser-output MSE when only that layer is quantized.
+
+    Args:
+        student: the quantized denoiser (its layers are borrowed one at a time, not changed).
+        teacher: the frozen FP denoiser of the same architecture.
+        data: calibration data (the same the ``ptq`` stage used).
+        layers: names to measure (default: every quantized layer of ``student``).
+        samples_per_timestep: calibration samples per timestep (cost: layers x timesteps x samples).
+        batch_size: largest batch per forward.
+        progress: ``ctx.progress``-like wrapper.
+
+    Returns:
+        One dict per layer, most sensitive first: ``name``, ``mse``, ``rel_mse`` (mse over the
+        mean square of the FP output), ``weights`` / ``activations`` (formats).
+    """
+    qlayers = quantized_layers(student)
+    names = list(qlayers) if layers is None else [n for n in layers if n in qlayers]
+    device = next(teacher.parameters()).device
+    sums = {n: 0.0 for n in names}
+    ref_energy, count = 0.0, 0
+    tctx = TimestepContext()
+    linked = [(q, q.tctx) for n in names for q in qlayers[n].act_quantizers()]
+    batches = list(data.batches(batch_size, device, limit=samples_per_timestep))
+    work: Iterable = range(len(batches))
+    if progress is not None:
+        work = progress(work, "sensitivity", len(batches))
+    try:
+        for q, _ in linked:
+            q.tctx = tctx
+        for i in work:
+            b = batches[i]
+            tctx.t = b.timestep
+            ref = _call(teacher, b.kwargs).float()
+            ref_energy += float(ref.pow(2).mean()) * ref.shape[0]
+            count += ref.shape[0]
+            for n in names:
+                old = _swap(teacher, n, qlayers[n])
+                try:
+                    out = _call(teacher, b.kwargs).float()
+                finally:
+                    _swap(teacher, n, old)
+                sums[n] += float((out - ref).pow(2).mean()) * ref.shape[0]
+    finally:
+        for q, old_ctx in linked:
+            q.tctx = old_ctx
+    energy = ref_energy / max(count, 1)
+    rows = []
+    for n in names:
+        mse = sums[n] / max(count, 1)
+        lay = qlayers[n]
+        rows.append({"name": n, "mse": mse, "rel_mse": mse / energy if energy > 0 else float("nan"),
+                     "weights": [q.fmt.name for q in lay.weight_quantizers()] if lay.quant_weights else "fp",
+                     "activations": [q.fmt.name for q in lay.act_quantizers()] if lay.quant_acts else "fp"})
+    rows.sort(key=lambda r: r["mse"], reverse=True)
+    return rows
+
+
+def write_sensitivity(run_dir: Path, rows: list[dict], meta: dict) -> Path:
+    """Write the ranking to ``run_dir/sensitivity.json`` (atomic rename)."""
+    path = Path(run_dir) / SENSITIVITY_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**meta, "layers": rows}, indent=1), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def format_sensitivity(report: dict, top: int = 0) -> str:
+    """A table of the ranking, most sensitive first (``top`` rows; 0 = all)."""
+    rows = report["layers"][: top or None]
+    lines = [f"layer sensitivity of {report.get('component', 'denoiser')}: denoiser-output MSE with only that "
+             f"layer quantized ({report.get('samples_per_timestep', '?')} calibration samples per timestep, "
+             f"{report.get('timesteps', '?')} timesteps)",
+             f"{'rank':>4}  {'mse':>11}  {'rel':>9}  {'w':<10} {'a':<10} layer"]
+    for i, r in enumerate(rows):
+        w = ",".join(r["weights"]) if isinstance(r["weights"], list) else r["weights"]
+        a = ",".join(r["activations"]) if isinstance(r["activations"], list) else r["activations"]
+        lines.append(f"{i + 1:>4}  {r['mse']:>11.4e}  {r['rel_mse']:>9.3e}  {w:<10} {a:<10} {r['name']}")
+    return "\n".join(lines)
+
+
+def sensitivity_for_run(path: str | Path, samples_per_timestep: int = 2) -> dict:
+    """The ranking of a run directory: read ``sensitivity.json``, or measure and write it.
+
+    Measuring needs the run's quantized model (``model/``), its recorded calibration data and
+    the original model named in its manifest.
+
+    Raises:
+        DiffsqueezeError: not a run directory, no quantized layers, or no calibration data.
+    """
+    from diffsqueeze.errors import DiffsqueezeError
+    from diffsqueeze.models import load_pipeline, load_with_state
+    from diffsqueeze.models.roles import find_roles
+    from diffsqueeze.pipelines.calibration import CALIB_DIR, META
+    from diffsqueeze.pipelines.manifest import read_manifest
+
+    run_dir = Path(path)
+    file = run_dir / SENSITIVITY_FILE
+    if file.is_file():
+        return json.loads(file.read_text(encoding="utf-8"))
+    manifest = read_manifest(run_dir) if run_dir.is_dir() else None
+    if manifest is None:
+        raise DiffsqueezeError(f"{run_dir} is not a run directory; --sensitivity needs a run with a ptq stage")
+    calib = sorted((run_dir / CALIB_DIR).glob(f"*/{META}"))
+    if not calib or not (run_dir / "model").is_dir():
+        raise DiffsqueezeError(f"{run_dir} has no {SENSITIVITY_FILE}, and no finished model with calibration data "
+                               f"to measure it from (run a recipe with a ptq stage first)")
+    pipe, _ = load_with_state(str(run_dir))
+    from diffsqueeze.quant.ptq import prepare_pipeline
+
+    prepare_pipeline(pipe)
+    role = find_roles(pipe).denoiser
+    student = getattr(pipe, role)
+    if not quantized_layers(student):
+        raise DiffsqueezeError(f"the model in {run_dir} has no quantized layers; nothing to rank")
+    teacher = getattr(load_pipeline(manifest["model"]), role).eval().requires_grad_(False)
+    data = CalibrationData(calib[0].parent)
+    t0 = time.perf_counter()
+    rows = measure_sensitivity(student, teacher, data, samples_per_timestep=samples_per_timestep)
+    meta = {"component": role, "timesteps": len(data.timesteps), "samples_per_timestep": samples_per_timestep, "wall_time_s": round(time.perf_counter() - t0, 3)}
+    write_sensitivity(run_dir, rows, meta)
+    return {**meta, "layers": rows}
+
+
+__all__ = ["measure_sensitivity", "write_sensitivity", "format_sensitivity", "sensitivity_for_run", "SENSITIVITY_FILE"]
