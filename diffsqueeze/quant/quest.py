@@ -5,7 +5,7 @@ frozen FP teacher, on the recorded calibration data (same recording as ``ptq``):
 
 * **stage 1, time-embedding layers** — the per-block projections of the timestep embedding.
   ``time_layers: [auto]`` finds them by measurement, not by name: layers whose input changes
-  with the timestep but not with the latent (the time-embedding path), minus those whose output
+  with the timestep but not with the latent or the text tokens (the time-embedding path), minus those whose output
   feeds another such layer (the shared timestep MLP). On a diffusers UNet that is every
   ``resnets.*.time_emb_proj``; on an SD3/DiT transformer the adaLN modulation projections
   (``norm1.linear``, ``norm1_context.linear``, ``norm_out.linear``). Trainable: their weights,
@@ -209,16 +209,20 @@ def _rows(kwargs: dict, n: int) -> dict:
 def detect_time_layers(teacher: nn.Module, kwargs: dict, other_t: float) -> list[str]:
     """Per-block time-embedding projections of a denoiser, found by measurement.
 
-    1. One batch of three copies of a recorded input: as is, latent changed, timestep changed.
-       A Linear/Conv2d layer is on the *time path* when its input differs between rows 0 and 2
-       but not between rows 0 and 1.
+    1. One batch of three copies of a recorded input: as is; every spatial/token input changed
+       (tensors with per-sample rank >= 2: the latent and the text-token embeddings; pooled
+       vectors and the timestep kept); timestep changed. A Linear/Conv2d layer is on the *time
+       path* when its input differs between rows 0 and 2 but not between rows 0 and 1. (On an
+       MMDiT the first block's context projections ``add_q/k/v_proj`` see the timestep through
+       the context's adaLN but also the text tokens, so they are not on it.)
     2. One forward where every time-path layer's output is cut into a fresh leaf tensor: a
        time-path layer whose output reaches another time-path layer's input is part of the
        shared timestep MLP; the others are the per-block projections (QuEST stage 1).
     """
-    key = _latent_key(kwargs)
     base = _rows(kwargs, 3)
-    base[key][1] = torch.randn_like(base[key][1])
+    for v in base.values():
+        if torch.is_tensor(v) and v.dim() >= 3 and v.is_floating_point():
+            v[1] = torch.randn_like(v[1])
     base["timestep"] = base["timestep"].clone()
     base["timestep"][2] = other_t
     layers = {n: m for n, m in teacher.named_modules() if isinstance(m, quant_layer_types())}
