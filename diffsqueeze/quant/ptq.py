@@ -200,7 +200,10 @@ class PTQStage:
             qlayer = make_quant_module(layer, record)
             for q in qlayer.act_quantizers():
                 q.set_routing(data.timesteps, group_of)
-            self._init_weights(qlayer, plan, inputs.get(plan.name))
+            try:
+                self._init_weights(qlayer, plan, inputs.get(plan.name))
+            except ValueError as exc:  # NaN/Inf weights: name the layer
+                raise CalibrationError(f"cannot quantize the weight of layer '{plan.name}': {exc}") from None
             if hasattr(qlayer, "weight_quant"):
                 record["weight_format"] = qlayer.weight_quant.fmt.name
             if hasattr(qlayer, "weight_quant_2"):

@@ -161,6 +161,17 @@ def reconstruct(denoiser, teacher_pipe, comp: str, cfg, data: CalibrationData, d
     report: dict = {"units": len(units), "iters": rcfg.iters if rcfg.method == "adaround" else 0,
                     "lsq_iters": lsq_iters, "losses": {}}
     gen = random.Random(ctx.seed)
+    trainable = {p: p.requires_grad for p in denoiser.parameters()}
+    denoiser.requires_grad_(False)  # only V (AdaRound) and the unit's scales (LSQ) get gradients
+    try:
+        return _reconstruct_units(denoiser, teacher, cfg, batches, units, lsq_iters, report, gen)
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+
+
+def _reconstruct_units(denoiser, teacher, cfg, batches, units, lsq_iters, report, gen) -> dict:
+    rcfg = cfg.rounding
     with timestep_routing(denoiser) as tctx:
         units = execution_order(denoiser, units, batches[0].kwargs) if batches else units
         for ui, unit in enumerate(units):
@@ -244,6 +255,7 @@ def _lsq(module, layers, inputs, targets, batches, tctx, cfg, gen, desc) -> dict
     quantizers = [q for lay in layers if lay.quant_acts for q in lay.act_quantizers()]
     for q in quantizers:
         q.lsq = True
+        q.scale.requires_grad_(True)
     params = [q.scale for q in quantizers]
     opt = torch.optim.Adam(params, lr=acfg.lsq_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=acfg.lsq_iters)
@@ -272,6 +284,7 @@ def _lsq(module, layers, inputs, targets, batches, tctx, cfg, gen, desc) -> dict
     finally:
         for q in quantizers:
             q.lsq = False
+            q.scale.requires_grad_(False)
     return {"first_loss": first, "last_loss": last}
 
 

@@ -37,3 +37,25 @@ def test_ptq_recipe_matches_its_name(path):
         assert (c.num_samples, c.timesteps, c.num_inference_steps) == (128, 25, 50)  # Q-Diffusion, SD
     else:
         assert recipe.model.startswith("builtin:")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["w8a8_int", "w8a8_fp8", "w4a8_int", "w4a8_fp", "w4a16_fp"])
+def test_builtin_recipe_runs_end_to_end(name, tmp_path):
+    """Each builtin recipe as shipped (minutes on a laptop CPU)."""
+    import json
+
+    import torch
+
+    from diffsqueeze.models import load_pipeline
+    from diffsqueeze.pipelines.runner import run_recipe
+    from diffsqueeze.quant.ptq import prepare_pipeline
+
+    recipe = load_recipe(REPO / "configs" / f"{name}.yaml", [f"output_dir={tmp_path / name}", "device=cpu"])
+    run_dir = run_recipe(recipe)
+    entry = json.loads((run_dir / "manifest.json").read_text())["stages"][0]
+    assert entry["status"] == "done" and entry["summary"]["quantized_layers"] > 0
+    pipe = prepare_pipeline(load_pipeline(str(run_dir)))
+    out = pipe(prompt=["a cat"], num_inference_steps=4, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(out).all()
