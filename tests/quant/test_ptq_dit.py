@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from diffsqueeze.models import load_pipeline, save_pipeline
 from diffsqueeze.prune.stage import PruneStage
@@ -105,4 +106,15 @@ def test_runner_writes_records_and_run_dir_reloads(tmp_path, write_recipe):
     assert list((run_dir / "calibration").glob("*/*.safetensors"))
     pipe = load_pipeline(str(run_dir))  # one timestep group: runs without routing
     assert len(quant_layers(pipe.transformer)) == 33
-    assert torch.isfinite(generate(pipe)).all()
+    latents = generate(pipe)
+    assert torch.isfinite(latents).all()
+    # --resume with one more stage: the ptq checkpoint is rebuilt from its records and reused
+    data = yaml.safe_load(path.read_text())
+    data["stages"].append({"prune": {"targets": {"transformer": 0.1}, "include": ["proj_out"]}})
+    path.write_text(yaml.safe_dump(data))
+    run_dir = run_recipe(load_recipe(path), resume=True)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"][0]["started"] == entry["started"]  # not rerun
+    resumed = load_pipeline(str(run_dir))
+    assert len(quant_layers(resumed.transformer)) == 33
+    assert float((resumed.transformer.proj_out.weight == 0).float().mean()) > 0.09
