@@ -49,11 +49,9 @@ from diffsqueeze.pipelines.stage import register_stage
 from diffsqueeze.prune.masks import enforce_masks, masked_gradients
 from diffsqueeze.quant.accounting import activation_bits_summary, fp32_bytes, ops_count, write_packed
 from diffsqueeze.quant.binary_modules import (
-    AttentionActQuant,
     BinaryMixin,
     act_quantizers_of,
     install_attention_quant,
-    lsq_init_scale,
     make_binary_module,
 )
 from diffsqueeze.quant.formats import int_code_range

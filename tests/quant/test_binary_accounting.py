@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import diffsqueeze.models  # noqa: F401  (import order: models before module_swaps)
@@ -87,3 +87,52 @@ def test_packed_export_restores_binary_weights_exactly(tmp_path):
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
     fp32 = sum(t.numel() * 4 for t in Toy().state_dict().values())
     assert info["bytes"] < fp32
+
+
+@pytest.mark.slow
+def test_sd15_unet_architecture_packed_size_and_ops(tmp_path):
+    """SD-1.5 UNet architecture (random weights: sizes and OPs do not depend on values), W1A4 policy.
+
+    Prints the numbers quoted in docs/binarydm.md (run with ``-m slow -s``).
+    """
+    from diffusers import UNet2DConditionModel
+
+    from diffsqueeze.quant.accounting import fp32_bytes
+    from diffsqueeze.quant.binarize_stage import (BinarizeConfig, block_groups, call_denoiser, plan_layers)
+    from diffsqueeze.quant.binary_modules import install_attention_quant
+
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).eval().requires_grad_(False)
+    kwargs = {"sample": torch.randn(1, 4, 64, 64), "timestep": torch.tensor([500]),
+              "encoder_hidden_states": torch.randn(1, 77, 768)}
+    fp_bytes = fp32_bytes(unet, tmp_path / "fp32.safetensors")
+    (tmp_path / "fp32.safetensors").unlink()
+    fp_ops = ops_count(unet, kwargs, call_denoiser)
+    order, groups = block_groups(unet, kwargs)
+    cfg = BinarizeConfig()
+    for plan in plan_layers(unet, order, groups, cfg):
+        if plan.order is None:
+            continue
+        layer = unet.get_submodule(plan.name)
+        shape = [1]
+        b = make_binary_module(layer, {"order": plan.order, "act": {"format": "int4_sym", "shape": shape,
+                                                                   "groups": 1, "n_timesteps": 1}})
+        b.weight_quant.init_from(b.weight)
+        from diffsqueeze.pipelines.module_swaps import swap_module
+
+        swap_module(unet, plan.name, b)
+    for name, m in list(unet.named_modules()):
+        if hasattr(m, "set_processor") and hasattr(m, "processor") and any(name.startswith(o + ".") for o in order):
+            install_attention_quant(m, 4, 4)
+    q_ops = ops_count(unet, kwargs, call_denoiser)
+    info = write_packed(unet, tmp_path / "packed.safetensors")
+    ratio = fp_bytes / info["bytes"]
+    saving = fp_ops["ops"] / q_ops["ops"]
+    print(f"\nSD-1.5 UNet W1A4 BinaryDM policy: FP32 {fp_bytes / 2**20:.1f} MiB, packed {info['bytes'] / 2**20:.1f} MiB "
+          f"({ratio:.1f}x); breakdown {info['breakdown_bytes']}; OPs FP32 {fp_ops['ops'] / 1e9:.2f} G, "
+          f"W1A4 {q_ops['ops'] / 1e9:.2f} G ({saving:.1f}x)")
+    assert ratio > 20 and saving > 5  # measured: 28.1x and 9.3x
