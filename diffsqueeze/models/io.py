@@ -94,8 +94,14 @@ def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32") -> t
         pipe = build_builtin(spec.split(":", 1)[1])
     else:
         folder = model_folder(spec)
-        pipe = _from_pretrained(str(folder) if folder else spec)
-        if folder is not None:
+        packed = folder is not None and _has_packed_export(folder)
+        if packed:  # quantized layers stored as packed codes (diffsqueeze.quant.export)
+            from diffsqueeze.quant.export import load_packed_pipeline
+
+            pipe, state = load_packed_pipeline(folder, _from_pretrained)
+        else:
+            pipe = _from_pretrained(str(folder) if folder else spec)
+        if folder is not None and not packed:
             state = CompressionState.load(folder)
             if state.modules:
                 restore_modules(pipe, state)
@@ -103,11 +109,21 @@ def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32") -> t
     if any(p.dtype != torch_dtype for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()):
         pipe.to(dtype=torch_dtype)
     pipe.to(device)
+    if not spec.startswith("builtin:") and model_folder(spec) is not None and _has_packed_export(model_folder(spec)):
+        from diffsqueeze.quant.export import finish_packed_load
+
+        finish_packed_load(pipe, torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, state
 
 
-def _from_pretrained(where: str) -> DiffusionPipeline:
+def _has_packed_export(folder: Path) -> bool:
+    from diffsqueeze.quant.export import has_packed_export
+
+    return has_packed_export(folder)
+
+
+def _from_pretrained(where: str, **components) -> DiffusionPipeline:
     cls, absent = DiffusionPipeline, {}
     index = Path(where) / "model_index.json"
     if index.is_file():
@@ -126,7 +142,7 @@ def _from_pretrained(where: str) -> DiffusionPipeline:
         if pickles:
             raise ModelLoadError(f"'{where}' holds pickle files ({', '.join(sorted(pickles)[:3])}); diffsqueeze reads safetensors only")
     try:
-        return cls.from_pretrained(where, use_safetensors=True, **absent)
+        return cls.from_pretrained(where, use_safetensors=True, **absent, **components)
     except Exception as exc:  # diffusers raises many types; the cause goes into the message
         raise ModelLoadError(f"cannot load pipeline from '{where}': {type(exc).__name__}: {exc}") from exc
 

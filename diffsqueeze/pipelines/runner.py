@@ -177,10 +177,16 @@ def _export(pipe, ctx: StageContext, run_dir: Path, manifest: dict) -> None:
     """Save the compressed pipeline to ``model/`` atomically."""
     tmp, final = run_dir / f".tmp-{MODEL_DIR}", run_dir / MODEL_DIR
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pipeline(pipe, tmp, ctx.state)
+    from diffsqueeze.quant.export import export_pipeline, needs_packed_export
+
+    qmap = export_pipeline(pipe, ctx.state, tmp) if needs_packed_export(ctx.state) else None
+    if qmap is None:  # no quantized layers (e.g. pruning only): plain diffusers folder + masks
+        save_pipeline(pipe, tmp, ctx.state)
     fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     manifest["model"] = ctx.recipe.model
     manifest["export"] = {"path": MODEL_DIR, "bytes": sum(f.stat().st_size for f in final.rglob("*") if f.is_file())}
+    if qmap is not None:
+        manifest["export"]["packed"] = {c: v["bytes"] for c, v in qmap["components"].items()}
     write_manifest(run_dir, manifest)
