@@ -221,8 +221,8 @@ class ActQuantizer(nn.Module):
             return 0
         if self.tctx is None or self.tctx.t is None:
             raise RuntimeError(
-                "timestep-aware activation quantizer called without a timestep: attach routing with "
-                "diffsqueeze.quant.prepare_pipeline(pipe) (load_pipeline of a run directory does it)"
+                "timestep-aware activation quantizer called without a timestep: after load_pipeline, "
+                "call diffsqueeze.quant.prepare_pipeline(pipe) to route the denoiser's timestep to its quantizers"
             )
         i = int(torch.argmin((self.group_t - self.tctx.t).abs()))
         return int(self.group_of[i])
