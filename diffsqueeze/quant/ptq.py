@@ -31,7 +31,7 @@ from diffsqueeze.pipelines.stage import register_stage
 from diffsqueeze.prune.masks import enforce_masks
 from diffsqueeze.quant.attention import is_attention, quantize_softmax
 from diffsqueeze.quant.config import PTQConfig, eight_bit_like
-from diffsqueeze.quant.formats import FPFormat, formats_for_bits, parse_format
+from diffsqueeze.quant.formats import FPFormat, formats_for_bits
 from diffsqueeze.quant.modules import QuantMixin, act_param_shape, make_quant_module, quant_layer_types
 from diffsqueeze.quant.quantizers import ActQuantizer, WeightQuantizer
 from diffsqueeze.quant.search import (
@@ -453,4 +453,4 @@ def prepare_pipeline(pipe: DiffusionPipeline) -> DiffusionPipeline:
     return pipe
 
 
-__all__ = ["PTQStage", "PTQConfig", "prepare_pipeline", "parse_format"]
+__all__ = ["PTQStage", "PTQConfig", "prepare_pipeline"]
