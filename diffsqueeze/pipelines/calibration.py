@@ -233,9 +233,17 @@ def record_calibration(
             batch_prompts = [prompts[(b * calib.batch_size + i) % len(prompts)] for i in range(n)]
             state["call"], state["batch"] = 0, b
             generator = torch.Generator(device="cpu").manual_seed(seed + b)
+            call = dict(prompt=batch_prompts, num_inference_steps=calib.num_inference_steps,
+                        guidance_scale=calib.guidance_scale, generator=generator)
             with torch.no_grad():
-                pipe(prompt=batch_prompts, num_inference_steps=calib.num_inference_steps,
-                     guidance_scale=calib.guidance_scale, generator=generator, output_type="latent")
+                try:
+                    pipe(**call, output_type="latent")
+                except ValueError as exc:
+                    # pixel-space pipelines without a latent output (builtin:fashion) reject it
+                    # before calling the denoiser; their decoded output is as cheap
+                    if "output_type" not in str(exc) or state["call"]:
+                        raise
+                    pipe(**call, output_type="pt")
             if state["call"] < calib.num_inference_steps:
                 raise CalibrationError(f"the pipeline called its denoiser {state['call']} times for "
                                        f"{calib.num_inference_steps} steps; cannot place calibration timesteps")
