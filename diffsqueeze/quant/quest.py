@@ -473,7 +473,8 @@ class QuestStage:
                 q.lsq = True  # straight-through activation gradients (and LSQ scale gradients)
             if gc:
                 student.enable_gradient_checkpointing()
-            with masked_gradients(pipe, ctx.state.masks), timestep_routing(student):
+            self._pipe = pipe
+            with timestep_routing(student):
                 if cfg.stage1.epochs and time_names:
                     summary["stage1"] = self._stage1(student, teacher, data, device, qlayers, time_names, ctx)
                 if cfg.stage2.epochs and sens_names:
@@ -546,26 +547,28 @@ class QuestStage:
         with _grid_weights(layers, cfg.learn_rounding) as alphas:
             for p in (*weights, *alphas, *scales.params):
                 p.requires_grad_(True)
-            for k in ctx.progress(range(len(data.timesteps)), "quest stage 1 (time embedding)", len(data.timesteps)):
-                batches = list(data.batches(cfg.batch_size, device, steps=[k], limit=cfg.samples))
-                targets = []
-                with torch.no_grad():
-                    for b in batches:  # teacher targets cached for this timestep's epochs
-                        store: dict = {}
-                        with _capture_outputs(teacher, names, store):
-                            out = call_denoiser(teacher, b.kwargs)
-                        targets.append((out, store))
-                groups = [{"params": weights + alphas, "lr": cfg.lr}, {"params": scales.params, "lr": cfg.act_lr}]
-                opt = torch.optim.Adam([g for g in groups if g["params"]])
-                first = last = None
-                for _ in range(cfg.epochs):
-                    for b, (t_out, t_layers) in zip(batches, targets):
-                        value = self._step(student, b, t_out, t_layers, names, opt, scales, ctx)
-                        first = value if first is None else first
-                        last = value
-                        steps += 1
-                report["timesteps"][f"{data.timesteps[k]:g}"] = {"first_loss": first, "last_loss": last}
-                del batches, targets
+            with masked_gradients(self._pipe, ctx.state.masks):  # hooks on the params that now need grads
+                for k in ctx.progress(range(len(data.timesteps)), "quest stage 1 (time embedding)",
+                                      len(data.timesteps)):
+                    batches = list(data.batches(cfg.batch_size, device, steps=[k], limit=cfg.samples))
+                    targets = []
+                    with torch.no_grad():
+                        for b in batches:  # teacher targets cached for this timestep's epochs
+                            store: dict = {}
+                            with _capture_outputs(teacher, names, store):
+                                out = call_denoiser(teacher, b.kwargs)
+                            targets.append((out, store))
+                    groups = [{"params": weights + alphas, "lr": cfg.lr}, {"params": scales.params, "lr": cfg.act_lr}]
+                    opt = torch.optim.Adam([g for g in groups if g["params"]])
+                    first = last = None
+                    for _ in range(cfg.epochs):
+                        for b, (t_out, t_layers) in zip(batches, targets):
+                            value = self._step(student, b, t_out, t_layers, names, opt, scales, ctx)
+                            first = value if first is None else first
+                            last = value
+                            steps += 1
+                    report["timesteps"][f"{data.timesteps[k]:g}"] = {"first_loss": first, "last_loss": last}
+                    del batches, targets
         wall = time.perf_counter() - t0
         report.update(steps=steps, wall_time_s=round(wall, 3),
                       s_per_epoch=round(wall / max(cfg.epochs * len(data.timesteps), 1), 4),
@@ -586,21 +589,22 @@ class QuestStage:
                 p.requires_grad_(True)
             groups = [{"params": weights, "lr": cfg.lr}, {"params": scales.params, "lr": cfg.act_lr}]
             opt = torch.optim.Adam([g for g in groups if g["params"]])
-            for _ in ctx.progress(range(cfg.epochs), "quest stage 2 (sensitive layers)", cfg.epochs):
-                t0 = time.perf_counter()
-                order = list(range(len(data.timesteps)))
-                rng.shuffle(order)
-                total, n = 0.0, 0
-                for k in order:  # one timestep's batch on the device at a time, teacher per batch
-                    for b in data.batches(cfg.batch_size, device, steps=[k], limit=cfg.samples):
-                        store: dict = {}
-                        with torch.no_grad(), _capture_outputs(teacher, names, store):
-                            t_out = call_denoiser(teacher, b.kwargs)
-                        total += self._step(student, b, t_out, store, names, opt, scales, ctx) * b.size
-                        n += b.size
-                        steps += 1
-                report["epoch_losses"].append(total / max(n, 1))
-                report["epoch_times_s"].append(round(time.perf_counter() - t0, 3))
+            with masked_gradients(self._pipe, ctx.state.masks):
+                for _ in ctx.progress(range(cfg.epochs), "quest stage 2 (sensitive layers)", cfg.epochs):
+                    t0 = time.perf_counter()
+                    order = list(range(len(data.timesteps)))
+                    rng.shuffle(order)
+                    total, n = 0.0, 0
+                    for k in order:  # one timestep's batch on the device at a time, teacher per batch
+                        for b in data.batches(cfg.batch_size, device, steps=[k], limit=cfg.samples):
+                            store: dict = {}
+                            with torch.no_grad(), _capture_outputs(teacher, names, store):
+                                t_out = call_denoiser(teacher, b.kwargs)
+                            total += self._step(student, b, t_out, store, names, opt, scales, ctx) * b.size
+                            n += b.size
+                            steps += 1
+                    report["epoch_losses"].append(total / max(n, 1))
+                    report["epoch_times_s"].append(round(time.perf_counter() - t0, 3))
         times = report["epoch_times_s"]
         report.update(steps=steps, s_per_epoch=round(sum(times) / max(len(times), 1), 4),
                       peak_memory_mb=_peak_mb(device))

@@ -159,3 +159,30 @@ def test_quest_result_reloads_identically(quest_run):
     with torch.no_grad():
         b = again.unet(**kw).sample
     assert torch.equal(a, b)
+
+
+def test_only_the_current_timestep_group_scales_move():
+    from diffsqueeze.quant.quantizers import ActQuantizer
+    from diffsqueeze.quant.quest import _GroupScales
+    from diffsqueeze.quant.timestep import TimestepContext
+
+    q = ActQuantizer("int4", (1,), groups=2, n_timesteps=2)
+    q.set_routing([900.0, 100.0], [0, 1])
+    q.tctx = TimestepContext()
+    q.lsq = True
+    scales = _GroupScales([q])
+    opt = torch.optim.Adam(scales.params, lr=0.1)
+    start = q.scale.detach().clone()
+    for t in (900.0, 100.0, 100.0):  # group 0 once (momentum), then group 1
+        q.tctx.t = t
+        loss = (q(torch.linspace(-3, 3, 64)) - torch.linspace(-3, 3, 64)).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        snap = scales.snapshot()
+        opt.step()
+        scales.restore_others(snap)
+        if t == 900.0:
+            after_g0 = q.scale.detach().clone()
+    assert not torch.equal(after_g0[0], start[0]) and torch.equal(after_g0[1], start[1])
+    assert torch.equal(q.scale[0], after_g0[0])  # Adam momentum did not move group 0 later
+    assert not torch.equal(q.scale[1], start[1])
