@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from diffsqueeze.errors import ModelLoadError
+import diffsqueeze.models  # noqa: F401  (import order: models before pipelines.module_swaps, as quant.modules does)
 from diffsqueeze.models.roles import module_components
 from diffsqueeze.pipelines.module_swaps import restore_modules, swap_module
 from diffsqueeze.pipelines.state import STATE_FILE, CompressionState
