@@ -22,6 +22,7 @@ def describe_pipeline(pipe: DiffusionPipeline, state: CompressionState, folder: 
     """
     roles = find_roles(pipe)
     out = {"pipeline": type(pipe).__name__, "components": {}}
+    plan = _kernel_plan(pipe, state)
     for name, module in module_components(pipe).items():
         role = "denoiser" if name == roles.denoiser else "text_encoder" if name in roles.text_encoders else (
             "vae" if name == roles.vae else "other")
@@ -41,6 +42,7 @@ def describe_pipeline(pipe: DiffusionPipeline, state: CompressionState, folder: 
                 if mask is not None:
                     rec["masked_sparsity"] = round(1 - int(mask.sum()) / mask.numel(), 6)
                 rec.update(state.modules.get(f"{name}/{lname}", {}))
+                rec.update(_packed_record(sub, plan.get(f"{name}/{lname}")))
                 layers[lname] = rec
         entry = {
             "role": role,
@@ -58,6 +60,28 @@ def describe_pipeline(pipe: DiffusionPipeline, state: CompressionState, folder: 
     return out
 
 
+def _kernel_plan(pipe: DiffusionPipeline, state: CompressionState) -> dict:
+    """Per layer, whether a real low-bit kernel would run it (diffsqueeze.quant.kernels)."""
+    try:
+        from diffsqueeze.quant.kernels import kernel_plan
+    except ImportError:
+        return {}
+    return kernel_plan(pipe, state, "cpu")
+
+
+def _packed_record(sub: torch.nn.Module, plan: dict | None) -> dict:
+    """Real bytes of a packed layer's storage, and real vs simulated compute."""
+    rec = {}
+    if hasattr(sub, "packed_nbytes"):
+        rec["packed_bytes"] = sub.packed_nbytes()
+        rec["storage"] = sub.packed_spec.get("summary", "packed")
+    if plan:
+        rec["compute"] = plan["compute"] + (f" ({plan['kernel']})" if plan.get("kernel") else "")
+        if plan.get("reason"):
+            rec["compute_reason"] = plan["reason"]
+    return rec
+
+
 def format_description(desc: dict, manifest: dict | None = None, layers: bool = False) -> str:
     """Human-readable table of :func:`describe_pipeline` (plus the run's stages from its manifest)."""
     lines = [f"pipeline: {desc['pipeline']}"]
@@ -68,6 +92,13 @@ def format_description(desc: dict, manifest: dict | None = None, layers: bool = 
         disk = f"{c['bytes_on_disk'] / 2**20:.2f}" if "bytes_on_disk" in c else "-"
         lines.append(f"{name:<16} {c['role']:<13} {c['parameters']:>12,} {c['bytes_in_memory'] / 2**20:>11.2f} "
                      f"{disk:>9} {c['zero_fraction']:>8.2%}")
+        computes = [r["compute"].split(" ")[0] for r in c["layers"].values() if "compute" in r]
+        if computes:
+            packed = sum(r.get("packed_bytes", 0) for r in c["layers"].values())
+            lines.append(f"{'':<16} packed layers {sum('packed_bytes' in r for r in c['layers'].values())} "
+                         f"({packed / 2**20:.3f} MiB real bytes); with use_real_kernels: {computes.count('real')} real kernel, "
+                         f"{computes.count('simulated')} simulated (--layers says which; a plain load decodes "
+                         f"every packed layer, bit-identical to the run)")
     if manifest:
         lines.append("")
         lines.append(f"run: status {manifest.get('status')}, recipe {manifest.get('recipe_hash')}")
@@ -89,6 +120,9 @@ def format_description(desc: dict, manifest: dict | None = None, layers: bool = 
             lines.append("")
             lines.append(f"[{name}] per layer")
             for lname, rec in c["layers"].items():
-                extra = " ".join(f"{k}={v}" for k, v in rec.items() if k not in ("type", "numel", "zero_fraction"))
+                extra = " ".join(f"{k}={v}" for k, v in rec.items()
+                                 if k not in ("type", "numel", "zero_fraction", "compute", "compute_reason", "act"))
+                if "compute" in rec:
+                    extra += f" | {rec['compute']}" + (f": {rec['compute_reason']}" if "compute_reason" in rec else "")
                 lines.append(f"  {lname:<60} {rec['type']:<8} {rec['numel']:>10,} zeros {rec['zero_fraction']:>7.2%} {extra}")
     return "\n".join(lines)
