@@ -54,7 +54,7 @@ from diffsqueeze.pipelines.stage import register_stage
 from diffsqueeze.prune.masks import enforce_masks, masked_gradients
 from diffsqueeze.quant.modules import QuantMixin, quant_layer_types
 from diffsqueeze.quant.quantizers import ActQuantizer, WeightQuantizer
-from diffsqueeze.quant.sensitivity import SENSITIVITY_FILE, measure_sensitivity, write_sensitivity
+from diffsqueeze.quant.sensitivity import SENSITIVITY_FILE, calibration_subset, measure_sensitivity, write_sensitivity
 from diffsqueeze.quant.timestep import attach_timestep_routing, timestep_routing
 
 log = logging.getLogger(__name__)
@@ -398,7 +398,7 @@ def denoiser_error(student: nn.Module, teacher: nn.Module, data: CalibrationData
     """Mean denoiser-output MSE of the student against the teacher over calibration samples."""
     total, n = 0.0, 0
     with timestep_routing(student):
-        for b in data.batches(batch_size, device, limit=limit):
+        for b in calibration_subset(data, limit, batch_size, device):
             ref = call_denoiser(teacher, b.kwargs).float()
             out = call_denoiser(student, b.kwargs).float()
             total += float((out - ref).pow(2).mean()) * ref.shape[0]
@@ -505,7 +505,7 @@ class QuestStage:
         if not cfg.stage1.epochs:
             return []
         if "auto" in cfg.time_layers:
-            first = next(data.batches(1, device))
+            first = next(calibration_subset(data, 1, 1, device))
             other = max(data.timesteps, key=lambda t: abs(t - first.timestep))
             if other == first.timestep:
                 other = first.timestep * 0.5 + 1.0
@@ -550,7 +550,7 @@ class QuestStage:
             with masked_gradients(self._pipe, ctx.state.masks):  # hooks on the params that now need grads
                 for k in ctx.progress(range(len(data.timesteps)), "quest stage 1 (time embedding)",
                                       len(data.timesteps)):
-                    batches = list(data.batches(cfg.batch_size, device, steps=[k], limit=cfg.samples))
+                    batches = list(calibration_subset(data, cfg.samples, cfg.batch_size, device, [k]))
                     targets = []
                     with torch.no_grad():
                         for b in batches:  # teacher targets cached for this timestep's epochs
@@ -596,7 +596,7 @@ class QuestStage:
                     rng.shuffle(order)
                     total, n = 0.0, 0
                     for k in order:  # one timestep's batch on the device at a time, teacher per batch
-                        for b in data.batches(cfg.batch_size, device, steps=[k], limit=cfg.samples):
+                        for b in calibration_subset(data, cfg.samples, cfg.batch_size, device, [k]):
                             store: dict = {}
                             with torch.no_grad(), _capture_outputs(teacher, names, store):
                                 t_out = call_denoiser(teacher, b.kwargs)

@@ -18,11 +18,11 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
-from diffsqueeze.pipelines.calibration import CalibrationData
+from diffsqueeze.pipelines.calibration import CalibBatch, CalibrationData
 from diffsqueeze.quant.modules import QuantMixin
 from diffsqueeze.quant.timestep import TimestepContext
 
@@ -41,6 +41,44 @@ def _swap(root: torch.nn.Module, name: str, new: torch.nn.Module) -> torch.nn.Mo
     old = getattr(parent, child)
     setattr(parent, child, new)
     return old
+
+
+def _cat(values: list):
+    first = values[0]
+    if torch.is_tensor(first) and first.dim() > 0:
+        return torch.cat(values)
+    if isinstance(first, dict):
+        return {k: _cat([v[k] for v in values]) for k in first}
+    return first
+
+
+def _index(value, idx: torch.Tensor, n: int, device):
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
+        return value[idx].to(device)
+    if isinstance(value, dict):
+        return {k: _index(v, idx, n, device) for k, v in value.items()}
+    return value.to(device) if torch.is_tensor(value) else value
+
+
+def calibration_subset(data: CalibrationData, samples: int, batch_size: int, device,
+                       steps: Iterable[int] | None = None) -> Iterator[CalibBatch]:
+    """Per calibration timestep, ``samples`` recorded inputs spread evenly over all recorded ones.
+
+    A recorded call holds ``[unconditional..., conditional...]`` inputs; taking the first
+    ``samples`` would pick only unconditional ones, so the subset is evenly spaced instead.
+    One timestep's recording is read (on the CPU) at a time; batches go to ``device``.
+    """
+    for k in (range(len(data.timesteps)) if steps is None else steps):
+        parts = list(data.batches(None, "cpu", steps=[k]))
+        if not parts:
+            continue
+        kwargs = _cat([b.kwargs for b in parts])
+        n = sum(b.size for b in parts)
+        m = min(samples, n)
+        idx = torch.linspace(0, n - 1, m).round().long() if m > 1 else torch.tensor([n // 2])
+        for start in range(0, m, batch_size):
+            sel = idx[start:start + batch_size]
+            yield CalibBatch(_index(kwargs, sel, n, device), parts[0].timestep, k)
 
 
 def quantized_layers(denoiser: torch.nn.Module) -> dict[str, QuantMixin]:
@@ -80,7 +118,7 @@ def measure_sensitivity(
     ref_energy, count = 0.0, 0
     tctx = TimestepContext()
     linked = [(q, q.tctx) for n in names for q in qlayers[n].act_quantizers()]
-    batches = list(data.batches(batch_size, device, limit=samples_per_timestep))
+    batches = list(calibration_subset(data, samples_per_timestep, batch_size, device))
     work: Iterable = range(len(batches))
     if progress is not None:
         work = progress(work, "sensitivity", len(batches))

@@ -55,3 +55,27 @@ def test_ranking_measures_one_layer_at_a_time(tmp_path, capsys):
     assert table.splitlines()[2].split()[-1] == rows[0]["name"]
     assert main(["inspect", str(run), "--sensitivity"]) == 0
     assert rows[0]["name"] in capsys.readouterr().out
+
+
+def test_calibration_subset_spreads_over_uncond_and_cond(tmp_path):
+    from safetensors.torch import save_file
+
+    from diffsqueeze.pipelines.calibration import CalibrationData
+    from diffsqueeze.quant.sensitivity import calibration_subset
+
+    files = []
+    for k, t in enumerate((900.0, 100.0)):
+        for j in range(2):  # two recorded calls of [uncond x2, cond x2]
+            name = f"s{k}_b{j}.safetensors"
+            ids = torch.arange(4.0) + 4 * j
+            save_file({"sample": ids.reshape(4, 1), "timestep": torch.full((4,), t),
+                       "encoder_hidden_states": ids.reshape(4, 1, 1).clone()}, str(tmp_path / name))
+            files.append({"file": name, "step": k, "step_index": k, "timestep": t, "n": 4})
+    (tmp_path / "meta.json").write_text(json.dumps({"steps": [0, 1], "timesteps": [900.0, 100.0], "files": files,
+                                                    "static": {}}), encoding="utf-8")
+    batches = list(calibration_subset(CalibrationData(tmp_path), 4, 3, "cpu"))
+    assert [b.step for b in batches] == [0, 0, 1, 1] and [b.size for b in batches] == [3, 1, 3, 1]
+    picked = torch.cat([b.kwargs["sample"] for b in batches[:2]]).flatten().tolist()
+    assert picked == [0.0, 2.0, 5.0, 7.0]  # both calls, unconditional and conditional rows
+    assert batches[0].timestep == 900.0 and torch.equal(batches[0].kwargs["encoder_hidden_states"].flatten(),
+                                                        torch.tensor([0.0, 2.0, 5.0]))
