@@ -60,8 +60,9 @@ def unpack_bits(packed: Tensor, numel: int) -> Tensor:
 
 def _layer_bits(m: nn.Module) -> tuple[int, int]:
     """(b_w, b_a) of a layer as it runs: FP32 unless quantized."""
-    if isinstance(m, BinaryMixin):
-        bw = m.weight_quant.order if m.weight_quant.enabled else FP_BITS
+    if isinstance(m, BinaryMixin):  # in-memory (weight_quant) or packed export (order from its spec)
+        wq = getattr(m, "weight_quant", None)
+        bw = m.order if wq is None or wq.enabled else FP_BITS
     elif isinstance(m, QuantMixin) and m.quant_weights and m.weight_quantizers():
         bw = max(q.fmt.bits for q in m.weight_quantizers())
     else:

@@ -76,15 +76,22 @@ def test_tiny_sd_pruned_binarized_w1a4_reloads(tmp_path):
         {"prune": {"targets": {"unet": 0.5}}},
         {"binarize": {"train": {"iters": 2, "batch_size": 2, "lr": 0.001}}},
     ])
-    pipe, state = load_with_state(str(run_dir))
+    pipe, state = load_with_state(str(run_dir))  # the exported model/ (packed by quant/export)
     unet = pipe.unet
+    from diffsqueeze.pipelines.checkpoint import read_checkpoint
+    from diffsqueeze.pipelines.manifest import read_manifest
+
+    manifest = read_manifest(run_dir)
+    ckpt_dir = run_dir / manifest["stages"][-1]["checkpoint"]
+    ckpt = load_pipeline("builtin:tiny-sd")
+    ckpt_state, _ = read_checkpoint(ckpt, ckpt_dir)
     binary = {n: m for n, m in unet.named_modules() if isinstance(m, BinaryMixin)}
-    assert binary and all(m.weight_quant.enabled for m in binary.values())
+    assert binary
     # pruned weights binarize to exactly 0; kept ones to nonzero binary values
     for name, m in binary.items():
-        mask = state.masks[f"unet/{name}.weight"]
+        mask = ckpt_state.masks[f"unet/{name}.weight"]  # the export keeps them implied in the keep bits
         wq = m.binary_weight()
-        assert m.weight_quant.masked
+        assert state.modules[f"unet/{name}"]["masked"]
         assert (wq[~mask] == 0).all() and (wq[mask] != 0).all()
         per_row = {len(set(r.tolist()) - {0.0}) for r in wq.reshape(wq.shape[0], -1)}
         assert max(per_row) <= 2 * m.order
@@ -92,25 +99,33 @@ def test_tiny_sd_pruned_binarized_w1a4_reloads(tmp_path):
     attn = [m for m in unet.modules() if isinstance(m, AttentionActQuant)]
     assert len(attn) == 8 and all(q.enabled for a in attn for q in a.quantizers())
     assert not isinstance(unet.conv_in, BinaryMixin) and not isinstance(unet.time_embedding.linear_1, BinaryMixin)
-    # the reloaded model reproduces the packed export bit for bit
     summary = state.history[-1]["summary"]
     assert summary["storage"]["packed_bytes"] == (run_dir / "packed" / "unet.safetensors").stat().st_size
     assert summary["storage"]["ratio_fp32_to_packed"] > 3
     assert summary["ops"]["saving_vs_fp32"] > 3
     assert summary["training"]["groups_switched_on_at"] == [0, 0, 0]  # 30% of 2 iters: all at once
     from diffsqueeze.models.describe import describe_pipeline, format_description
-    from diffsqueeze.pipelines.manifest import read_manifest
 
-    text = format_description(describe_pipeline(pipe, state, run_dir / "model"), read_manifest(run_dir))
+    text = format_description(describe_pipeline(pipe, state, run_dir / "model"), manifest)
     assert "unet: packed" in text and "OPs" in text  # `diffsqueeze inspect` shows the accounting
-    fresh, _ = load_with_state(str(run_dir))
-    read_packed(fresh.unet, run_dir / "packed" / "unet.safetensors")
+    # the stage's checkpoint (in-memory binary layers, latent weights), the exported model and the
+    # stage's own packed file all give the same denoiser
     kw = _unet_kwargs()
+    assert all(hasattr(m, "weight_quant") for m in ckpt.unet.modules() if isinstance(m, BinaryMixin))
+    other = load_pipeline("builtin:tiny-sd")
+    read_checkpoint(other, ckpt_dir)
     with torch.no_grad():
-        a = unet(**kw).sample
-        b = fresh.unet(**kw).sample
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for m in other.unet.modules():
+            if isinstance(m, BinaryMixin):
+                m.weight.normal_()  # forget the latent weights: read_packed must restore the binary ones
+    read_packed(other.unet, run_dir / "packed" / "unet.safetensors")
+    with torch.no_grad():
+        a = ckpt.unet(**kw).sample
+        b = unet(**kw).sample
+        c = other.unet(**kw).sample
     assert torch.isfinite(a).all()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c, a, rtol=0, atol=0)
 
 
 def test_tiny_dit_transformer_policy_w1a32_no_training(tmp_path):
