@@ -1,0 +1,326 @@
+"""Peers side by side: bitsandbytes, optimum-quanto, torchao vs diffsqueeze recipes on one model.
+
+Every method runs in its own subprocess (clean peak-RSS), generates the same images (builtin
+prompts, seeds 0..N-1, same sampler/steps/guidance) and saves them; the main process then scores
+them: FID vs real (``builtin:fashion-mnist``), FID vs FP (the FP model's own images), CLIP score
+(``builtin:fashion-clip`` if available), PSNR vs FP, plus bytes on disk, weights in memory, peak
+RSS over imports and CPU latency per image.
+
+    python scripts/bench_peers.py --model builtin:fashion --runs runs/peers --num-images 64 --steps 20 \
+        --train-ours --out docs/BENCHMARKS.md
+
+Peers quantize the denoiser the way their libraries do (weight-only): bitsandbytes replaces its
+``nn.Linear`` layers (``Linear8bitLt`` int8, ``Linear4bit`` nf4/fp4; layers its CPU kernels reject
+stay FP and are counted), optimum-quanto ``quantize(weights=qint8|qint4|qfloat8)`` + ``freeze``
+(Linear and Conv2d), torchao ``Int8WeightOnlyConfig`` (Linear). Ours are run directories of the
+shipped recipes (``configs/<name>.yaml``), reloaded packed with ``load_pipeline``; with
+``--train-ours`` missing ones are produced with ``diffsqueeze run`` (``--ours-set`` passes overrides,
+e.g. to shorten training for a smoke run). ``--gpu`` measures latency/memory on CUDA with an
+SD-1.5-architecture UNet with random weights in fp16 (no quality columns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PEERS = ["bnb-int8", "bnb-nf4", "bnb-fp4", "quanto-qint8", "quanto-qint4", "quanto-qfloat8", "torchao-int8wo"]
+OURS = {"ours-w8a8-fp8": "w8a8_fp8", "ours-w4a16-fp": "w4a16_fp", "ours-w4a4-quest": "w4a4_quest",
+        "ours-w1a4-binarydm": "w1a4_binarydm"}
+BEGIN, END = "<!-- bench_peers:begin -->", "<!-- bench_peers:end -->"
+
+
+def current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def denoiser_of(pipe):
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer")
+
+
+def apply_bnb(pipe, quant_type: str) -> dict:
+    """Swap the denoiser's Linear layers for bitsandbytes modules; layers it rejects stay FP."""
+    import bitsandbytes as bnb
+    import torch
+
+    from diffsqueeze.pipelines.module_swaps import swap_module
+
+    den = denoiser_of(pipe)
+    done = kept = 0
+    for name, m in list(den.named_modules()):
+        if type(m) is not torch.nn.Linear:
+            continue
+        w = m.weight.detach().clone()
+        if quant_type == "int8":
+            new = bnb.nn.Linear8bitLt(m.in_features, m.out_features, bias=m.bias is not None, has_fp16_weights=False,
+                                      threshold=0.0)
+            new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None, compute_dtype=torch.float32,
+                                    quant_type=quant_type)
+            new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type)
+        if m.bias is not None:
+            new.bias = torch.nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+        new = new.to(m.weight.device).eval()
+        try:
+            with torch.no_grad():
+                new(torch.zeros(2, m.in_features, device=m.weight.device))
+        except Exception:  # bitsandbytes' CPU kernels reject some shapes (in_features=32, ...)
+            kept += 1
+            continue
+        swap_module(den, name, new)
+        done += 1
+    return {"quantized_layers": done, "kept_fp_layers": kept}
+
+
+def apply_quanto(pipe, weights: str) -> dict:
+    from optimum.quanto import freeze, qfloat8, qint4, qint8, quantize
+
+    qtype = {"qint8": qint8, "qint4": qint4, "qfloat8": qfloat8}[weights]
+    den = denoiser_of(pipe)
+    quantize(den, weights=qtype)
+    freeze(den)
+    return {}
+
+
+def apply_torchao(pipe) -> dict:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(denoiser_of(pipe), Int8WeightOnlyConfig())
+    return {}
+
+
+def weights_bytes(pipe) -> int:
+    import torch
+
+    total = 0
+    for c in pipe.components.values():
+        if isinstance(c, torch.nn.Module):
+            for t in list(c.parameters()) + list(c.buffers()):
+                try:
+                    total += t.numel() * t.element_size()
+                except Exception:  # tensor subclasses without element_size
+                    total += t.numel()
+    return total
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def worker(args) -> dict:
+    """Build one method's pipeline, generate the images, save them; return its measurements."""
+    import torch
+    from safetensors.torch import save_file
+
+    import diffsqueeze.cli as cli
+    from diffsqueeze.metrics.images import to_uint8_batch
+    from diffsqueeze.models import load_pipeline
+    from diffsqueeze.models.prompts import load_prompts
+
+    cli.quiet_libraries()
+    base = current_rss_mb()
+    method = args.worker
+    info: dict = {"method": method}
+    t0 = time.perf_counter()
+    if method.startswith("ours-"):
+        run = Path(args.runs) / OURS[method]
+        pipe = load_pipeline(str(run / "model"))
+        info["bytes_on_disk"] = folder_bytes(run / "model")
+        info["denoiser_bytes_on_disk"] = folder_bytes(run / "model" / ("unet" if (run / "model" / "unet").is_dir() else "transformer"))
+    else:
+        pipe = load_pipeline(args.model)
+        if method.startswith("bnb-"):
+            info.update(apply_bnb(pipe, method.split("-", 1)[1]))
+        elif method.startswith("quanto-"):
+            info.update(apply_quanto(pipe, method.split("-", 1)[1]))
+        elif method == "torchao-int8wo":
+            info.update(apply_torchao(pipe))
+    info["load_s"] = round(time.perf_counter() - t0, 2)
+    info["weights_in_memory"] = weights_bytes(pipe)
+    info["denoiser_in_memory"] = sum(t.numel() * t.element_size() for t in
+                                     list(denoiser_of(pipe).parameters()) + list(denoiser_of(pipe).buffers()))
+    prompts = load_prompts(args.prompts)
+    images, t_gen = [], 0.0
+    for start in range(0, args.num_images, args.batch_size):
+        n = min(args.batch_size, args.num_images - start)
+        ps = [prompts[(start + i) % len(prompts)] for i in range(n)]
+        gens = [torch.Generator().manual_seed(start + i) for i in range(n)]
+        t0 = time.perf_counter()
+        out = pipe(prompt=ps, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gens,
+                   output_type="np")
+        t_gen += time.perf_counter() - t0
+        images.append(to_uint8_batch(out.images))
+    info["latency_s_per_image"] = round(t_gen / args.num_images, 4)
+    info["peak_rss_over_imports_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)
+    save_file({"images": torch.cat(images)}, str(Path(args.work) / f"{method}.safetensors"))
+    return info
+
+
+def score(args, rows: list[dict]) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from diffsqueeze.metrics.evaluate import builtin_dataset
+    from diffsqueeze.metrics.fid import compute_fid
+    from diffsqueeze.metrics.fidelity import per_image_fidelity
+    from diffsqueeze.models.prompts import load_prompts
+
+    imgs = {r["method"]: load_file(str(Path(args.work) / f"{r['method']}.safetensors"))["images"] for r in rows}
+    fp = imgs["fp"]
+    real = builtin_dataset("builtin:fashion-mnist")
+    prompts = load_prompts(args.prompts)
+    ps = [prompts[i % len(prompts)] for i in range(args.num_images)]
+    clip = None
+    try:
+        from diffsqueeze.metrics.clip_score import ClipScorer, aggregate
+
+        clip = ClipScorer.from_spec(args.clip_model)
+    except Exception as exc:  # CLIP weights not available: leave the column empty, say why
+        print(f"CLIP score skipped: {exc}", file=sys.stderr)
+    for r in rows:
+        x = imgs[r["method"]]
+        r["fid_vs_real"] = round(compute_fid(x, real, kid=False, progress=False).fid, 3)
+        r["fid_vs_fp"] = 0.0 if r["method"] == "fp" else round(compute_fid(x, fp, kid=False, progress=False).fid, 3)
+        if clip is not None:
+            r["clip_score"] = round(aggregate(clip.cosine_x100(x, ps)), 3)
+        psnr = per_image_fidelity(x, fp)["psnr"]
+        r["psnr_vs_fp"] = round(float(psnr.mean()), 2)
+        r["identical_to_fp"] = bool(torch.equal(x, fp))
+
+
+def table(args, rows: list[dict]) -> str:
+    cmd = " ".join(["python scripts/bench_peers.py"] + sys.argv[1:])
+    lines = [f"Model `{args.model}`; {args.num_images} images (builtin prompts, seeds 0..{args.num_images - 1}), "
+             f"{args.steps} steps, guidance {args.guidance}; CPU. Command: `{cmd}`.", "",
+             "| method | FID vs real | FID vs FP | CLIP score | PSNR vs FP (dB) | bytes on disk | denoiser in memory | "
+             "peak RSS over imports (MiB) | CPU s / image | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        disk = f"{r['bytes_on_disk']:,}" if "bytes_on_disk" in r else "-"
+        note = ""
+        if "kept_fp_layers" in r:
+            note = f"{r['quantized_layers']} Linear quantized, {r['kept_fp_layers']} kept FP (kernel rejects shape)"
+        lines.append(f"| {r['method']} | {r.get('fid_vs_real', '-')} | {r.get('fid_vs_fp', '-')} | {r.get('clip_score', '-')} "
+                     f"| {r.get('psnr_vs_fp', '-')} | {disk} | {r['denoiser_in_memory']:,} | {r['peak_rss_over_imports_mb']} "
+                     f"| {r['latency_s_per_image']} | {note} |")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str, title: str) -> None:
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{body}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def gpu_mode(args) -> list[dict]:
+    """Latency and memory on CUDA: SD-1.5-architecture UNet, random weights, fp16 (one denoiser call)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    rows = []
+    for method in ["fp16"] + [m for m in PEERS if m.startswith(("bnb", "quanto", "torchao"))]:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        unet = UNet2DConditionModel(cross_attention_dim=768).half().cuda().eval()
+
+        class P:  # minimal pipeline stand-in for the apply_* helpers
+            def __init__(self, u):
+                self.unet = u
+
+        try:
+            if method.startswith("bnb-"):
+                apply_bnb(P(unet), method.split("-", 1)[1])
+            elif method.startswith("quanto-"):
+                apply_quanto(P(unet), method.split("-", 1)[1])
+            elif method == "torchao-int8wo":
+                apply_torchao(P(unet))
+            x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.half)
+            enc = torch.randn(2, 77, 768, device="cuda", dtype=torch.half)
+            with torch.no_grad():
+                for _ in range(2):
+                    unet(x, 500, enc)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    unet(x, 500, enc)
+                torch.cuda.synchronize()
+            rows.append({"method": method, "ms_per_unet_call": round((time.perf_counter() - t0) / 5 * 1000, 2),
+                         "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)})
+        except Exception as exc:
+            rows.append({"method": method, "error": f"{type(exc).__name__}: {str(exc)[:100]}"})
+        del unet
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:fashion")
+    ap.add_argument("--runs", default="runs/peers", help="run directories of our recipes (<runs>/<config name>)")
+    ap.add_argument("--methods", default="all", help="comma list (fp is always measured)")
+    ap.add_argument("--num-images", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--prompts", default="builtin")
+    ap.add_argument("--clip-model", default="builtin:fashion-clip")
+    ap.add_argument("--train-ours", action="store_true", help="run missing recipes with diffsqueeze run")
+    ap.add_argument("--ours-set", action="append", default=[], help="override passed to diffsqueeze run (repeatable)")
+    ap.add_argument("--work", default=None, help="folder for generated images (default <runs>/bench-images)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--gpu", action="store_true", help="GPU latency/memory mode (SD-1.5 architecture, random fp16)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.work = args.work or str(Path(args.runs) / "bench-images")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    if args.gpu:
+        rows = gpu_mode(args)
+        print(json.dumps(rows, indent=2))
+        return 0
+    methods = ["fp"] + (PEERS + list(OURS) if args.methods == "all" else [m for m in args.methods.split(",") if m != "fp"])
+    rows = []
+    for method in methods:
+        if method in OURS and not (Path(args.runs) / OURS[method] / "model").is_dir():
+            if not args.train_ours:
+                print(f"skip {method}: no run in {Path(args.runs) / OURS[method]} (use --train-ours)", file=sys.stderr)
+                continue
+            cmd = [sys.executable, "-m", "diffsqueeze", "run", f"configs/{OURS[method]}.yaml",
+                   f"output_dir={Path(args.runs) / OURS[method]}", f"model={args.model}", "--overwrite", *args.ours_set]
+            print(" ".join(cmd), file=sys.stderr)
+            if subprocess.run(cmd, check=False).returncode:
+                print(f"skip {method}: the run failed", file=sys.stderr)
+                continue
+        res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", method], capture_output=True,
+                             text=True, check=False)
+        if res.returncode:
+            print(f"{method} failed:\n{res.stderr[-1500:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    score(args, rows)
+    body = table(args, rows)
+    print(body)
+    (Path(args.work) / "results.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    if args.out:
+        write_section(args.out, body, "Peers side by side (bench_peers)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
