@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -23,15 +22,20 @@ from pathlib import Path
 BEGIN, END = "<!-- bench_memory:begin -->", "<!-- bench_memory:end -->"
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def current_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmRSS:")
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process image (VmHWM; unlike ru_maxrss it is not inherited across fork/exec)."""
+    return _status_mb("VmHWM:")
 
 
 def measure_one(spec: str, steps: int) -> dict:
@@ -43,6 +47,11 @@ def measure_one(spec: str, steps: int) -> dict:
 
     cli.quiet_libraries()
     torch.set_num_threads(1)
+    import diffsqueeze.quant.export  # noqa: F401  (import everything a packed load imports before the baseline)
+    import diffsqueeze.quant.ptq  # noqa: F401
+    from diffsqueeze.pipelines.stage import stage_registry
+
+    stage_registry()
     base = current_rss_mb()
     t0 = time.perf_counter()
     pipe = load_pipeline(spec)
@@ -55,18 +64,56 @@ def measure_one(spec: str, steps: int) -> dict:
          output_type="np")
     gen_s = time.perf_counter() - t0
     return {"spec": spec, "rss_after_imports_mb": round(base, 1), "rss_after_load_mb": round(after_load, 1),
-            "peak_rss_mb": round(rss_mb(), 1), "peak_over_imports_mb": round(rss_mb() - base, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "peak_over_imports_mb": round(peak_rss_mb() - base, 1),
             "weights_in_memory_mb": round(weights / 2**20, 3), "load_s": round(load_s, 2), "generate_s": round(gen_s, 2)}
+
+
+def make_synthetic(folder: Path, width: int) -> list[str]:
+    """A larger model than tiny-sd, so that weight memory dominates: tiny-sd with a UNet of
+    ``block_out_channels = (width, 2 width, 2 width)`` (random weights), saved FP and with every
+    conv/linear of the UNet INT4-RTN quantized (per channel, weight-only) and exported packed."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from diffsqueeze.models import load_pipeline, save_pipeline
+    from diffsqueeze.pipelines.module_swaps import swap_module
+    from diffsqueeze.pipelines.state import CompressionState
+    from diffsqueeze.quant.export import export_pipeline
+    from diffsqueeze.quant.formats import int_qparams
+    from diffsqueeze.quant.modules import make_quant_module
+
+    torch.manual_seed(0)
+    pipe = load_pipeline("builtin:tiny-sd")
+    pipe.unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(width, 2 * width, 2 * width),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=32).eval()
+    pipe.register_modules(unet=pipe.unet)
+    save_pipeline(pipe, folder / "fp")
+    state = CompressionState()
+    for name, m in list(pipe.unet.named_modules()):
+        if type(m) in (torch.nn.Linear, torch.nn.Conv2d):
+            q = make_quant_module(m, {"weight_format": "int4"})
+            g = q.weight_quant.grouped(q.weight.detach())
+            s, z = int_qparams(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), 4, False)
+            q.weight_quant.set_params(scale=s, zero_point=z)
+            swap_module(pipe.unet, name, q)
+            state.modules[f"unet/{name}"] = {"kind": type(q).__name__, **q.config}
+    export_pipeline(pipe, state, folder / "int4")
+    return [str(folder / "fp"), str(folder / "int4")]
 
 
 def table(rows: list[dict], steps: int) -> str:
     fp = rows[0]
-    lines = [f"Load + one {steps}-step generation (1 image), CPU, one thread, each in a fresh process. "
-             f"Command: `python scripts/bench_memory.py {' '.join(r['spec'] for r in rows)} --steps {steps}`.", "",
-             "| model | weights in memory (MiB) | peak RSS (MiB) | peak RSS over imports (MiB) | vs FP | load s | generate s |",
+    lines = [f"Load + one {steps}-step generation (1 image), CPU, one thread, each in a fresh process; "
+             f"'over imports' = peak RSS minus RSS after importing torch/diffusers/diffsqueeze. "
+             f"Command: `python {' '.join(sys.argv)}`.", "",
+             "| model | weights in memory (MiB) | peak RSS (MiB) | peak RSS over imports (MiB) | vs its FP | load s | generate s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ratio = r["peak_over_imports_mb"] / fp["peak_over_imports_mb"] if fp["peak_over_imports_mb"] else float("nan")
+        ref = fp if not r["spec"].endswith("int4") else next(x for x in rows if x["spec"].endswith("fp"))
+        ratio = r["peak_over_imports_mb"] / ref["peak_over_imports_mb"] if ref["peak_over_imports_mb"] else float("nan")
         lines.append(f"| `{r['spec']}` | {r['weights_in_memory_mb']:.3f} | {r['peak_rss_mb']:.1f} | {r['peak_over_imports_mb']:.1f} "
                      f"| {ratio:.2f}x | {r['load_s']:.2f} | {r['generate_s']:.2f} |")
     return "\n".join(lines)
@@ -89,7 +136,14 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--synthetic", type=Path, default=None,
+                    help="also build (if missing) and measure a wider-UNet FP / packed-INT4 pair in this folder")
+    ap.add_argument("--width", type=int, default=128)
     args = ap.parse_args()
+    if args.synthetic is not None and not args.one:
+        if not (args.synthetic / "int4" / "model_index.json").is_file():
+            make_synthetic(args.synthetic, args.width)
+        args.specs += [str(args.synthetic / "fp"), str(args.synthetic / "int4")]
     if args.one:
         print(json.dumps(measure_one(args.specs[0], args.steps)))
         return 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -35,11 +34,20 @@ OURS = {"ours-w8a8-fp8": "w8a8_fp8", "ours-w4a16-fp": "w4a16_fp", "ours-w4a4-que
 BEGIN, END = "<!-- bench_peers:begin -->", "<!-- bench_peers:end -->"
 
 
-def current_rss_mb() -> float:
+def _status_mb(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def current_rss_mb() -> float:
+    return _status_mb("VmRSS:")
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process image (VmHWM; unlike ru_maxrss it is not inherited across fork/exec)."""
+    return _status_mb("VmHWM:")
 
 
 def denoiser_of(pipe):
@@ -98,18 +106,22 @@ def apply_torchao(pipe) -> dict:
     return {}
 
 
+def tensor_bytes(t) -> int:
+    """Real bytes of a tensor; quantized tensor subclasses (quanto, torchao) are summed over their parts."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def module_bytes(module) -> int:
+    return sum(tensor_bytes(t) for t in list(module.parameters()) + list(module.buffers()))
+
+
 def weights_bytes(pipe) -> int:
     import torch
 
-    total = 0
-    for c in pipe.components.values():
-        if isinstance(c, torch.nn.Module):
-            for t in list(c.parameters()) + list(c.buffers()):
-                try:
-                    total += t.numel() * t.element_size()
-                except Exception:  # tensor subclasses without element_size
-                    total += t.numel()
-    return total
+    return sum(module_bytes(c) for c in pipe.components.values() if isinstance(c, torch.nn.Module))
 
 
 def folder_bytes(path: Path) -> int:
@@ -146,8 +158,7 @@ def worker(args) -> dict:
             info.update(apply_torchao(pipe))
     info["load_s"] = round(time.perf_counter() - t0, 2)
     info["weights_in_memory"] = weights_bytes(pipe)
-    info["denoiser_in_memory"] = sum(t.numel() * t.element_size() for t in
-                                     list(denoiser_of(pipe).parameters()) + list(denoiser_of(pipe).buffers()))
+    info["denoiser_in_memory"] = module_bytes(denoiser_of(pipe))
     prompts = load_prompts(args.prompts)
     images, t_gen = [], 0.0
     for start in range(0, args.num_images, args.batch_size):
@@ -160,8 +171,9 @@ def worker(args) -> dict:
         t_gen += time.perf_counter() - t0
         images.append(to_uint8_batch(out.images))
     info["latency_s_per_image"] = round(t_gen / args.num_images, 4)
-    info["peak_rss_over_imports_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)
+    info["peak_rss_over_imports_mb"] = round(peak_rss_mb() - base, 1)
     save_file({"images": torch.cat(images)}, str(Path(args.work) / f"{method}.safetensors"))
+    (Path(args.work) / f"{method}.json").write_text(json.dumps(info), encoding="utf-8")
     return info
 
 
@@ -281,6 +293,7 @@ def main() -> int:
     ap.add_argument("--ours-set", action="append", default=[], help="override passed to diffsqueeze run (repeatable)")
     ap.add_argument("--work", default=None, help="folder for generated images (default <runs>/bench-images)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--reuse", action="store_true", help="reuse images/measurements of methods already in --work")
     ap.add_argument("--gpu", action="store_true", help="GPU latency/memory mode (SD-1.5 architecture, random fp16)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -306,6 +319,10 @@ def main() -> int:
             if subprocess.run(cmd, check=False).returncode:
                 print(f"skip {method}: the run failed", file=sys.stderr)
                 continue
+        done = Path(args.work) / f"{method}.json"
+        if args.reuse and done.is_file() and (Path(args.work) / f"{method}.safetensors").is_file():
+            rows.append(json.loads(done.read_text(encoding="utf-8")))
+            continue
         res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", method], capture_output=True,
                              text=True, check=False)
         if res.returncode:
