@@ -112,7 +112,9 @@ def table(rows: list[dict], steps: int) -> str:
              "| model | weights in memory (MiB) | peak RSS (MiB) | peak RSS over imports (MiB) | vs its FP | load s | generate s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ref = fp if not r["spec"].endswith("int4") else next(x for x in rows if x["spec"].endswith("fp"))
+        ref = r if r["spec"].endswith("/fp") else fp
+        if r["spec"].endswith("/int4"):
+            ref = next(x for x in rows if x["spec"].endswith("/fp"))
         ratio = r["peak_over_imports_mb"] / ref["peak_over_imports_mb"] if ref["peak_over_imports_mb"] else float("nan")
         lines.append(f"| `{r['spec']}` | {r['weights_in_memory_mb']:.3f} | {r['peak_rss_mb']:.1f} | {r['peak_over_imports_mb']:.1f} "
                      f"| {ratio:.2f}x | {r['load_s']:.2f} | {r['generate_s']:.2f} |")
