@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 
 from diffsqueeze.errors import ModelLoadError
 from diffsqueeze.models.builtin import BUILTINS, build_builtin
-from diffsqueeze.pipelines.module_swaps import reload_component_weights, restore_modules
+from diffsqueeze.pipelines.module_swaps import finalize_modules, reload_component_weights, restore_modules
 from diffsqueeze.pipelines.state import CompressionState
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32") -> t
         from diffsqueeze.quant.export import finish_packed_load
 
         finish_packed_load(pipe, torch_dtype)
+    if state.modules:
+        finalize_modules(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe, state
 

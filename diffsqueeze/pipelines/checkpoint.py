@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from diffsqueeze.errors import RunDirError
 from diffsqueeze.models.roles import module_components
 from diffsqueeze.pipelines.faults import maybe_kill
-from diffsqueeze.pipelines.module_swaps import restore_modules
+from diffsqueeze.pipelines.module_swaps import finalize_modules, restore_modules
 from diffsqueeze.pipelines.state import CompressionState
 
 COMPONENTS_FILE = "components.json"
@@ -77,6 +77,8 @@ def read_checkpoint(pipe: DiffusionPipeline, folder: Path) -> tuple[CompressionS
             sd = load_file(str(folder / f"{name}.safetensors"))
             device = next(modules[name].parameters()).device
             modules[name].load_state_dict({k: v.to(device) for k, v in sd.items()}, strict=True)
+        if state.modules:
+            finalize_modules(pipe)
         return state, set(names)
     except Exception as exc:  # any damage makes the checkpoint unusable; say which
         raise RunDirError(f"checkpoint {folder} cannot be read ({type(exc).__name__}: {exc}); "

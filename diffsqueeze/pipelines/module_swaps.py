@@ -21,6 +21,25 @@ from diffsqueeze.pipelines.state import CompressionState
 
 Rebuilder = Callable[[torch.nn.Module, dict], torch.nn.Module]
 REBUILDERS: dict[str, Rebuilder] = {}
+# Called with the whole pipeline once its swapped modules hold their weights (reload, resume):
+# for wiring that lives outside the modules, e.g. the hook that routes timesteps to quantizers.
+FINALIZERS: list[Callable[[DiffusionPipeline], object]] = []
+
+
+def register_finalizer(fn: Callable[[DiffusionPipeline], object]) -> Callable[[DiffusionPipeline], object]:
+    """Run ``fn(pipe)`` after every reload or resume of a pipeline with swapped modules (must be idempotent)."""
+    if fn not in FINALIZERS:
+        FINALIZERS.append(fn)
+    return fn
+
+
+def finalize_modules(pipe: DiffusionPipeline) -> None:
+    """Run the registered finalizers on a pipeline whose swapped modules are rebuilt and loaded."""
+    from diffsqueeze.pipelines.stage import stage_registry
+
+    stage_registry()  # importing the stages registers their finalizers
+    for fn in FINALIZERS:
+        fn(pipe)
 
 
 def register_module_kind(kind: str) -> Callable[[Rebuilder], Rebuilder]:

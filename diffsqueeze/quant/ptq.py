@@ -27,6 +27,7 @@ from diffsqueeze.errors import RecipeError
 from diffsqueeze.models.roles import find_roles, module_components
 from diffsqueeze.pipelines.calibration import CalibrationData, CalibrationError, collect_calibration
 from diffsqueeze.pipelines.context import StageContext
+from diffsqueeze.pipelines.module_swaps import register_finalizer
 from diffsqueeze.pipelines.stage import register_stage
 from diffsqueeze.prune.masks import enforce_masks
 from diffsqueeze.quant.attention import is_attention, quantize_softmax
@@ -445,6 +446,7 @@ def _swap(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     swap_module(root, name, new)
 
 
+@register_finalizer
 def prepare_pipeline(pipe: DiffusionPipeline) -> DiffusionPipeline:
     """Attach timestep routing to a pipeline with timestep-aware quantizers (after a reload)."""
     for name, module in module_components(pipe).items():
