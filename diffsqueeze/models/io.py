@@ -92,6 +92,9 @@ def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32") -> t
     state = CompressionState()
     if spec.startswith("builtin:"):
         pipe = build_builtin(spec.split(":", 1)[1])
+        for module in pipe.components.values():  # built from configs: in training mode until told
+            if isinstance(module, torch.nn.Module):
+                module.eval()
     else:
         folder = model_folder(spec)
         packed = folder is not None and _has_packed_export(folder)
