@@ -13,7 +13,6 @@ from diffusers import DiffusionPipeline
 
 from diffsqueeze.errors import ModelLoadError
 from diffsqueeze.models.builtin import BUILTINS, build_builtin
-from diffsqueeze.pipelines.module_swaps import finalize_modules, reload_component_weights, restore_modules
 from diffsqueeze.pipelines.state import CompressionState
 
 log = logging.getLogger(__name__)
@@ -87,6 +86,9 @@ def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32") -> t
     Raises:
         ModelLoadError: nothing loadable at ``spec`` or its files are damaged.
     """
+    # imported here: module_swaps needs diffsqueeze.models (roles), so a top-level import is a cycle
+    from diffsqueeze.pipelines.module_swaps import finalize_modules, reload_component_weights, restore_modules
+
     check_model_spec(spec)
     torch_dtype = parse_dtype(dtype)
     state = CompressionState()

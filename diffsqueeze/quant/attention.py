@@ -9,14 +9,15 @@ diffusers' files; the setting is stateless, so its record rebuilds it exactly.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-import diffsqueeze.models  # noqa: F401  (models imports module_swaps; importing it first avoids a cycle)
 from diffsqueeze.pipelines.module_swaps import register_module_kind
 
 
@@ -33,12 +34,21 @@ def quantize_probs(p: Tensor, bits: int) -> Tensor:
 
 def explicit_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                   is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
-                  bits: int = 8) -> Tensor:
-    """``scaled_dot_product_attention`` with quantized probabilities (eval: no dropout)."""
+                  bits: int = 8, probs_fn: Callable[[Tensor], Tensor] | None = None,
+                  qkv_fn: tuple[Callable[[Tensor], Tensor], ...] | None = None) -> Tensor:
+    """``scaled_dot_product_attention`` computed explicitly so its parts can be quantized (eval: no dropout).
+
+    Args:
+        bits: probability bits of :func:`quantize_probs`, used when ``probs_fn`` is not given.
+        probs_fn: quantizer of the softmax probabilities.
+        qkv_fn: quantizers of q, k and v (applied after grouped-query repetition).
+    """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    if qkv_fn is not None:
+        q, k, v = (fn(t) for fn, t in zip(qkv_fn, (q, k, v)))
     scores = (q @ k.transpose(-2, -1)) * scale
     if is_causal:
         n, m = scores.shape[-2:]
@@ -46,19 +56,22 @@ def explicit_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = No
         scores = scores.masked_fill(~causal, float("-inf"))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    probs = quantize_probs(scores.softmax(dim=-1), bits)
+    probs = scores.softmax(dim=-1)
+    probs = probs_fn(probs) if probs_fn is not None else quantize_probs(probs, bits)
     return probs.to(v.dtype) @ v
 
 
-class _SDPAMode(TorchFunctionMode):
-    def __init__(self, bits: int):
+class RouteSDPA(TorchFunctionMode):
+    """While active, every ``F.scaled_dot_product_attention`` call goes to ``fn`` (same arguments)."""
+
+    def __init__(self, fn: Callable[..., Tensor]):
         super().__init__()
-        self.bits = bits
+        self.fn = fn
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            return explicit_sdpa(*args, **kwargs, bits=self.bits)
+            return self.fn(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -70,7 +83,7 @@ class QuantSoftmaxProcessor:
         self.bits = bits
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        with _SDPAMode(self.bits):
+        with RouteSDPA(functools.partial(explicit_sdpa, bits=self.bits)):
             return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                               attention_mask=attention_mask, **kwargs)
 

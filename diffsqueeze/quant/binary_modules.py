@@ -27,11 +27,10 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from diffsqueeze.pipelines.module_swaps import register_module_kind
+from diffsqueeze.quant.attention import RouteSDPA, explicit_sdpa
 from diffsqueeze.quant.binary import binarize, init_scales
 from diffsqueeze.quant.modules import QuantConv2d, QuantLinear, QuantMixin
 from diffsqueeze.quant.quantizers import ActQuantizer
@@ -175,35 +174,11 @@ class AttentionActQuant(nn.Module):
     def attention(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                   is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Tensor:
         """``softmax(Q(q) Q(k)^T * scale + mask)`` quantized, times ``Q(v)`` (eval: no dropout)."""
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        if enable_gqa and k.shape[-3] != q.shape[-3]:
-            rep = q.shape[-3] // k.shape[-3]
-            k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
-        q, k, v = self.q(q), self.k(k), self.v(v)
-        scores = (q @ k.transpose(-2, -1)) * scale
-        if is_causal:
-            n, m = scores.shape[-2:]
-            causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
-            scores = scores.masked_fill(~causal, float("-inf"))
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-        probs = self.probs(scores.softmax(dim=-1))
-        return probs.to(v.dtype) @ v
+        return explicit_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                             probs_fn=self.probs, qkv_fn=(self.q, self.k, self.v))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, prob_bits={self.prob_bits}"
-
-
-class _QuantSDPA(TorchFunctionMode):
-    def __init__(self, quant: AttentionActQuant):
-        super().__init__()
-        self.quant = quant
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return self.quant.attention(*args, **kwargs)
-        return func(*args, **kwargs)
 
 
 class QKVQuantProcessor:
@@ -221,7 +196,7 @@ class QKVQuantProcessor:
         if not any(q.enabled for q in self.quant.quantizers()):
             return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                               attention_mask=attention_mask, **kwargs)
-        with _QuantSDPA(self.quant):
+        with RouteSDPA(self.quant.attention):
             return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                               attention_mask=attention_mask, **kwargs)
 
