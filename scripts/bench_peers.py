@@ -2,8 +2,8 @@
 
 Every method runs in its own subprocess (clean peak-RSS), generates the same images (builtin
 prompts, seeds 0..N-1, same sampler/steps/guidance) and saves them; the main process then scores
-them: FID vs real (``builtin:fashion-mnist``), FID vs FP (the FP model's own images), CLIP score
-(``builtin:fashion-clip`` if available), PSNR vs FP, plus bytes on disk, weights in memory, peak
+them together (``diffsqueeze.metrics.compare``): FID vs real (``builtin:fashion-mnist``), FID vs
+FP (the FP model's own images), CLIP score (``builtin:fashion-clip``), PSNR vs FP, plus bytes on disk, weights in memory, peak
 RSS over imports and CPU latency per image.
 
     python scripts/bench_peers.py --model builtin:fashion --runs runs/peers --num-images 64 --steps 20 \
@@ -31,7 +31,6 @@ from pathlib import Path
 PEERS = ["bnb-int8", "bnb-nf4", "bnb-fp4", "quanto-qint8", "quanto-qint4", "quanto-qfloat8", "torchao-int8wo"]
 OURS = {"ours-w8a8-fp8": "w8a8_fp8", "ours-w4a16-fp": "w4a16_fp", "ours-w4a4-quest": "w4a4_quest",
         "ours-w1a4-binarydm": "w1a4_binarydm"}
-BEGIN, END = "<!-- bench_peers:begin -->", "<!-- bench_peers:end -->"
 
 
 def _status_mb(key: str) -> float:
@@ -134,7 +133,7 @@ def worker(args) -> dict:
     from safetensors.torch import save_file
 
     import diffsqueeze.cli as cli
-    from diffsqueeze.metrics.images import to_uint8_batch
+    from diffsqueeze.metrics.compare import generate_bench_images
     from diffsqueeze.models import load_pipeline
     from diffsqueeze.models.prompts import load_prompts
 
@@ -159,60 +158,39 @@ def worker(args) -> dict:
     info["load_s"] = round(time.perf_counter() - t0, 2)
     info["weights_in_memory"] = weights_bytes(pipe)
     info["denoiser_in_memory"] = module_bytes(denoiser_of(pipe))
-    prompts = load_prompts(args.prompts)
-    images, t_gen = [], 0.0
-    for start in range(0, args.num_images, args.batch_size):
-        n = min(args.batch_size, args.num_images - start)
-        ps = [prompts[(start + i) % len(prompts)] for i in range(n)]
-        gens = [torch.Generator().manual_seed(start + i) for i in range(n)]
-        t0 = time.perf_counter()
-        out = pipe(prompt=ps, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gens,
-                   output_type="np")
-        t_gen += time.perf_counter() - t0
-        images.append(to_uint8_batch(out.images))
+    images, t_gen = generate_bench_images(pipe, load_prompts(args.prompts), args.num_images, args.steps, args.guidance,
+                                          args.batch_size)
     info["latency_s_per_image"] = round(t_gen / args.num_images, 4)
     info["peak_rss_over_imports_mb"] = round(peak_rss_mb() - base, 1)
-    save_file({"images": torch.cat(images)}, str(Path(args.work) / f"{method}.safetensors"))
+    save_file({"images": images.contiguous()}, str(Path(args.work) / f"{method}.safetensors"))
     (Path(args.work) / f"{method}.json").write_text(json.dumps(info), encoding="utf-8")
     return info
 
 
-def score(args, rows: list[dict]) -> None:
-    import torch
+def score(args, rows: list[dict]) -> str:
+    """Fill in the quality columns (diffsqueeze.metrics.compare); returns the provenance line."""
     from safetensors.torch import load_file
 
-    from diffsqueeze.metrics.evaluate import builtin_dataset
-    from diffsqueeze.metrics.fid import compute_fid
-    from diffsqueeze.metrics.fidelity import per_image_fidelity
+    from diffsqueeze.metrics.compare import score_image_sets
     from diffsqueeze.models.prompts import load_prompts
 
     imgs = {r["method"]: load_file(str(Path(args.work) / f"{r['method']}.safetensors"))["images"] for r in rows}
-    fp = imgs["fp"]
-    real = builtin_dataset("builtin:fashion-mnist")
-    prompts = load_prompts(args.prompts)
-    ps = [prompts[i % len(prompts)] for i in range(args.num_images)]
-    clip = None
-    try:
-        from diffsqueeze.metrics.clip_score import ClipScorer, aggregate
-
-        clip = ClipScorer.from_spec(args.clip_model)
-    except Exception as exc:  # CLIP weights not available: leave the column empty, say why
-        print(f"CLIP score skipped: {exc}", file=sys.stderr)
+    scores, prov = score_image_sets(imgs, fp="fp", prompts=load_prompts(args.prompts), clip_model=args.clip_model,
+                                    cache_dir=Path(args.work) / "feature-cache")
     for r in rows:
-        x = imgs[r["method"]]
-        r["fid_vs_real"] = round(compute_fid(x, real, kid=False, progress=False).fid, 3)
-        r["fid_vs_fp"] = 0.0 if r["method"] == "fp" else round(compute_fid(x, fp, kid=False, progress=False).fid, 3)
-        if clip is not None:
-            r["clip_score"] = round(aggregate(clip.cosine_x100(x, ps)), 3)
-        psnr = per_image_fidelity(x, fp)["psnr"]
-        r["psnr_vs_fp"] = round(float(psnr.mean()), 2)
-        r["identical_to_fp"] = bool(torch.equal(x, fp))
+        s = scores[r["method"]]
+        r.update({"fid_vs_real": round(s.fid_vs_real, 3), "fid_vs_fp": 0.0 if s.fid_vs_fp is None else round(s.fid_vs_fp, 3),
+                  "psnr_vs_fp": None if s.psnr_vs_fp is None else round(s.psnr_vs_fp, 2),
+                  "identical_to_fp": s.identical_to_fp})
+        if s.clip_score is not None:
+            r["clip_score"] = round(s.clip_score, 3)
+    return prov.text()
 
 
-def table(args, rows: list[dict]) -> str:
+def table(args, rows: list[dict], provenance: str) -> str:
     cmd = " ".join(["python scripts/bench_peers.py"] + sys.argv[1:])
-    lines = [f"Model `{args.model}`; {args.num_images} images (builtin prompts, seeds 0..{args.num_images - 1}), "
-             f"{args.steps} steps, guidance {args.guidance}; CPU. Command: `{cmd}`.", "",
+    lines = [f"Model `{args.model}`; {args.num_images} images ({args.prompts} prompts, image i: prompt i mod 10, "
+             f"seed i), DDIM {args.steps} steps, guidance {args.guidance}; CPU. {provenance}", "", f"Command: `{cmd}`", "",
              "| method | FID vs real | FID vs FP | CLIP score | PSNR vs FP (dB) | bytes on disk | denoiser in memory | "
              "peak RSS over imports (MiB) | CPU s / image | note |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -225,17 +203,6 @@ def table(args, rows: list[dict]) -> str:
                      f"| {r.get('psnr_vs_fp', '-')} | {disk} | {r['denoiser_in_memory']:,} | {r['peak_rss_over_imports_mb']} "
                      f"| {r['latency_s_per_image']} | {note} |")
     return "\n".join(lines)
-
-
-def write_section(path: Path, body: str, title: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 def gpu_mode(args) -> list[dict]:
@@ -286,8 +253,8 @@ def main() -> int:
     ap.add_argument("--num-images", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--prompts", default="builtin")
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--prompts", default="builtin:fashion")
     ap.add_argument("--clip-model", default="builtin:fashion-clip")
     ap.add_argument("--train-ours", action="store_true", help="run missing recipes with diffsqueeze run")
     ap.add_argument("--ours-set", action="append", default=[], help="override passed to diffsqueeze run (repeatable)")
@@ -330,12 +297,14 @@ def main() -> int:
             continue
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
-    score(args, rows)
-    body = table(args, rows)
+    provenance = score(args, rows)
+    body = table(args, rows, provenance)
     print(body)
     (Path(args.work) / "results.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     if args.out:
-        write_section(args.out, body, "Peers side by side (bench_peers)")
+        from diffsqueeze.metrics.compare import write_marked_section
+
+        write_marked_section(args.out, "bench_peers", body, "Peers side by side (bench_peers)")
     return 0
 
 
