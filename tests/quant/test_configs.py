@@ -56,6 +56,6 @@ def test_builtin_recipe_runs_end_to_end(name, tmp_path):
     entry = json.loads((run_dir / "manifest.json").read_text())["stages"][0]
     assert entry["status"] == "done" and entry["summary"]["quantized_layers"] > 0
     pipe = prepare_pipeline(load_pipeline(str(run_dir)))
-    out = pipe(prompt=["a cat"], num_inference_steps=4, output_type="latent",
+    out = pipe(prompt=["a photo of a bag"], num_inference_steps=4, output_type="pt",
                generator=torch.Generator().manual_seed(0)).images
     assert torch.isfinite(out).all()
