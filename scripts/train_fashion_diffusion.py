@@ -39,12 +39,27 @@ def text_encoder_from_clip(clip):
     return te.eval().requires_grad_(False)
 
 
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, constant, then (with --decay-steps) a linear cool-down to 0 at --steps.
+
+    The cool-down only touches the last steps, so a run extended from a constant-lr checkpoint
+    with ``--steps OLD+N --decay-steps N`` is the same as one that had those arguments from the
+    start; the EMA of the weights then averages over a settling model, not a noisy one.
+    """
+    lr = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.decay_steps:
+        lr *= min(1.0, max(0.0, (args.steps - step) / args.decay_steps))
+    return lr
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--decay-steps", type=int, default=0,
+                    help="decay the learning rate linearly to 0 over the last N of --steps (0: constant)")
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--p-uncond", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -104,7 +119,7 @@ def main() -> None:
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for grp in opt.param_groups:
-            grp["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            grp["lr"] = lr_at(step, args)
         loss = F.mse_loss(unet(xt, t, encoder_hidden_states=ehs).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,7 +158,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(args.out), safe_serialization=True)
     (args.out / "training.json").write_text(json.dumps({
-        "steps": step, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "ema": args.ema,
+        "steps": step, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
+        "decay_steps": args.decay_steps, "ema": args.ema,
         "p_uncond": args.p_uncond, "seed": args.seed, "threads": args.threads, "wall_time_s": round(wall, 1),
         "final_loss_ema": loss_ema, "unet_params": sum(p.numel() for p in unet.parameters()),
         "text_encoder_params": sum(p.numel() for p in text_encoder.parameters())}, indent=2))
