@@ -6,14 +6,14 @@ them together (``diffsqueeze.metrics.compare``): FID vs real (``builtin:fashion-
 FP (the FP model's own images), CLIP score (``builtin:fashion-clip``), PSNR vs FP, plus bytes on disk, weights in memory, peak
 RSS over imports and CPU latency per image.
 
-    python scripts/bench_peers.py --model builtin:fashion --runs runs/peers --num-images 64 --steps 20 \
+    python scripts/bench_peers.py --model builtin:fashion --runs runs/bench --num-images 500 \
         --train-ours --out docs/BENCHMARKS.md
 
 Peers quantize the denoiser the way their libraries do (weight-only): bitsandbytes replaces its
 ``nn.Linear`` layers (``Linear8bitLt`` int8, ``Linear4bit`` nf4/fp4; layers its CPU kernels reject
 stay FP and are counted), optimum-quanto ``quantize(weights=qint8|qint4|qfloat8)`` + ``freeze``
 (Linear and Conv2d), torchao ``Int8WeightOnlyConfig`` (Linear). Ours are run directories of the
-shipped recipes (``configs/<name>.yaml``), reloaded packed with ``load_pipeline``; with
+shipped recipes (``configs/<name>.yaml``; by default those of ``scripts/bench_recipes.py``), reloaded packed with ``load_pipeline``; with
 ``--train-ours`` missing ones are produced with ``diffsqueeze run`` (``--ours-set`` passes overrides,
 e.g. to shorten training for a smoke run). ``--gpu`` measures latency/memory on CUDA with an
 SD-1.5-architecture UNet with random weights in fp16 (no quality columns).
@@ -29,8 +29,10 @@ import time
 from pathlib import Path
 
 PEERS = ["bnb-int8", "bnb-nf4", "bnb-fp4", "quanto-qint8", "quanto-qint4", "quanto-qfloat8", "torchao-int8wo"]
-OURS = {"ours-w8a8-fp8": "w8a8_fp8", "ours-w4a16-fp": "w4a16_fp", "ours-w4a4-quest": "w4a4_quest",
-        "ours-w1a4-binarydm": "w1a4_binarydm"}
+# our methods: run directory under --runs (the names scripts/bench_recipes.py gives them, so its
+# runs are reused) and the shipped recipe that makes it
+OURS = {"ours-w8a8-fp8": ("w8a8-fp8", "w8a8_fp8"), "ours-w4a16-fp": ("w4a16-fp-learned", "w4a16_fp"),
+        "ours-w4a4-quest": ("w4a4-quest", "w4a4_quest"), "ours-w1a4-binarydm": ("w1a4-binarydm", "w1a4_binarydm")}
 
 
 def _status_mb(key: str) -> float:
@@ -143,7 +145,7 @@ def worker(args) -> dict:
     info: dict = {"method": method}
     t0 = time.perf_counter()
     if method.startswith("ours-"):
-        run = Path(args.runs) / OURS[method]
+        run = Path(args.runs) / OURS[method][0]
         pipe = load_pipeline(str(run / "model"))
         info["bytes_on_disk"] = folder_bytes(run / "model")
         info["denoiser_bytes_on_disk"] = folder_bytes(run / "model" / ("unet" if (run / "model" / "unet").is_dir() else "transformer"))
@@ -248,12 +250,12 @@ def gpu_mode(args) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:fashion")
-    ap.add_argument("--runs", default="runs/peers", help="run directories of our recipes (<runs>/<config name>)")
+    ap.add_argument("--runs", default="runs/bench", help="run directories of our recipes (as bench_recipes.py names them)")
     ap.add_argument("--methods", default="all", help="comma list (fp is always measured)")
     ap.add_argument("--num-images", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--prompts", default="builtin:fashion")
     ap.add_argument("--clip-model", default="builtin:fashion-clip")
     ap.add_argument("--train-ours", action="store_true", help="run missing recipes with diffsqueeze run")
@@ -276,12 +278,13 @@ def main() -> int:
     methods = ["fp"] + (PEERS + list(OURS) if args.methods == "all" else [m for m in args.methods.split(",") if m != "fp"])
     rows = []
     for method in methods:
-        if method in OURS and not (Path(args.runs) / OURS[method] / "model").is_dir():
+        if method in OURS and not (Path(args.runs) / OURS[method][0] / "model").is_dir():
+            run_name, config = OURS[method]
             if not args.train_ours:
-                print(f"skip {method}: no run in {Path(args.runs) / OURS[method]} (use --train-ours)", file=sys.stderr)
+                print(f"skip {method}: no run in {Path(args.runs) / run_name} (use --train-ours)", file=sys.stderr)
                 continue
-            cmd = [sys.executable, "-m", "diffsqueeze", "run", f"configs/{OURS[method]}.yaml",
-                   f"output_dir={Path(args.runs) / OURS[method]}", f"model={args.model}", "--overwrite", *args.ours_set]
+            cmd = [sys.executable, "-m", "diffsqueeze", "run", f"configs/{config}.yaml", "eval=null",
+                   f"output_dir={Path(args.runs) / run_name}", f"model={args.model}", "--overwrite", *args.ours_set]
             print(" ".join(cmd), file=sys.stderr)
             if subprocess.run(cmd, check=False).returncode:
                 print(f"skip {method}: the run failed", file=sys.stderr)

@@ -158,6 +158,20 @@ def row_facts(args, row: Row, man: dict | None) -> dict:
     return facts
 
 
+def reproducing_args(argv: list[str]) -> list[str]:
+    """The arguments that regenerate the table from scratch (``--skip-runs`` / ``--rows`` only
+    select work that is already done or not yet redone)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--rows":
+            skip = True
+        elif a != "--skip-runs" and not a.startswith("--rows="):
+            out.append(a)
+    return out
+
+
 def fmt(v, digits=2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -166,7 +180,7 @@ def table(args, name: str, rows: list[Row], scores, prov, facts, metas) -> str:
     title, _ = TABLES[name]
     fp_bytes = facts["fp"]["denoiser_bytes"]
     has_ops = any(facts[r.name]["ops"] for r in rows)
-    cmd = "python scripts/bench_recipes.py " + " ".join(a for a in sys.argv[1:])
+    cmd = "python scripts/bench_recipes.py " + " ".join(reproducing_args(sys.argv[1:]))
     head = ["| row | FID vs real | FID vs FP | CLIP score | PSNR vs FP (dB) | SSIM vs FP | denoiser on disk (MB) "
             "| x smaller than FP32 |" + (" OPs / call (M) |" if has_ops else "") + " stage time (s) | overrides |",
             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if has_ops else "") + "---:|---|"]
@@ -191,8 +205,8 @@ def main() -> int:
     ap.add_argument("--model", default="builtin:fashion")
     ap.add_argument("--runs", default="runs/bench", help="run directories and generated images")
     ap.add_argument("--num-images", type=int, default=500)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--prompts", default="builtin:fashion")
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--reference", default="builtin:fashion-mnist", help="real images for 'FID vs real'")
