@@ -58,6 +58,7 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
         Row("w4a8-int-learned", "W4A8 INT, learned rounding", "w4a8_int"),
         Row("w4a8-fp-rtn", "W4A8 FP (E2M1 / E4M3), round-to-nearest", "w4a8_fp", (NEAREST,)),
         Row("w4a8-fp-learned", "W4A8 FP (E2M1 / E4M3), learned rounding", "w4a8_fp"),
+        Row("w4a16-fp-rtn", "W4A16 FP E2M1 weight-only, round-to-nearest", "w4a16_fp", (NEAREST,)),
         Row("w4a16-fp-learned", "W4A16 FP E2M1 weight-only, learned rounding", "w4a16_fp"),
     ]),
     "quest": ("QuEST selective finetuning (`quest` stage)", [
