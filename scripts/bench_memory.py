@@ -1,6 +1,6 @@
 """Peak resident memory of "load + one generation": packed compressed models vs the FP model.
 
-Each model is measured in a fresh subprocess (peak RSS, ``ru_maxrss``, is per process), after the
+Each model is measured in a fresh subprocess (peak RSS, ``VmHWM``, is per process image), after the
 imports, so the numbers are comparable; the weights' own bytes in memory (parameters + buffers of
 every component, packed codes included) are reported beside them.
 
@@ -19,23 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-BEGIN, END = "<!-- bench_memory:begin -->", "<!-- bench_memory:end -->"
-
-
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def current_rss_mb() -> float:
-    return _status_mb("VmRSS:")
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process image (VmHWM; unlike ru_maxrss it is not inherited across fork/exec)."""
-    return _status_mb("VmHWM:")
+from diffsqueeze.metrics.process_memory import current_rss_mb, peak_rss_mb
 
 
 def measure_one(spec: str, steps: int) -> dict:
@@ -121,17 +105,6 @@ def table(rows: list[dict], steps: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Peak memory of packed models (bench_memory)\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("specs", nargs="+", help="FP model first (builtin:NAME), then run directories / model folders")
@@ -161,7 +134,9 @@ def main() -> int:
     body = table(rows, args.steps)
     print(body)
     if args.out:
-        write_section(args.out, body)
+        from diffsqueeze.metrics.compare import write_marked_section
+
+        write_marked_section(args.out, "bench_memory", body, "Peak memory of packed models (bench_memory)")
     return 0
 
 

@@ -28,27 +28,13 @@ import sys
 import time
 from pathlib import Path
 
+from diffsqueeze.metrics.process_memory import current_rss_mb, peak_rss_mb
+
 PEERS = ["bnb-int8", "bnb-nf4", "bnb-fp4", "quanto-qint8", "quanto-qint4", "quanto-qfloat8", "torchao-int8wo"]
 # our methods: run directory under --runs (the names scripts/bench_recipes.py gives them, so its
 # runs are reused) and the shipped recipe that makes it
 OURS = {"ours-w8a8-fp8": ("w8a8-fp8", "w8a8_fp8"), "ours-w4a16-fp": ("w4a16-fp-learned", "w4a16_fp"),
         "ours-w4a4-quest": ("w4a4-quest", "w4a4_quest"), "ours-w1a4-binarydm": ("w1a4-binarydm", "w1a4_binarydm")}
-
-
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def current_rss_mb() -> float:
-    return _status_mb("VmRSS:")
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process image (VmHWM; unlike ru_maxrss it is not inherited across fork/exec)."""
-    return _status_mb("VmHWM:")
 
 
 def denoiser_of(pipe):
