@@ -114,7 +114,6 @@ def run_row(args, row: Row, env: dict) -> dict | None:
 
 def images_for(args, row: Row, man: dict | None, prompts: list[str]):
     """The row's benchmark images, generated or reused from ``<runs>/images``."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from diffsqueeze.metrics.compare import generate_bench_images
@@ -135,8 +134,6 @@ def images_for(args, row: Row, man: dict | None, prompts: list[str]):
     meta = {"key": key, "gen_s_per_image": round(secs / args.num_images, 4)}
     save_file({"images": images.contiguous()}, str(img_path))
     meta_path.write_text(json.dumps(meta), encoding="utf-8")
-    del pipe
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return images, meta
 
 
@@ -177,7 +174,7 @@ def fmt(v, digits=2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def table(args, name: str, rows: list[Row], scores, prov, facts, metas) -> str:
+def table(args, name: str, rows: list[Row], scores, prov, facts) -> str:
     title, _ = TABLES[name]
     fp_bytes = facts["fp"]["denoiser_bytes"]
     has_ops = any(facts[r.name]["ops"] for r in rows)
@@ -242,6 +239,8 @@ def main() -> int:
             if r.config is not None:
                 man = manifest(run_dir(args, r)) if args.skip_runs else run_row(args, r, env)
                 if man is None:
+                    if args.skip_runs:
+                        print(f"{r.name}: no complete run in {run_dir(args, r)}; row left out", file=sys.stderr)
                     continue
             images[r.name], metas[r.name] = images_for(args, r, man, prompts)
             facts[r.name] = row_facts(args, r, man)
@@ -249,7 +248,7 @@ def main() -> int:
             print(f"{r.name}: images ready ({metas[r.name]['gen_s_per_image']} s/image)", file=sys.stderr, flush=True)
         scores, prov = score_image_sets(images, fp="fp", prompts=prompts, real_reference=args.reference,
                                         cache_dir=Path(args.runs) / "feature-cache")
-        body = table(args, name, done, scores, prov, facts, metas)
+        body = table(args, name, done, scores, prov, facts)
         print(body)
         (Path(args.runs) / f"{name}.json").write_text(json.dumps(
             {r.name: {**vars(scores[r.name]), **facts[r.name], **metas[r.name]} for r in done}, indent=2), encoding="utf-8")
