@@ -155,6 +155,13 @@ class RoundingConfig:
         beta_start / beta_end: annealing of beta after the warmup (20 -> 2).
         block_types: module classes reconstructed as one block; other quantized layers are
             reconstructed one by one.
+        balance_timesteps: weigh each calibration timestep's reconstruction loss by the inverse
+            of the unit's round-to-nearest loss at that timestep (capped at ``balance_cap``
+            times the mean), so that the sum cannot fall by giving up the timesteps where the
+            error is small but costly (high noise). Off: the plain BRECQ sum.
+        balance_cap: largest timestep weight relative to an even weighting.
+        keep_better: after hard rounding, keep round-to-nearest for a unit whose (balanced)
+            calibration loss the learned rounding did not lower.
     """
 
     method: Literal["nearest", "adaround"] = "nearest"
@@ -166,8 +173,13 @@ class RoundingConfig:
     beta_start: float = 20.0
     beta_end: float = 2.0
     block_types: tuple[str, ...] = DEFAULT_BLOCK_TYPES
+    balance_timesteps: bool = True
+    balance_cap: float = 100.0
+    keep_better: bool = True
 
     def __post_init__(self) -> None:
+        if self.balance_cap < 1.0:
+            raise RecipeError("balance_cap", f"must be >= 1, got {self.balance_cap}")
         for name in ("iters", "batch_size"):
             if getattr(self, name) < 1:
                 raise RecipeError(name, f"must be >= 1, got {getattr(self, name)}")

@@ -10,8 +10,11 @@ order; for each unit only its own data is held:
 * targets: the FP teacher's unit outputs on the same calibration inputs.
 
 Loss: mean over the batch of the summed squared output error, plus
-``lambda * sum(1 - |2 h(V) - 1|^beta)`` after the warmup (beta annealed 20 -> 2). At the end
-rounding is hardened (``h = 1[V >= 0]``) and the on-grid weight is written into the layer.
+``lambda * sum(1 - |2 h(V) - 1|^beta)`` after the warmup (beta annealed 20 -> 2). By default
+each calibration timestep's error is weighted by the inverse of the unit's round-to-nearest
+error there (``rounding.balance_timesteps``; see ``_adaround``). At the end rounding is hardened
+(``h = 1[V >= 0]``) and the on-grid weight is written into the layer, unless the hard rounding
+did not lower the unit's calibration loss below round-to-nearest (``rounding.keep_better``).
 """
 
 from __future__ import annotations
@@ -206,47 +209,113 @@ def _run(module, args, kwargs):
     return module(*args, **kwargs)
 
 
+def loss_per_timestep(module, inputs, targets, batches, tctx) -> dict[float, float]:
+    """The unit's mean reconstruction loss at each calibration timestep, over all captured batches."""
+    sums: dict[float, float] = {}
+    counts: dict[float, int] = {}
+    with torch.no_grad():
+        for i, (args, kwargs) in enumerate(inputs):
+            tctx.t = batches[i].timestep
+            t = float(batches[i].timestep)
+            sums[t] = sums.get(t, 0.0) + float(output_loss(_run(module, args, kwargs), targets[i]))
+            counts[t] = counts.get(t, 0) + 1
+    return {t: sums[t] / counts[t] for t in sums}
+
+
+def timestep_weights(reference: dict[float, float], cap: float) -> dict[float, float]:
+    """``w_t = mean(ref) / max(ref_t, mean(ref) / cap)``: each timestep counts by its relative error.
+
+    With these weights the weighted reference loss still averages to ``mean(ref)``, so the
+    regulariser's lambda keeps its meaning; a timestep whose reference loss is (near) zero gets
+    at most ``cap`` times the even weight.
+    """
+    mean = sum(reference.values()) / max(len(reference), 1)
+    if mean <= 0:
+        return {t: 1.0 for t in reference}
+    return {t: mean / max(v, mean / cap) for t, v in reference.items()}
+
+
+def weighted_mean(losses: dict[float, float], weights: dict[float, float]) -> float:
+    return sum(weights[t] * v for t, v in losses.items()) / max(len(losses), 1)
+
+
 def _adaround(module, layers, inputs, targets, batches, tctx, rcfg, gen, desc) -> dict:
+    """AdaRound of one unit; returns its losses and which rounding was kept.
+
+    Why the timestep balance: one unit sees all calibration timesteps, and the plain sum of
+    squared errors is dominated by the timesteps where the unit's outputs (and errors) are large.
+    Measured on builtin:fashion with FP4 weights, the plain sum let AdaRound lower the total
+    while the time-embedding error at t=999 rose from 6e-4 to 0.9; the denoiser's error at
+    the high-noise steps, which the sampler amplifies most, went up and PSNR vs FP fell from
+    21.7 to 11.5 dB. Weighting each timestep by the inverse of its round-to-nearest loss makes
+    the objective the mean relative error, which cannot be bought that way.
+    """
     parts = [(lay, q, sl) for lay in layers if lay.quant_weights for q, sl in lay.weight_parts()]
     act_state = [(lay, lay.quant_acts) for lay in layers]
-    for lay, q, sl in parts:
-        q.init_rounding(lay.weight[:, sl])
-    params = [q.alpha for _, q, _ in parts]
-    opt = torch.optim.Adam(params, lr=rcfg.lr)
-    first = last = None
+    originals = {id(lay): lay.weight.detach().clone() for lay in layers
+                 if lay.quant_weights and lay.weight_quantizers()}
+    report: dict = {}
     try:
         for lay in layers:
             lay.quant_acts = False  # weights first (Q-Diffusion), activations afterwards
-        with torch.enable_grad():
-            bar = tqdm(range(rcfg.iters), desc=desc, leave=False, dynamic_ncols=True)
-            for it in bar:
-                i = gen.randrange(len(inputs))
-                args, kwargs, target = _minibatch(inputs, targets, batches, i, rcfg.batch_size, gen)
-                tctx.t = batches[i].timestep
-                rec = output_loss(_run(module, args, kwargs), target)
-                beta, on = beta_at(it, rcfg.iters, rcfg)
-                reg = sum(rounding_regularizer(q.alpha, beta) for _, q, _ in parts) if on else rec.new_zeros(())
-                loss = rec + rcfg.reg_weight * reg
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                value = float(rec.detach())
-                first = value if first is None else first
-                last = value
-                if it % 10 == 0:
-                    bar.set_postfix(rec=f"{value:.4g}", reg=f"{float(reg.detach()):.4g}", beta=f"{beta:.1f}")
-                maybe_kill("tick")
+        rtn = loss_per_timestep(module, inputs, targets, batches, tctx)
+        weights = timestep_weights(rtn, rcfg.balance_cap) if rcfg.balance_timesteps else {t: 1.0 for t in rtn}
+        for lay, q, sl in parts:
+            q.init_rounding(lay.weight[:, sl])
+        report.update(_optimize_rounding(module, parts, inputs, targets, batches, tctx, rcfg, gen, desc, weights))
+        with torch.no_grad():
+            for lay in layers:
+                if id(lay) not in originals:
+                    continue
+                lay.weight.copy_(_on_grid(lay, lay.weight, lambda q, w: q.finalize_rounding(w)))
+        learned = loss_per_timestep(module, inputs, targets, batches, tctx)
+        rtn_loss, learned_loss = weighted_mean(rtn, weights), weighted_mean(learned, weights)
+        kept = "adaround"
+        if rcfg.keep_better and learned_loss >= rtn_loss:
+            kept = "nearest"  # the learned rounding did not help this unit: back to round-to-nearest
+            with torch.no_grad():
+                for lay in layers:
+                    if id(lay) in originals:
+                        lay.weight.copy_(_on_grid(lay, originals[id(lay)], lambda q, w: q.quantize_rtn(w)))
+        report.update({"nearest_loss": rtn_loss, "learned_loss": learned_loss, "kept": kept})
     finally:
         for lay, flag in act_state:
             lay.quant_acts = flag
-    with torch.no_grad():
-        for lay in layers:
-            if not lay.quant_weights or not lay.weight_quantizers():
-                continue
-            w = lay.weight
-            new = torch.cat([q.finalize_rounding(w[:, sl]) for q, sl in lay.weight_parts()], dim=1) \
-                if lay.split else lay.weight_parts()[0][0].finalize_rounding(w)
-            w.copy_(new)
+        for _, q, _ in parts:
+            q.alpha = None
+    return report
+
+
+def _on_grid(lay, w, rounding):
+    """``rounding(quantizer, part)`` over the layer's weight parts (split layers have two)."""
+    if lay.split:
+        return torch.cat([rounding(q, w[:, sl]) for q, sl in lay.weight_parts()], dim=1)
+    return rounding(lay.weight_parts()[0][0], w)
+
+
+def _optimize_rounding(module, parts, inputs, targets, batches, tctx, rcfg, gen, desc, weights) -> dict:
+    params = [q.alpha for _, q, _ in parts]
+    opt = torch.optim.Adam(params, lr=rcfg.lr)
+    first = last = None
+    with torch.enable_grad():
+        bar = tqdm(range(rcfg.iters), desc=desc, leave=False, dynamic_ncols=True)
+        for it in bar:
+            i = gen.randrange(len(inputs))
+            args, kwargs, target = _minibatch(inputs, targets, batches, i, rcfg.batch_size, gen)
+            tctx.t = batches[i].timestep
+            rec = output_loss(_run(module, args, kwargs), target) * weights[float(batches[i].timestep)]
+            beta, on = beta_at(it, rcfg.iters, rcfg)
+            reg = sum(rounding_regularizer(q.alpha, beta) for _, q, _ in parts) if on else rec.new_zeros(())
+            loss = rec + rcfg.reg_weight * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = float(rec.detach())
+            first = value if first is None else first
+            last = value
+            if it % 10 == 0:
+                bar.set_postfix(rec=f"{value:.4g}", reg=f"{float(reg.detach()):.4g}", beta=f"{beta:.1f}")
+            maybe_kill("tick")
     return {"first_rec_loss": first, "last_rec_loss": last}
 
 
@@ -288,4 +357,4 @@ def _lsq(module, layers, inputs, targets, batches, tctx, cfg, gen, desc) -> dict
     return {"first_loss": first, "last_loss": last}
 
 
-__all__ = ["reconstruct", "reconstruction_units", "beta_at", "output_loss"]
+__all__ = ["reconstruct", "reconstruction_units", "beta_at", "output_loss", "loss_per_timestep", "timestep_weights"]

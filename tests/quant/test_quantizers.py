@@ -291,3 +291,53 @@ def test_adaround_beats_round_to_nearest_on_layer_output(fmt):
     with torch.no_grad():
         learned = float(output_loss(q(x), target))
     assert learned < rtn
+
+
+def test_timestep_weights_balance_relative_error_and_cap():
+    """Each timestep counts by its relative error; the weighted reference keeps its mean."""
+    from diffsqueeze.quant.reconstruct import timestep_weights, weighted_mean
+
+    ref = {999.0: 1.0, 499.0: 3.0, 99.0: 8.0}
+    w = timestep_weights(ref, cap=100.0)
+    mean = 4.0
+    assert w == pytest.approx({t: mean / v for t, v in ref.items()})
+    assert weighted_mean(ref, w) == pytest.approx(mean)
+    # a timestep with (near) zero reference error gets at most cap times the even weight
+    w0 = timestep_weights({999.0: 0.0, 99.0: 2.0}, cap=10.0)
+    assert w0[999.0] == pytest.approx(10.0) and w0[99.0] == pytest.approx(0.5)
+    assert timestep_weights({1.0: 0.0}, cap=10.0) == {1.0: 1.0}
+
+
+def test_adaround_keeps_round_to_nearest_when_learning_does_not_help(monkeypatch):
+    """A unit whose hard learned rounding is worse than RTN on the calibration data keeps RTN."""
+    import random
+    from types import SimpleNamespace
+
+    import diffsqueeze.quant.reconstruct as rec
+
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(16, 8)
+    q = make_quant_module(lin, {"weight_format": "int4"})
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        target = F.linear(x, lin.weight, lin.bias)
+        rtn_weight = q.weight_quant.quantize_rtn(q.weight.detach()).clone()
+
+    def round_everything_up(module, parts, *args, **kwargs):  # a deliberately bad "learned" rounding
+        for _, wq, _ in parts:
+            wq.alpha.data.fill_(10.0)
+        return {}
+
+    monkeypatch.setattr(rec, "_optimize_rounding", round_everything_up)
+    cfg = RoundingConfig(iters=1, batch_size=64)
+    out = rec._adaround(q, [q], [((x,), {})], [target], [SimpleNamespace(timestep=0.0)], TimestepContext(), cfg,
+                        random.Random(0), "t")
+    assert out["kept"] == "nearest" and out["learned_loss"] > out["nearest_loss"]
+    torch.testing.assert_close(q.weight.detach(), rtn_weight, rtol=0, atol=0)
+    assert q.weight_quant.alpha is None
+    # with the guard off the bad rounding stays
+    q2 = make_quant_module(torch.nn.Linear(16, 8), {"weight_format": "int4"})
+    cfg_off = RoundingConfig(iters=1, batch_size=64, keep_better=False)
+    out2 = rec._adaround(q2, [q2], [((x,), {})], [target], [SimpleNamespace(timestep=0.0)], TimestepContext(),
+                         cfg_off, random.Random(0), "t")
+    assert out2["kept"] == "adaround"
