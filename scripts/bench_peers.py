@@ -32,9 +32,11 @@ from diffsqueeze.metrics.process_memory import current_rss_mb, peak_rss_mb
 
 PEERS = ["bnb-int8", "bnb-nf4", "bnb-fp4", "quanto-qint8", "quanto-qint4", "quanto-qfloat8", "torchao-int8wo"]
 # our methods: run directory under --runs (the names scripts/bench_recipes.py gives them, so its
-# runs are reused) and the shipped recipe that makes it
-OURS = {"ours-w8a8-fp8": ("w8a8-fp8", "w8a8_fp8"), "ours-w4a16-fp": ("w4a16-fp-learned", "w4a16_fp"),
-        "ours-w4a4-quest": ("w4a4-quest", "w4a4_quest"), "ours-w1a4-binarydm": ("w1a4-binarydm", "w1a4_binarydm")}
+# runs are reused), the shipped recipe that makes it and the overrides of that row
+OURS = {"ours-w8a8-fp8": ("w8a8-fp8", "w8a8_fp8", ()),
+        "ours-w8a16-fp8": ("w8a16-fp8", "w8a8_fp8", ("stages.0.ptq.activations=null",)),
+        "ours-w4a16-fp": ("w4a16-fp-learned", "w4a16_fp", ()),
+        "ours-w4a4-quest": ("w4a4-quest", "w4a4_quest", ()), "ours-w1a4-binarydm": ("w1a4-binarydm", "w1a4_binarydm", ())}
 
 
 def denoiser_of(pipe):
@@ -175,21 +177,34 @@ def score(args, rows: list[dict]) -> str:
     return prov.text()
 
 
+WHAT = {"fp": "-", "bnb-int8": "Linear weights, int8 (`Linear8bitLt`)", "bnb-nf4": "Linear weights, nf4 (`Linear4bit`)",
+        "bnb-fp4": "Linear weights, fp4 (`Linear4bit`)", "quanto-qint8": "Linear + Conv2d weights, int8",
+        "quanto-qint4": "Linear + Conv2d weights, int4", "quanto-qfloat8": "Linear + Conv2d weights, float8",
+        "torchao-int8wo": "Linear weights, int8", "ours-w8a8-fp8": "conv + linear, W8A8 FP8 E4M3",
+        "ours-w8a16-fp8": "conv + linear weights, FP8 E4M3", "ours-w4a16-fp": "conv + linear weights, FP4 E2M1, learned rounding",
+        "ours-w4a4-quest": "conv + linear, W4A4 INT + QuEST", "ours-w1a4-binarydm": "conv + linear, W1A4 BinaryDM"}
+
+
+def _num(value, digits: int = 2) -> str:
+    return "-" if value is None or value == "-" else f"{value:.{digits}f}"
+
+
 def table(args, rows: list[dict], provenance: str) -> str:
     cmd = " ".join(["python scripts/bench_peers.py"] + sys.argv[1:])
     lines = [f"Model `{args.model}`; {args.num_images} images ({args.prompts} prompts, image i: prompt i mod 10, "
              f"seed i), DDIM {args.steps} steps, guidance {args.guidance}; CPU. {provenance}", "", f"Command: `{cmd}`", "",
-             "| method | FID vs real | FID vs FP | CLIP score | PSNR vs FP (dB) | bytes on disk | denoiser in memory | "
-             "peak RSS over imports (MiB) | CPU s / image | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| method | what is quantized | FID vs real | FID vs FP | CLIP score | PSNR vs FP (dB) | bytes on disk "
+             "| denoiser in memory | peak RSS over imports (MiB) | CPU s / image | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         disk = f"{r['bytes_on_disk']:,}" if "bytes_on_disk" in r else "-"
         note = ""
         if "kept_fp_layers" in r:
-            note = f"{r['quantized_layers']} Linear quantized, {r['kept_fp_layers']} kept FP (kernel rejects shape)"
-        lines.append(f"| {r['method']} | {r.get('fid_vs_real', '-')} | {r.get('fid_vs_fp', '-')} | {r.get('clip_score', '-')} "
-                     f"| {r.get('psnr_vs_fp', '-')} | {disk} | {r['denoiser_in_memory']:,} | {r['peak_rss_over_imports_mb']} "
-                     f"| {r['latency_s_per_image']} | {note} |")
+            note = f"{r['quantized_layers']} Linear quantized, {r['kept_fp_layers']} kept FP (CPU kernel rejects shape)"
+        fid_fp = "(ref)" if r["method"] == "fp" else _num(r.get("fid_vs_fp"))
+        lines.append(f"| {r['method']} | {WHAT.get(r['method'], '')} | {_num(r.get('fid_vs_real'))} | {fid_fp} "
+                     f"| {_num(r.get('clip_score'))} | {_num(r.get('psnr_vs_fp'))} | {disk} | {r['denoiser_in_memory']:,} "
+                     f"| {_num(r['peak_rss_over_imports_mb'], 1)} | {_num(r['latency_s_per_image'], 3)} | {note} |")
     return "\n".join(lines)
 
 
@@ -265,12 +280,13 @@ def main() -> int:
     rows = []
     for method in methods:
         if method in OURS and not (Path(args.runs) / OURS[method][0] / "model").is_dir():
-            run_name, config = OURS[method]
+            run_name, config, overrides = OURS[method]
             if not args.train_ours:
                 print(f"skip {method}: no run in {Path(args.runs) / run_name} (use --train-ours)", file=sys.stderr)
                 continue
             cmd = [sys.executable, "-m", "diffsqueeze", "run", f"configs/{config}.yaml", "eval=null",
-                   f"output_dir={Path(args.runs) / run_name}", f"model={args.model}", "--overwrite", *args.ours_set]
+                   f"output_dir={Path(args.runs) / run_name}", f"model={args.model}", "--overwrite", *overrides,
+                   *args.ours_set]
             print(" ".join(cmd), file=sys.stderr)
             if subprocess.run(cmd, check=False).returncode:
                 print(f"skip {method}: the run failed", file=sys.stderr)
