@@ -361,7 +361,7 @@ class PTQStage:
 
             def hook(module, args):
                 x = args[0].detach()
-                if sample_only:  # a few rows (with CFG: unconditional and conditional) per timestep
+                if sample_only:  # two rows spread over the batch, per chosen timestep
                     idx = torch.linspace(0, x.shape[0] - 1, min(OUTPUT_SEARCH_ROWS_PER_STEP, x.shape[0]))
                     rows = x[idx.round().long().unique()].clone()
                     store[name] = rows if name not in store else torch.cat([store[name], rows])
