@@ -31,12 +31,17 @@ from pathlib import Path
 from diffsqueeze.metrics.process_memory import current_rss_mb, peak_rss_mb
 
 PEERS = ["bnb-int8", "bnb-nf4", "bnb-fp4", "quanto-qint8", "quanto-qint4", "quanto-qfloat8", "torchao-int8wo"]
-# our methods: run directory under --runs (the names scripts/bench_recipes.py gives them, so its
-# runs are reused), the shipped recipe that makes it and the overrides of that row
-OURS = {"ours-w8a8-fp8": ("w8a8-fp8", "w8a8_fp8", ()),
-        "ours-w8a16-fp8": ("w8a16-fp8", "w8a8_fp8", ("stages.0.ptq.activations=null",)),
-        "ours-w4a16-fp": ("w4a16-fp-learned", "w4a16_fp", ()),
-        "ours-w4a4-quest": ("w4a4-quest", "w4a4_quest", ()), "ours-w1a4-binarydm": ("w1a4-binarydm", "w1a4_binarydm", ())}
+# our methods: the rows of scripts/bench_recipes.py they are (run directory <runs>/<row>, shipped
+# recipe and overrides all come from that row, so its runs are reused and --train-ours makes the same)
+OURS = {"ours-w8a8-fp8": "w8a8-fp8", "ours-w8a16-fp8": "w8a16-fp8", "ours-w4a16-fp": "w4a16-fp-learned",
+        "ours-w4a4-quest": "w4a4-quest", "ours-w1a4-binarydm": "w1a4-binarydm"}
+
+
+def bench_row(method: str):
+    """The ``bench_recipes.Row`` behind one of our methods."""
+    from bench_recipes import TABLES  # this script's folder is on sys.path when it runs
+
+    return next(r for _, rows in TABLES.values() for r in rows if r.name == OURS[method])
 
 
 def denoiser_of(pipe):
@@ -133,7 +138,7 @@ def worker(args) -> dict:
     info: dict = {"method": method}
     t0 = time.perf_counter()
     if method.startswith("ours-"):
-        run = Path(args.runs) / OURS[method][0]
+        run = Path(args.runs) / OURS[method]
         pipe = load_pipeline(str(run / "model"))
         info["bytes_on_disk"] = folder_bytes(run / "model")
         info["denoiser_bytes_on_disk"] = folder_bytes(run / "model" / ("unet" if (run / "model" / "unet").is_dir() else "transformer"))
@@ -279,13 +284,13 @@ def main() -> int:
     methods = ["fp"] + (PEERS + list(OURS) if args.methods == "all" else [m for m in args.methods.split(",") if m != "fp"])
     rows = []
     for method in methods:
-        if method in OURS and not (Path(args.runs) / OURS[method][0] / "model").is_dir():
-            run_name, config, overrides = OURS[method]
+        if method in OURS and not (Path(args.runs) / OURS[method] / "model").is_dir():
+            row = bench_row(method)
             if not args.train_ours:
-                print(f"skip {method}: no run in {Path(args.runs) / run_name} (use --train-ours)", file=sys.stderr)
+                print(f"skip {method}: no run in {Path(args.runs) / row.name} (use --train-ours)", file=sys.stderr)
                 continue
-            cmd = [sys.executable, "-m", "diffsqueeze", "run", f"configs/{config}.yaml", "eval=null",
-                   f"output_dir={Path(args.runs) / run_name}", f"model={args.model}", "--overwrite", *overrides,
+            cmd = [sys.executable, "-m", "diffsqueeze", "run", f"configs/{row.config}.yaml", "eval=null",
+                   f"output_dir={Path(args.runs) / row.name}", f"model={args.model}", "--overwrite", *row.overrides,
                    *args.ours_set]
             print(" ".join(cmd), file=sys.stderr)
             if subprocess.run(cmd, check=False).returncode:
