@@ -14,7 +14,8 @@
    training images, the floor at that sample size.
 5. A per-class sample grid PNG.
 
-    python scripts/eval_fashion.py --n-per-class 100 --steps 25 --guidance 4 --threads 2
+    python scripts/eval_fashion.py --n-per-class 100 --steps 10 --guidance 2 --batch 100 --threads 1 \
+        --ref test --real-baseline 1000
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_row: int =
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-per-class", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--steps", type=int, default=10)  # the pipeline's default sampler
+    ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
