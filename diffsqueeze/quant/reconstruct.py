@@ -244,11 +244,14 @@ def _adaround(module, layers, inputs, targets, batches, tctx, rcfg, gen, desc) -
 
     Why the timestep balance: one unit sees all calibration timesteps, and the plain sum of
     squared errors is dominated by the timesteps where the unit's outputs (and errors) are large.
-    Measured on builtin:fashion with FP4 weights, the plain sum let AdaRound lower the total
-    while the time-embedding error at t=999 rose from 6e-4 to 0.9; the denoiser's error at
-    the high-noise steps, which the sampler amplifies most, went up and PSNR vs FP fell from
-    21.7 to 11.5 dB. Weighting each timestep by the inverse of its round-to-nearest loss makes
-    the objective the mean relative error, which cannot be bought that way.
+    Measured on builtin:fashion with FP4 weights (``configs/w4a16_fp.yaml`` with both switches
+    off; the manifest's ``per_timestep`` losses show it), the plain sum lets AdaRound lower the
+    total by raising the error at the high-noise steps, which the sampler amplifies most
+    (``down_blocks.0.resnets.0``: t=999 69.1 -> 78.2 while t=199 55.0 -> 50.4); in the release
+    before this fix PSNR vs FP fell to 11.5 dB against 21.4 for round-to-nearest
+    (docs/quantization.md, step 6). Weighting each timestep by the inverse of its
+    round-to-nearest loss makes the objective the mean relative error, which cannot be bought
+    that way.
     """
     parts = [(lay, q, sl) for lay in layers if lay.quant_weights for q, sl in lay.weight_parts()]
     act_state = [(lay, lay.quant_acts) for lay in layers]
@@ -277,7 +280,8 @@ def _adaround(module, layers, inputs, targets, batches, tctx, rcfg, gen, desc) -
                 for lay in layers:
                     if id(lay) in originals:
                         lay.weight.copy_(_on_grid(lay, originals[id(lay)], lambda q, w: q.quantize_rtn(w)))
-        report.update({"nearest_loss": rtn_loss, "learned_loss": learned_loss, "kept": kept})
+        report.update({"nearest_loss": rtn_loss, "learned_loss": learned_loss, "kept": kept,
+                       "per_timestep": {f"{t:g}": {"nearest": rtn[t], "learned": learned[t]} for t in rtn}})
     finally:
         for lay, flag in act_state:
             lay.quant_acts = flag

@@ -252,6 +252,7 @@ BAD = [
     (lambda: ActQuantConfig(bits=8, format="int4"), ["format", "4 bits"]),
     (lambda: ActQuantConfig(timestep_groups=0), ["timestep_groups"]),
     (lambda: PTQConfig(softmax_bits=1), ["softmax_bits"]),
+    (lambda: RoundingConfig(balance_cap=0.5), ["balance_cap", "must be >= 1"]),
 ]
 
 
@@ -333,6 +334,7 @@ def test_adaround_keeps_round_to_nearest_when_learning_does_not_help(monkeypatch
     out = rec._adaround(q, [q], [((x,), {})], [target], [SimpleNamespace(timestep=0.0)], TimestepContext(), cfg,
                         random.Random(0), "t")
     assert out["kept"] == "nearest" and out["learned_loss"] > out["nearest_loss"]
+    assert out["per_timestep"]["0"]["learned"] > out["per_timestep"]["0"]["nearest"]
     torch.testing.assert_close(q.weight.detach(), rtn_weight, rtol=0, atol=0)
     assert q.weight_quant.alpha is None
     # with the guard off the bad rounding stays
