@@ -6,7 +6,8 @@ every argument of the calls at steps ``range(0, n_steps, n_steps // n_t)[:n_t]``
 classifier-free guidance the pipeline's batched call carries conditional and unconditional
 inputs, both recorded). Each recorded call is one safetensors file in the run directory;
 :class:`CalibrationData` streams them back in batches, one file at a time, so the data never
-sits in (GPU) memory as a whole. A finished recording is reused (``meta.json`` is written last).
+sits in (GPU) memory as a whole (training that mixes timesteps in every batch holds it in host
+memory instead: :meth:`CalibrationData.shuffled_batches`). A finished recording is reused (``meta.json`` is written last).
 """
 
 from __future__ import annotations
@@ -145,6 +146,35 @@ class CalibrationData:
                 part = {name: t[start:stop].to(device) for name, t in tensors.items()}
                 yield CalibBatch(_unflatten(part, self.static), entry["timestep"], k)
             seen[k] = seen.get(k, 0) + n
+
+
+    def shuffled_batches(self, batch_size: int, device: torch.device | str = "cpu",
+                         seed: int = 0) -> Iterator[dict[str, Any]]:
+        """Endless kwargs batches mixing every calibration timestep, reshuffled each epoch.
+
+        Training on :meth:`batches` would see one timestep for several steps in a row (files
+        come in sampling order) and drift toward it; here every batch draws rows from the whole
+        recording. The recording is held in host memory for this (its size on disk: the
+        calibration config sets it); batches go to ``device`` one at a time.
+        """
+        parts = [load_file(str(self.folder / entry["file"])) for entry in self.files]
+        names = set(parts[0])
+        for entry, part in zip(self.files, parts):
+            if set(part) != names:
+                raise CalibrationError(f"calibration file {entry['file']} records arguments {sorted(part)}, "
+                                       f"the first one {sorted(names)}: cannot mix them in one batch")
+        try:
+            pool = {name: torch.cat([part[name] for part in parts]) for name in names}
+        except RuntimeError as exc:
+            raise CalibrationError(f"calibration inputs differ in shape between timesteps ({exc}); "
+                                   f"they cannot be mixed in one batch") from None
+        total = next(iter(pool.values())).shape[0]
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            order = torch.randperm(total, generator=gen)
+            for start in range(0, total - batch_size + 1 if total >= batch_size else 1, batch_size):
+                idx = order[start:start + batch_size]
+                yield _unflatten({name: t[idx].to(device) for name, t in pool.items()}, self.static)
 
 
 def calibration_key(model: str, calib: Any, seed: int) -> str:

@@ -18,7 +18,8 @@ Steps (each explicit):
 5. LRM projections fitted once on the teacher's block outputs;
 6. training (AdamW, cosine): progressive initialization switches binarization on group by group,
    innermost first, over the first ``progressive_fraction`` of the iterations; activation
-   quantizers get their LSQ initialization ``s = 2 mean|x| / sqrt(Qp)`` and switch on after that.
+   quantizers get their LSQ initialization ``s = 2 mean|x| / sqrt(Qp)`` (from one batch of every
+   calibration timestep) and switch on after that. Distillation batches mix the timesteps.
    Loss: distillation (MSE to the teacher's output on calibration inputs, data-free) or the
    diffusion loss on a dataset, plus ``lrm.weight * L_LRM``;
 7. records for reload, pruning masks re-enforced, accounting (packed size, OPs) in the summary.
@@ -124,6 +125,8 @@ class BinaryTrainConfig:
         schedule: ``cosine`` or ``constant``.
         grad_clip: gradient-norm clipping (0 = off).
         cfg_dropout: ``dataset`` mode: fraction of empty prompts (classifier-free guidance).
+        shuffle: ``distill`` mode: every batch mixes calibration timesteps, reshuffled each
+            epoch (False: stream the recording in sampling order, one timestep at a time).
     """
 
     mode: Literal["distill", "dataset"] = "distill"
@@ -136,6 +139,7 @@ class BinaryTrainConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 1.0
     cfg_dropout: float = 0.1
+    shuffle: bool = True
 
     def __post_init__(self) -> None:
         if self.iters < 0:
@@ -354,7 +358,7 @@ class BinarizeStage:
         for m in binary.values():
             m.weight_quant.enabled = True
         if cfg.activations is not None and not training.get("activations_initialized"):
-            self._init_act_scales(denoiser, [first])
+            self._init_act_scales(denoiser, act_init_batches(data, cfg.train.batch_size, device))
         for q in act_quantizers_of(denoiser):
             q.enabled = True
         denoiser.requires_grad_(False)
@@ -513,7 +517,7 @@ class BinarizeStage:
                                 m.weight_quant.enabled = True
                     kwargs, target = next(batches)
                     if acts_on_at is not None and it == acts_on_at:
-                        self._init_act_scales(denoiser, [_Batch(kwargs)])
+                        self._init_act_scales(denoiser, act_init_batches(data, tc.batch_size, device))
                         for q in act_quantizers_of(denoiser):
                             q.enabled = True
                         acts_initialized = True
@@ -560,7 +564,10 @@ class BinarizeStage:
 
     def _batches(self, pipe, denoiser, data: CalibrationData, device, ctx) -> Iterator[tuple[dict, torch.Tensor | None]]:
         tc = self.config.train
-        if tc.mode == "distill":
+        if tc.mode == "distill" and tc.shuffle:
+            for kwargs in data.shuffled_batches(tc.batch_size, device, seed=ctx.seed):
+                yield kwargs, None
+        elif tc.mode == "distill":
             while True:
                 for b in data.batches(tc.batch_size, device):
                     yield b.kwargs, None
@@ -600,9 +607,10 @@ def _first_sample(obj):
     return obj
 
 
-class _Batch:
-    def __init__(self, kwargs: dict):
-        self.kwargs = kwargs
+def act_init_batches(data: CalibrationData, batch_size: int, device) -> list:
+    """One batch from every calibration timestep, so that a per-tensor LSQ scale is initialized
+    on the whole trajectory's activation range, not on whichever timestep is current."""
+    return [next(data.batches(batch_size, device, steps=[k])) for k in range(len(data.steps))]
 
 
 def dataset_batches(pipe, denoiser, tc: BinaryTrainConfig, device, seed: int) -> Iterator[tuple[dict, torch.Tensor]]:

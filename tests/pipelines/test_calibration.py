@@ -60,6 +60,29 @@ def test_streams_in_batches_limits_and_reuses(recorded, tiny_sd):
     assert again.files == data.files
 
 
+def test_shuffled_batches_mix_timesteps_and_cover_each_epoch(recorded):
+    data, _, _ = recorded
+    stream = data.shuffled_batches(batch_size=4, seed=3)
+    epoch = [next(stream) for _ in range(3)]  # 12 samples: one epoch
+    assert all(b["sample"].shape[0] == 4 for b in epoch)
+    assert any(len(set(b["timestep"].tolist())) > 1 for b in epoch)  # timesteps mixed in a batch
+    # every recorded input exactly once per epoch (cond and uncond share their latents: compare
+    # latents, text embeddings and timestep together)
+    def rows(kwargs_list):
+        return torch.cat([torch.cat([k["sample"].flatten(1), k["encoder_hidden_states"].flatten(1),
+                                     k["timestep"].float()[:, None]], 1) for k in kwargs_list])
+
+    recorded_rows = rows([b.kwargs for b in data.batches()])
+    drawn = rows(epoch)
+    match = (drawn[:, None, :] == recorded_rows[None, :, :]).all(-1)
+    assert torch.equal(match.sum(1), torch.ones(12, dtype=torch.long))
+    assert torch.equal(match.sum(0), torch.ones(12, dtype=torch.long))
+    # same seed, same order; the static arguments come along
+    again = next(data.shuffled_batches(batch_size=4, seed=3))
+    assert torch.equal(again["sample"], epoch[0]["sample"])
+    assert set(epoch[0]) >= {"sample", "timestep", "encoder_hidden_states"}
+
+
 def test_denoiser_replay_matches_recorded_call(recorded, tiny_sd):
     data, _, _ = recorded
     b = next(data.batches())

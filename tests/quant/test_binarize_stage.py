@@ -175,3 +175,16 @@ def test_progressive_schedule_innermost_first():
     steps, on = progressive_schedule(1000, 0.3, 3)
     assert steps == 300 and on == {0: 0, 1: 100, 2: 200}
     assert progressive_schedule(1000, 0.0, 3) == (0, {0: 0, 1: 0, 2: 0})  # progressive off: all at once
+
+
+def test_activation_init_sees_every_calibration_timestep(tiny_sd, tmp_path):
+    from diffsqueeze.pipelines.calibration import record_calibration
+    from diffsqueeze.quant.binarize_stage import act_init_batches
+    from diffsqueeze.recipe import CalibrationConfig
+
+    calib = CalibrationConfig(num_samples=2, timesteps=3, num_inference_steps=3, batch_size=2, guidance_scale=1.0)
+    data = record_calibration(tiny_sd, calib, tmp_path / "calib", seed=0)
+    batches = act_init_batches(data, 2, torch.device("cpu"))
+    assert [b.step for b in batches] == [0, 1, 2]
+    assert [b.timestep for b in batches] == data.timesteps
+    assert all(torch.all(b.kwargs["timestep"] == b.timestep) for b in batches)
