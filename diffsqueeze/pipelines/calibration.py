@@ -7,7 +7,8 @@ classifier-free guidance the pipeline's batched call carries conditional and unc
 inputs, both recorded). Each recorded call is one safetensors file in the run directory;
 :class:`CalibrationData` streams them back in batches, one file at a time, so the data never
 sits in (GPU) memory as a whole (training that mixes timesteps in every batch holds it in host
-memory instead: :meth:`CalibrationData.shuffled_batches`). A finished recording is reused (``meta.json`` is written last).
+memory instead: :meth:`CalibrationData.shuffled_batches`). A finished recording is reused
+(``meta.json`` is written last).
 """
 
 from __future__ import annotations
@@ -147,7 +148,6 @@ class CalibrationData:
                 yield CalibBatch(_unflatten(part, self.static), entry["timestep"], k)
             seen[k] = seen.get(k, 0) + n
 
-
     def shuffled_batches(self, batch_size: int, device: torch.device | str = "cpu",
                          seed: int = 0) -> Iterator[dict[str, Any]]:
         """Endless kwargs batches mixing every calibration timestep, reshuffled each epoch.
@@ -155,7 +155,9 @@ class CalibrationData:
         Training on :meth:`batches` would see one timestep for several steps in a row (files
         come in sampling order) and drift toward it; here every batch draws rows from the whole
         recording. The recording is held in host memory for this (its size on disk: the
-        calibration config sets it); batches go to ``device`` one at a time.
+        calibration config sets it); batches go to ``device`` one at a time. Every batch is full:
+        an epoch's last ``total % batch_size`` rows wait for the next permutation (a recording
+        smaller than ``batch_size`` comes whole).
         """
         parts = [load_file(str(self.folder / entry["file"])) for entry in self.files]
         names = set(parts[0])
@@ -172,7 +174,7 @@ class CalibrationData:
         gen = torch.Generator().manual_seed(seed)
         while True:
             order = torch.randperm(total, generator=gen)
-            for start in range(0, total - batch_size + 1 if total >= batch_size else 1, batch_size):
+            for start in range(0, max(total - batch_size, 0) + 1, batch_size):
                 idx = order[start:start + batch_size]
                 yield _unflatten({name: t[idx].to(device) for name, t in pool.items()}, self.static)
 
