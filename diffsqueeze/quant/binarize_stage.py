@@ -50,6 +50,7 @@ from diffsqueeze.pipelines.stage import register_stage
 from diffsqueeze.prune.masks import enforce_masks, masked_gradients
 from diffsqueeze.quant.accounting import activation_bits_summary, fp32_bytes, ops_count, write_packed
 from diffsqueeze.quant.binary_modules import (
+    AttentionActQuant,
     BinaryMixin,
     act_quantizers_of,
     install_attention_quant,
@@ -435,8 +436,13 @@ class BinarizeStage:
 
     @torch.no_grad()
     def _init_act_scales(self, denoiser: nn.Module, batches: list) -> None:
-        """LSQ init ``s = 2 mean|x| / sqrt(Qp)`` from the inputs each quantizer sees (quantizers off)."""
+        """LSQ init ``s = 2 mean|x| / sqrt(Qp)`` from the inputs each quantizer sees (quantizers off).
+
+        Attention quantizers are set to observe, so the quantized SDPA runs and their hooks fire
+        although they are disabled (the processor otherwise bypasses them).
+        """
         quantizers = act_quantizers_of(denoiser)
+        attn = [m for m in denoiser.modules() if isinstance(m, AttentionActQuant)]
         sums: dict[int, list] = {}
         handles = []
 
@@ -456,6 +462,8 @@ class BinarizeStage:
 
         states = [(q, q.enabled) for q in quantizers]
         try:
+            for m in attn:
+                m.observe = True
             for q in quantizers:
                 q.enabled = False
                 handles.append(q.register_forward_pre_hook(hook_for(q)))
@@ -464,15 +472,19 @@ class BinarizeStage:
         finally:
             for h in handles:
                 h.remove()
+            for m in attn:
+                m.observe = False
             for q, e in states:
                 q.enabled = e
+        missing = sum(1 for q in quantizers if id(q) not in sums)
+        if missing:  # layers the denoiser never calls on these inputs: their scale stays 1
+            log.warning("%d of %d activation quantizers saw no input during LSQ initialization", missing, len(quantizers))
         for q in quantizers:
             if id(q) not in sums:
-                continue  # never called on these inputs: keeps scale 1
+                continue
             n, total = sums[id(q)]
-            mean_abs = total / n
             _, qp = int_code_range(q.fmt.bits, q.fmt.symmetric)
-            scale = (2.0 * mean_abs / math.sqrt(qp)).clamp(min=1e-8)
+            scale = (2.0 * (total / n) / math.sqrt(qp)).clamp(min=1e-8)
             q.set_params(0, scale.reshape(q.param_shape))
 
     # ---- training ----------------------------------------------------------------------------

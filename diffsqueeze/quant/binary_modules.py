@@ -167,6 +167,9 @@ class AttentionActQuant(nn.Module):
         self.probs = ActQuantizer(f"int{prob_bits}")  # unsigned, zero point stays 0
         for q in self.quantizers():
             q.lsq = True
+        # set while scales are initialized: the quantized SDPA runs (so the quantizers see their
+        # inputs) even though every quantizer is disabled and passes its input through
+        self.observe = False
 
     def quantizers(self) -> list[ActQuantizer]:
         return [self.q, self.k, self.probs, self.v]
@@ -185,7 +188,8 @@ class QKVQuantProcessor:
     """Wraps an attention processor: its SDPA runs with :class:`AttentionActQuant` quantizers.
 
     The quantizers live on the attention module (``binarydm_act_quant``), so they are in its
-    ``state_dict``; when every quantizer is disabled the wrapped processor runs unchanged.
+    ``state_dict``; when every quantizer is disabled (and none observes) the wrapped processor
+    runs unchanged.
     """
 
     def __init__(self, inner, quant: AttentionActQuant):
@@ -193,7 +197,7 @@ class QKVQuantProcessor:
         self.quant = quant
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        if not any(q.enabled for q in self.quant.quantizers()):
+        if not self.quant.observe and not any(q.enabled for q in self.quant.quantizers()):
             return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                               attention_mask=attention_mask, **kwargs)
         with RouteSDPA(self.quant.attention):

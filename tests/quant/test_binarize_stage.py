@@ -188,3 +188,64 @@ def test_activation_init_sees_every_calibration_timestep(tiny_sd, tmp_path):
     assert [b.step for b in batches] == [0, 1, 2]
     assert [b.timestep for b in batches] == data.timesteps
     assert all(torch.all(b.kwargs["timestep"] == b.timestep) for b in batches)
+
+
+def test_activation_init_covers_attention_quantizers(tiny_sd):
+    """Every LSQ scale, attention q/k/v included, starts from the inputs it sees (float64 reference);
+    a softmax row averages 1 / n_keys, so the probabilities' scale is 2 / (n_keys sqrt(15)). (Attention
+    quantizers once kept scale 1: the wrapped processor bypassed them while they were disabled.)"""
+    import copy
+    import math
+    import types
+
+    import torch.nn.functional as F
+
+    from diffsqueeze.quant.attention import RouteSDPA
+    from diffsqueeze.quant.binary_modules import act_quantizers_of
+
+    unet = copy.deepcopy(tiny_sd.unet)
+    cfg = BinarizeConfig()
+    blocks, groups = block_groups(unet, _unet_kwargs())
+    stage = BinarizeStage(cfg)
+    ctx = types.SimpleNamespace(state=types.SimpleNamespace(masks={}, modules={}))
+    stage._swap(unet, "unet", plan_layers(unet, blocks, groups, cfg), ctx)
+    attn = stage._attention(unet, "unet", blocks, ctx)
+    assert len(attn) == 8
+    qs = act_quantizers_of(unet)
+    for q in qs:
+        q.enabled = False
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for t in (900, 100):
+        kw = _unet_kwargs()
+        kw["sample"], kw["timestep"] = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([t, t])
+        kw["encoder_hidden_states"] = torch.randn(2, 7, 32, generator=g)
+        batches.append(types.SimpleNamespace(kwargs=kw))
+
+    # reference: mean |q|, |k|, |v| of each attention's SDPA call, recorded on the plain processors
+    seen: dict[str, list] = {}
+    current = {}
+    hooks = [unet.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: current.update(name=n))
+             for n in attn]
+
+    def record(q, k, v, *args, **kwargs):
+        seen.setdefault(current["name"], []).append([t.detach().double().abs().mean() for t in (q, k, v)] + [torch.tensor(k.shape[-2], dtype=torch.float64)])
+        return F.scaled_dot_product_attention(q, k, v, *args, **kwargs)
+
+    with torch.no_grad(), RouteSDPA(record):
+        for b in batches:
+            unet(**b.kwargs)
+    for h in hooks:
+        h.remove()
+    assert set(seen) == set(attn)
+
+    stage._init_act_scales(unet, batches)
+    assert all(not q.enabled for q in qs)  # the init leaves the switches as it found them
+    for q in qs:
+        assert float(q.scale.detach()) != 1.0
+    for name, quant in attn.items():
+        ref = torch.stack([torch.stack(r) for r in seen[name]]).mean(0)
+        for i, part in enumerate((quant.q, quant.k, quant.v)):
+            expected = 2 * ref[i] / math.sqrt(7)
+            assert float(part.scale.detach()) == pytest.approx(float(expected), rel=1e-5)
+        assert float(quant.probs.scale.detach()) == pytest.approx(2 / (float(ref[3]) * math.sqrt(15)), rel=1e-5)
