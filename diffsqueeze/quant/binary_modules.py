@@ -188,8 +188,8 @@ class QKVQuantProcessor:
     """Wraps an attention processor: its SDPA runs with :class:`AttentionActQuant` quantizers.
 
     The quantizers live on the attention module (``binarydm_act_quant``), so they are in its
-    ``state_dict``; when every quantizer is disabled (and none observes) the wrapped processor
-    runs unchanged.
+    ``state_dict``; when every quantizer is disabled and the module is not observing (scale
+    initialization) the wrapped processor runs unchanged.
     """
 
     def __init__(self, inner, quant: AttentionActQuant):
