@@ -8,22 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
+from diffsqueeze.console import (
+    quiet_libraries,  # scripts call it as cli.quiet_libraries too
+)
 from diffsqueeze.errors import DiffsqueezeError
 
 log = logging.getLogger("diffsqueeze")
-# diffusers imports bitsandbytes, which warns about optional CPU kernels on every start
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-
-def quiet_libraries() -> None:
-    """diffusers/transformers chatter (deprecations, load bars) drowns the tool's own output."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -39,15 +29,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from diffsqueeze.models import load_with_state
-    from diffsqueeze.models.describe import describe_pipeline, format_description
+    from diffsqueeze.describe import describe_pipeline, format_description
+    from diffsqueeze.loading import load_with_state
     from diffsqueeze.models.io import model_folder
     from diffsqueeze.pipelines.manifest import read_manifest
 
     quiet_libraries()
     path = Path(args.path)
     if getattr(args, "sensitivity", False):
-        from diffsqueeze.quant.sensitivity import format_sensitivity, sensitivity_for_run
+        from diffsqueeze.describe import sensitivity_for_run
+        from diffsqueeze.quant.quest.sensitivity import format_sensitivity
 
         report = sensitivity_for_run(path)
         print(json.dumps(report, indent=2) if args.json else format_sensitivity(report))

@@ -1,4 +1,6 @@
-"""Errors that diffsqueeze raises for bad input; the CLI prints them without a traceback."""
+"""The one exception hierarchy: every error diffsqueeze raises for bad input or damaged files derives
+from :class:`DiffsqueezeError`, which the CLI prints as one line without a traceback. Errors that
+mean a missing file also derive from ``FileNotFoundError``."""
 
 
 class DiffsqueezeError(Exception):

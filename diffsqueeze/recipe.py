@@ -17,7 +17,7 @@ import yaml
 from diffsqueeze.config_parse import build_dataclass, join_path, to_plain
 from diffsqueeze.errors import DiffsqueezeError, ModelLoadError, RecipeError
 from diffsqueeze.metrics.config import EvalConfig
-from diffsqueeze.pipelines.stage import stage_registry
+from diffsqueeze.stages import STAGES
 
 RECIPE_KEYS = ("model", "output_dir", "seed", "device", "dtype", "calibration", "stages", "eval")
 
@@ -124,7 +124,7 @@ def parse_stages(data: Any) -> tuple[StageSpec, ...]:
         return ()
     if not isinstance(data, list):
         raise RecipeError("stages", f"expected a list of {{stage_name: config}} items, got {type(data).__name__}")
-    registry = stage_registry()
+    registry = STAGES
     specs = []
     for i, item in enumerate(data):
         path = f"stages[{i}]"
@@ -152,7 +152,9 @@ def recipe_from_dict(data: Any) -> Recipe:
 
 
 def _check_recipe(recipe: Recipe) -> None:
-    from diffsqueeze.models import check_model_spec  # heavy import, only once a recipe parses
+    from diffsqueeze.models import (
+        check_model_spec,  # heavy import, only once a recipe parses
+    )
 
     try:
         check_model_spec(recipe.model)

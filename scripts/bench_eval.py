@@ -66,8 +66,8 @@ def bench_features(extractor, images: torch.Tensor, device: str, batch: int) -> 
 
 
 def cpu_mode(args) -> list[dict]:
-    from diffsqueeze.metrics.evaluate import load_feature_net, tiny_feature_net
-    from diffsqueeze.models import load_pipeline
+    from diffsqueeze.loading import load_pipeline
+    from diffsqueeze.metrics.feature_nets import load_feature_net, tiny_feature_net
     from diffsqueeze.models.builtin import BUILTINS
 
     models = args.models or ["builtin:tiny-sd", "builtin:tiny-dit"] + (["builtin:fashion"] if "fashion" in BUILTINS else [])
@@ -86,7 +86,12 @@ def cpu_mode(args) -> list[dict]:
 
 def sd15_random_pipeline(device: str = "cuda", dtype: torch.dtype = torch.float16):
     """Stable Diffusion 1.5 architecture, random weights, built directly on ``device``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffsqueeze.models.tokenizer import build_char_tokenizer
@@ -121,7 +126,8 @@ def gpu_mode(args) -> list[dict]:
     if not torch.cuda.is_available():
         print("gpu mode: no CUDA device here; nothing to do", file=sys.stderr)
         return []
-    from diffsqueeze.metrics.evaluate import EvalJob, load_feature_net, run_eval_job
+    from diffsqueeze.metrics.evaluate import EvalJob, run_eval_job
+    from diffsqueeze.metrics.feature_nets import load_feature_net
 
     results = [{"what": "device", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}]
     print(json.dumps(results[-1]), flush=True)

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffsqueeze.metrics.process_memory import current_rss_mb, peak_rss_mb
+from diffsqueeze.process_memory import current_rss_mb, peak_rss_mb
 
 
 def measure_one(spec: str, steps: int) -> dict:
@@ -27,15 +27,11 @@ def measure_one(spec: str, steps: int) -> dict:
     import torch
 
     import diffsqueeze.cli as cli
-    from diffsqueeze.models import load_pipeline
+    from diffsqueeze.loading import load_pipeline
 
     cli.quiet_libraries()
     torch.set_num_threads(1)
-    import diffsqueeze.quant.export  # noqa: F401  (import everything a packed load imports before the baseline)
-    import diffsqueeze.quant.ptq  # noqa: F401
-    from diffsqueeze.pipelines.stage import stage_registry
-
-    stage_registry()
+    import diffsqueeze.stages  # noqa: F401  (import everything a packed load imports before the baseline)
     base = current_rss_mb()
     t0 = time.perf_counter()
     pipe = load_pipeline(spec)
@@ -59,12 +55,13 @@ def make_synthetic(folder: Path, width: int) -> list[str]:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from diffsqueeze.models import load_pipeline, save_pipeline
-    from diffsqueeze.pipelines.module_swaps import swap_module
-    from diffsqueeze.pipelines.state import CompressionState
-    from diffsqueeze.quant.export import export_pipeline
-    from diffsqueeze.quant.formats import int_qparams
-    from diffsqueeze.quant.modules import make_quant_module
+    from diffsqueeze.loading import load_pipeline
+    from diffsqueeze.models import save_pipeline
+    from diffsqueeze.models.state import CompressionState
+    from diffsqueeze.quant.export.save import export_pipeline
+    from diffsqueeze.quant.nn.layers import make_quant_module
+    from diffsqueeze.quant.nn.swaps import swap_module
+    from diffsqueeze.quant.primitives.formats import int_qparams
 
     torch.manual_seed(0)
     pipe = load_pipeline("builtin:tiny-sd")

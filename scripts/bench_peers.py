@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffsqueeze.metrics.process_memory import current_rss_mb, peak_rss_mb
+from diffsqueeze.process_memory import current_rss_mb, peak_rss_mb
 
 PEERS = ["bnb-int8", "bnb-nf4", "bnb-fp4", "quanto-qint8", "quanto-qint4", "quanto-qfloat8", "torchao-int8wo"]
 # our methods: the rows of scripts/bench_recipes.py they are (run directory <runs>/<row>, shipped
@@ -53,7 +53,7 @@ def apply_bnb(pipe, quant_type: str) -> dict:
     import bitsandbytes as bnb
     import torch
 
-    from diffsqueeze.pipelines.module_swaps import swap_module
+    from diffsqueeze.quant.nn.swaps import swap_module
 
     den = denoiser_of(pipe)
     done = kept = 0
@@ -128,8 +128,8 @@ def worker(args) -> dict:
     from safetensors.torch import save_file
 
     import diffsqueeze.cli as cli
+    from diffsqueeze.loading import load_pipeline
     from diffsqueeze.metrics.compare import generate_bench_images
-    from diffsqueeze.models import load_pipeline
     from diffsqueeze.models.prompts import load_prompts
 
     cli.quiet_libraries()

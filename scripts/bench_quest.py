@@ -77,9 +77,13 @@ def fast_quantize(unet, timesteps: list[float], groups: int) -> int:
     The real ``ptq`` stage's scale searches dominate the bench on a CPU and do not change what
     the ``quest`` stage costs per epoch (same modules, same FLOPs); ``--ptq stage`` runs it.
     """
-    from diffsqueeze.pipelines.module_swaps import swap_module
-    from diffsqueeze.quant.modules import act_param_shape, make_quant_module, quant_layer_types
-    from diffsqueeze.quant.timestep import attach_timestep_routing, group_assignment
+    from diffsqueeze.quant.nn.layers import (
+        act_param_shape,
+        make_quant_module,
+        quant_layer_types,
+    )
+    from diffsqueeze.quant.nn.routing import attach_timestep_routing, group_assignment
+    from diffsqueeze.quant.nn.swaps import swap_module
 
     group_of = group_assignment(len(timesteps), groups)
     names = [n for n, m in unet.named_modules() if isinstance(m, quant_layer_types())]
@@ -106,12 +110,12 @@ def peak_rss_mb() -> float:
 
 
 def run(args) -> dict:
-    from diffsqueeze.models import load_pipeline
+    from diffsqueeze.loading import load_pipeline
+    from diffsqueeze.models.state import CompressionState
     from diffsqueeze.pipelines.calibration import CALIB_DIR, calibration_key
     from diffsqueeze.pipelines.context import StageContext
-    from diffsqueeze.pipelines.state import CompressionState
-    from diffsqueeze.quant.ptq import PTQStage
-    from diffsqueeze.quant.quest import QuestStage
+    from diffsqueeze.quant.ptq.stage import PTQStage
+    from diffsqueeze.quant.quest.stage import QuestStage
     from diffsqueeze.recipe import recipe_from_dict
 
     device = torch.device(args.device)

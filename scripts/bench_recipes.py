@@ -120,8 +120,8 @@ def images_for(args, row: Row, man: dict | None, prompts: list[str]):
     """The row's benchmark images, generated or reused from ``<runs>/images``."""
     from safetensors.torch import load_file, save_file
 
+    from diffsqueeze.loading import load_pipeline
     from diffsqueeze.metrics.compare import generate_bench_images
-    from diffsqueeze.models import load_pipeline
 
     key = {"recipe_hash": man["recipe_hash"] if man else None, "model": args.model, "num_images": args.num_images,
            "steps": args.steps, "guidance": args.guidance, "prompts": args.prompts}
@@ -144,7 +144,7 @@ def images_for(args, row: Row, man: dict | None, prompts: list[str]):
 def row_facts(args, row: Row, man: dict | None) -> dict:
     """Denoiser bytes on disk, stage wall time and (BinaryDM) OPs, from the run's manifest and files."""
     if row.config is None:
-        from diffsqueeze.models import load_pipeline
+        from diffsqueeze.loading import load_pipeline
 
         pipe = load_pipeline(args.model)
         den = getattr(pipe, "unet", None) or pipe.transformer

@@ -30,9 +30,20 @@ import numpy as np
 import torch
 
 from diffsqueeze.models.fashion import build_fashion_clip, build_fashion_pipeline
-from diffsqueeze.models.fashion.clip import WEIGHTS_DIR, class_text_embeddings, gray_to_clip_pixels, tokenize
-from diffsqueeze.models.fashion.data import (CLASS_NAMES, class_prompt, load_fashion_mnist, load_reference_subset,
-                                             pad_to_32, to_model_range)
+from diffsqueeze.models.fashion.clip import (
+    WEIGHTS_DIR,
+    class_text_embeddings,
+    gray_to_clip_pixels,
+    tokenize,
+)
+from diffsqueeze.models.fashion.data import (
+    CLASS_NAMES,
+    class_prompt,
+    load_fashion_mnist,
+    load_reference_subset,
+    pad_to_32,
+    to_model_range,
+)
 
 log = logging.getLogger("eval_fashion")
 
@@ -60,12 +71,12 @@ def gray_to_rgb_u8(images_u8_32: np.ndarray) -> torch.Tensor:
 def fid_stats(images: torch.Tensor | str, extractor, cache: bool):
     """Inception statistics through diffsqueeze's FID code (the one ``diffsqueeze eval`` and the
     benchmark tables use); builtin references come from its shared statistics cache."""
-    from diffsqueeze.metrics import fid
-    from diffsqueeze.metrics.evaluate import reference_statistics
+    from diffsqueeze.metrics.fid_stats import reference_stats
+    from diffsqueeze.metrics.references import reference_statistics
 
     if isinstance(images, str):
         return reference_statistics(images, extractor, "torchmetrics")
-    return fid.reference_stats(images, extractor=extractor, cache=cache, progress=False)
+    return reference_stats(images, extractor=extractor, cache=cache, progress=False)
 
 
 @torch.no_grad()
@@ -168,7 +179,7 @@ def main() -> None:
         args.out.write_text(json.dumps(res, indent=2))
 
     if not args.no_fid:
-        from diffsqueeze.metrics.fid import frechet_distance
+        from diffsqueeze.metrics.frechet import frechet_distance
         from diffsqueeze.metrics.inception import load_inception
 
         t0 = time.time()

@@ -27,8 +27,19 @@ import torch
 import torch.nn.functional as F
 
 from diffsqueeze.models.fashion.checkpoint import load_checkpoint, save_checkpoint
-from diffsqueeze.models.fashion.clip import CLIP_DIR, clip_config, gray_to_clip_pixels, tokenize, zero_shot_predict
-from diffsqueeze.models.fashion.data import caption, load_fashion_mnist, pad_to_32, to_model_range
+from diffsqueeze.models.fashion.clip import (
+    CLIP_DIR,
+    clip_config,
+    gray_to_clip_pixels,
+    tokenize,
+    zero_shot_predict,
+)
+from diffsqueeze.models.fashion.data import (
+    caption,
+    load_fashion_mnist,
+    pad_to_32,
+    to_model_range,
+)
 from diffsqueeze.models.fashion.tokenizer import TOKENIZER_DIR, load_tokenizer
 
 log = logging.getLogger("train_fashion_clip")

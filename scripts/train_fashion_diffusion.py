@@ -23,9 +23,25 @@ import torch
 import torch.nn.functional as F
 
 from diffsqueeze.models.fashion.checkpoint import load_checkpoint, save_checkpoint
-from diffsqueeze.models.fashion.clip import CLIP_DIR, WEIGHTS_DIR, load_fashion_clip, tokenize
-from diffsqueeze.models.fashion.data import CLASS_NAMES, TEMPLATES, caption, load_fashion_mnist, pad_to_32, to_model_range
-from diffsqueeze.models.fashion.pipeline import FashionDiffusionPipeline, scheduler_config, unet_config
+from diffsqueeze.models.fashion.clip import (
+    CLIP_DIR,
+    WEIGHTS_DIR,
+    load_fashion_clip,
+    tokenize,
+)
+from diffsqueeze.models.fashion.data import (
+    CLASS_NAMES,
+    TEMPLATES,
+    caption,
+    load_fashion_mnist,
+    pad_to_32,
+    to_model_range,
+)
+from diffsqueeze.models.fashion.pipeline import (
+    FashionDiffusionPipeline,
+    scheduler_config,
+    unet_config,
+)
 
 log = logging.getLogger("train_fashion_diffusion")
 

@@ -13,7 +13,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 @pytest.fixture(scope="session")
 def tiny_sd():
-    from diffsqueeze.models import load_pipeline
+    from diffsqueeze.loading import load_pipeline
 
     return load_pipeline("builtin:tiny-sd")
 

@@ -11,13 +11,9 @@ import json
 import logging
 from pathlib import Path
 
+from diffsqueeze.console import quiet_libraries
+
 log = logging.getLogger(__name__)
-
-
-def _quiet_libraries() -> None:
-    from diffsqueeze.cli import quiet_libraries
-
-    quiet_libraries()
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, steps: int, guidance: float) -> None:
@@ -56,7 +52,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise DiffsqueezeError(f"--out '{out}' must end in .png, .jpg or .webp")
-    _quiet_libraries()
+    quiet_libraries()
     device, dtype = _device_dtype(args)
     image, info = grid_for_models(args.models, prompts, args.seeds, args.steps, args.guidance, device=device,
                                   dtype=dtype, names=args.names, batch_size=args.batch_size, cell=args.cell)
@@ -101,16 +97,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   kid_subset_size=args.kid_subset_size)
     if args.clip_model is not None and not args.clip_model.strip():
         raise DiffsqueezeError("--clip-model is empty")
-    _quiet_libraries()
-    device = args.device
-    if args.dtype is not None:
-        dtype = args.dtype
-    else:
-        import torch
-
-        dtype = "float16" if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "float32"
+    quiet_libraries()
+    _, dtype = _device_dtype(args)  # the device stays args.device: None lets accelerate place each process
     out = Path(args.out)
-    metrics = run_eval_job(job, out, device=device, dtype=dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    metrics = run_eval_job(job, out, device=args.device, dtype=dtype, overwrite=args.overwrite, progress=not args.no_progress)
     if metrics is None:  # not the main process
         return 0
     write_report(out)

@@ -83,7 +83,10 @@ def load_clip(spec: str, device: str = "cpu") -> tuple[nn.Module, Any]:
 
     try:
         if spec == BUILTIN_FASHION_CLIP:
-            from diffsqueeze.models.fashion.clip import image_processor, load_fashion_clip
+            from diffsqueeze.models.fashion.clip import (
+                image_processor,
+                load_fashion_clip,
+            )
 
             model, tokenizer = load_fashion_clip()
             processor = CLIPProcessor(image_processor=image_processor(), tokenizer=tokenizer)

@@ -83,11 +83,12 @@ def score_image_sets(
 ) -> tuple[dict[str, SetScores], Provenance]:
     """Score every set of ``sets`` (uint8 ``(N, 3, H, W)``, all of the same N) against real images
     and against ``sets[fp]``."""
-    from diffsqueeze.metrics import fid
     from diffsqueeze.metrics.clip_score import ClipScorer, aggregate
-    from diffsqueeze.metrics.evaluate import reference_statistics
+    from diffsqueeze.metrics.fid_stats import reference_stats
     from diffsqueeze.metrics.fidelity import per_image_fidelity
+    from diffsqueeze.metrics.frechet import frechet_distance
     from diffsqueeze.metrics.inception import load_inception
+    from diffsqueeze.metrics.references import reference_statistics
 
     if fp not in sets:
         raise KeyError(f"the FP set '{fp}' is not among the image sets ({', '.join(sets)})")
@@ -97,7 +98,7 @@ def score_image_sets(
     n = sizes[fp]
     extractor = extractor or load_inception(resize="clean")
     real = reference_statistics(real_reference, extractor, "torchmetrics")  # the shared statistics cache
-    stats = {name: fid.reference_stats(x, extractor=extractor, cache_dir=cache_dir, progress=False) for name, x in sets.items()}
+    stats = {name: reference_stats(x, extractor=extractor, cache_dir=cache_dir, progress=False) for name, x in sets.items()}
     clip = clip_note = None
     if clip_model:
         clip = ClipScorer.from_spec(clip_model)
@@ -106,12 +107,12 @@ def score_image_sets(
     out = {}
     for name, x in sets.items():
         s = stats[name]
-        to_real = fid.frechet_distance(s.mu, s.sigma, real.mu, real.sigma)
+        to_real = frechet_distance(s.mu, s.sigma, real.mu, real.sigma)
         fidelity = per_image_fidelity(x, sets[fp])
         same = name == fp
         out[name] = SetScores(
             fid_vs_real=float(to_real),
-            fid_vs_fp=None if same else float(fid.frechet_distance(s.mu, s.sigma, stats[fp].mu, stats[fp].sigma)),
+            fid_vs_fp=None if same else float(frechet_distance(s.mu, s.sigma, stats[fp].mu, stats[fp].sigma)),
             clip_score=None if clip is None else aggregate(clip.cosine_x100(x, ps)),
             psnr_vs_fp=None if same else float(fidelity["psnr"].mean()),
             ssim_vs_fp=None if same else float(fidelity["ssim"].mean()),

@@ -1,4 +1,4 @@
-"""The evaluation job (``diffsqueeze eval``) and the scoring at the end of ``diffsqueeze run``.
+"""The evaluation job (``diffsqueeze eval``): generate, score, shard, resume.
 
 The job generates ``N`` images with deterministic per-image inputs (image ``i``: seed ``i``,
 prompt ``i mod P``), and scores FID / KID against a reference, the CLIP score, and the fidelity
@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,109 +30,32 @@ import torch
 from tqdm.auto import tqdm
 
 from diffsqueeze.errors import DiffsqueezeError
+from diffsqueeze.metrics.atomic_files import atomic_replace, atomic_write_text
 from diffsqueeze.metrics.clip_score import ClipScorer, aggregate, module_hash
-from diffsqueeze.metrics.config import BUILTIN_REFERENCES, FEATURE_NETS, EvalConfig
-from diffsqueeze.metrics.fidelity import fidelity_summary, lpips_status, per_image_fidelity
-from diffsqueeze.metrics.grid import (
-    GridColumn,
-    column_label,
-    denoiser_bytes,
-    generate_images,
-    grid_rows,
-    make_grid,
-    sampler_description,
+from diffsqueeze.metrics.feature_nets import load_feature_net
+from diffsqueeze.metrics.fid_features import extract_features
+from diffsqueeze.metrics.fid_stats import ReferenceStats
+from diffsqueeze.metrics.fidelity import (
+    fidelity_summary,
+    lpips_status,
+    per_image_fidelity,
 )
+from diffsqueeze.metrics.frechet import (
+    clipped_subset_size,
+    frechet_distance,
+    kernel_inception_distance,
+)
+from diffsqueeze.metrics.grid import generate_images
+from diffsqueeze.metrics.pipeline_info import denoiser_bytes, sampler_description
+from diffsqueeze.metrics.references import reference_statistics
+
+__all__ = ["METRICS_FORMAT", "SHARD_DIR", "JOB_FILE", "EvalJob", "job_from_args", "run_eval_job"]
 
 log = logging.getLogger(__name__)
 
 METRICS_FORMAT = 1
 SHARD_DIR = "shards"
 JOB_FILE = "job.json"
-BUILTIN_DATASETS = BUILTIN_REFERENCES
-
-
-# ------------------------------------------------------------------------------------------
-# feature networks and references
-
-
-def tiny_feature_net(seed: int = 0, resize: str = "bilinear"):
-    """A tiny random conv net with the :class:`~diffsqueeze.metrics.inception.FeatureExtractor`
-    interface (64 features). For tests and smoke runs only: its FID means nothing."""
-    from diffsqueeze.metrics.inception import FeatureExtractor
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4),
-                                  torch.nn.Flatten())
-    return FeatureExtractor(net, num_features=64, weights_sha256=module_hash(net), weights_name="tiny-random-test-net",
-                            resize=resize)
-
-
-def load_feature_net(name: str, device: str = "cpu", resize: str = "clean"):
-    """``inception`` (the FID Inception-v3, see :func:`~diffsqueeze.metrics.inception.load_inception`)
-    or ``tiny-random`` (:func:`tiny_feature_net`)."""
-    if name == "tiny-random":
-        return tiny_feature_net().to(device)
-    if name != "inception":
-        raise DiffsqueezeError(f"unknown feature network '{name}'; known: {', '.join(FEATURE_NETS)}")
-    from diffsqueeze.metrics.inception import InceptionWeightsNotFound, load_inception
-
-    try:
-        return load_inception(resize=resize, device=device)
-    except InceptionWeightsNotFound as exc:
-        raise DiffsqueezeError(str(exc)) from exc
-
-
-def builtin_dataset(name: str) -> torch.Tensor:
-    """Images of a builtin reference set as uint8 ``(N, 3, H, W)``.
-
-    ``builtin:fashion-mnist``: the Fashion-MNIST test set (the shipped 2,000-image balanced subset
-    where the full set is not installed), padded to 32x32 like the builtin model's images, gray -> RGB.
-    """
-    if name != "builtin:fashion-mnist":
-        raise DiffsqueezeError(f"unknown builtin dataset '{name}'; known: {', '.join(BUILTIN_DATASETS)}")
-    from diffsqueeze.models.fashion.data import FashionMNISTMissingError, load_fashion_mnist, load_reference_subset, pad_to_32
-
-    try:
-        images, _ = load_fashion_mnist("test")
-    except FashionMNISTMissingError:
-        images, _ = load_reference_subset()
-    x = torch.from_numpy(pad_to_32(images).copy())
-    return x[:, None].expand(-1, 3, -1, -1).contiguous()
-
-
-def reference_statistics(reference: str, extractor, backend: str, batch_size: int = 32, cache_dir: str | None = None,
-                         progress: bool = False):
-    """:class:`~diffsqueeze.metrics.fid.ReferenceStats` for a folder, a builtin dataset or a
-    ``.safetensors`` statistics file (cached, see ``fid.reference_stats``)."""
-    from diffsqueeze.metrics import fid
-
-    if reference.endswith(".safetensors") and Path(reference).is_file():
-        stats = fid.ReferenceStats.load(reference)
-        if stats.weights_sha256 != extractor.weights_sha256 or stats.resize != extractor.resize:
-            raise DiffsqueezeError(f"reference statistics {reference} were computed with another network or resize "
-                                   f"({stats.weights_sha256[:12]}, {stats.resize})")
-        stats.source = stats.source or reference
-        return stats
-    if reference.startswith("builtin:"):
-        images: Any = builtin_dataset(reference)
-    elif Path(reference).is_dir():
-        images = reference
-    else:
-        raise DiffsqueezeError(f"reference '{reference}': not 'fp', a folder of images, a .safetensors statistics "
-                               f"file or a builtin dataset ({', '.join(BUILTIN_DATASETS)})")
-    try:
-        stats = fid.reference_stats(images, backend=backend, extractor=extractor, batch_size=batch_size, cache_dir=cache_dir,
-                                    progress=progress)
-    except FileNotFoundError as exc:
-        raise DiffsqueezeError(str(exc)) from exc
-    if reference.startswith("builtin:"):
-        stats.source = f"{reference} ({stats.num_images} images)"
-    return stats
-
-
-# ------------------------------------------------------------------------------------------
-# the job
 
 
 @dataclass(frozen=True)
@@ -170,6 +92,12 @@ class EvalJob:
             raise DiffsqueezeError("the clean-fid backend only does the 'clean' resize")
 
 
+def job_from_args(**kw: Any) -> EvalJob:
+    """Build an :class:`EvalJob` from keyword arguments, ignoring unknown ones (CLI helper)."""
+    names = {f.name for f in dataclasses.fields(EvalJob)}
+    return EvalJob(**{k: v for k, v in kw.items() if k in names})
+
+
 def _prompt_for(prompts: list[str], i: int) -> str:
     return prompts[i % len(prompts)]
 
@@ -183,18 +111,11 @@ def _pixel_digest(images: torch.Tensor) -> torch.Tensor:
                                          dtype=torch.uint8) for t in images.cpu()])
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_replace(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def _read_shard(path: Path, key: str, start: int, count: int) -> dict[str, torch.Tensor] | None:
@@ -218,10 +139,8 @@ def _save_pngs(images: torch.Tensor, folder: Path, start: int) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for k, t in enumerate(images):
-        path = folder / f"{start + k:06d}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
-        PIL.Image.fromarray(t.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_replace(folder / f"{start + k:06d}.png") as tmp:
+            PIL.Image.fromarray(t.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
 
 
 def _pngs_present(out_dir: Path, start: int, count: int, baseline: bool) -> bool:
@@ -239,8 +158,6 @@ class _Scorer:
         self.feat_seconds = 0.0
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        from diffsqueeze.metrics.fid import extract_features
-
         t0 = time.perf_counter()
         feats = extract_features(images, self.extractor, backend=self.job.fid_backend, batch_size=len(images),
                                  progress=False)
@@ -339,7 +256,7 @@ def run_eval_job(
     Raises:
         DiffsqueezeError: bad inputs, or ``out_dir`` holds shards of another job.
     """
-    from diffsqueeze.models import load_pipeline
+    from diffsqueeze.loading import load_pipeline
     from diffsqueeze.models.prompts import load_prompts
 
     state = _distributed_state(device)
@@ -375,21 +292,21 @@ def run_eval_job(
                disable=not (progress and state.is_local_main_process), dynamic_ncols=True)
     for b, start, count in todo:
         tensors = scorer.batch(start, count)
-        _atomic_save(tensors, shard_dir / f"batch-{b:06d}.safetensors", {"key": key, "start": str(start), "count": str(count)})
+        _save_shard(tensors, shard_dir / f"batch-{b:06d}.safetensors", {"key": key, "start": str(start), "count": str(count)})
         n_done += count
         bar.update(count)
         bar.set_postfix(img_s=f"{n_done / max(time.perf_counter() - t0, 1e-9):.2f}")
     bar.close()
     timing = {"process_index": state.process_index, "images": n_done, "generation_s": round(scorer.gen_seconds, 3),
               "features_s": round(scorer.feat_seconds, 3), "wall_s": round(time.perf_counter() - t0, 3)}
-    _atomic_write_text(shard_dir / f"timing-{state.process_index}.json", json.dumps(timing))
+    atomic_write_text(shard_dir / f"timing-{state.process_index}.json", json.dumps(timing))
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     per_image = _gather(shard_dir, batches, key)
     metrics = _final_metrics(job, per_image, pipe, baseline_pipe, extractor, clip, prompts, payload, dtype, device,
                              state.num_processes, out_dir)
-    _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -410,7 +327,7 @@ def _prepare_out_dir(out_dir: Path, key: str, payload: dict, overwrite: bool) ->
             for name in ("images", "images-baseline"):
                 shutil.rmtree(out_dir / name, ignore_errors=True)
     shard_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(job_file, json.dumps({"key": key, "payload": payload}, indent=2))
+    atomic_write_text(job_file, json.dumps({"key": key, "payload": payload}, indent=2))
 
 
 def _gather(shard_dir: Path, batches: list[tuple[int, int]], key: str) -> dict[str, torch.Tensor]:
@@ -426,19 +343,23 @@ def _gather(shard_dir: Path, batches: list[tuple[int, int]], key: str) -> dict[s
 
 def _fid_block(feats: torch.Tensor, ref, job: EvalJob, extractor, reference_name: str) -> dict:
     """FID/KID (float64, from features in image order) with the helper's math and provenance."""
-    from diffsqueeze.metrics import fid
+    from diffsqueeze.metrics.fid import (
+        FIDResult,  # imports torchmetrics: only when scoring
+    )
 
     f64 = feats.double().numpy()
     mu, sigma = f64.mean(axis=0), np.cov(f64, rowvar=False)
-    value = fid.frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    value = frechet_distance(mu, sigma, ref.mu, ref.sigma)
     kid_mean = kid_std = kid_size = None
     if ref.features is not None:
-        kid_mean, kid_std = fid.kernel_inception_distance(feats.numpy(), ref.features, subsets=job.kid_subsets,
-                                                          subset_size=job.kid_subset_size, seed=0)
-        kid_size = fid.clipped_subset_size(len(feats), len(ref.features), job.kid_subset_size)
+        kid_mean, kid_std = kernel_inception_distance(feats.numpy(), ref.features, subsets=job.kid_subsets,
+                                                      subset_size=job.kid_subset_size, seed=0)
+        kid_size = clipped_subset_size(len(feats), len(ref.features), job.kid_subset_size)
     extraction = ("uint8 batches through the feature network (its own resize)" if job.fid_backend == "torchmetrics"
                   else "clean-fid's clean resizer, then the feature network")
-    result = fid.FIDResult(
+    # The implementation text is part of every metrics.json: it keeps the module path it was first
+    # published with (the math now lives in diffsqueeze.metrics.frechet), so results stay byte-identical.
+    result = FIDResult(
         fid=value, kid_mean=kid_mean, kid_std=kid_std, backend=job.fid_backend,
         implementation=f"features: {extraction}, per batch; FID/KID: diffsqueeze.metrics.fid.frechet_distance / "
         "kernel_inception_distance in float64 over the features gathered in image order (identical for any number of processes)",
@@ -454,7 +375,6 @@ def _fid_block(feats: torch.Tensor, ref, job: EvalJob, extractor, reference_name
 
 def _final_metrics(job: EvalJob, per_image: dict, pipe, baseline_pipe, extractor, clip, prompts, payload, dtype, device,
                    world: int, out_dir: Path) -> dict:
-    from diffsqueeze.metrics import fid
     from diffsqueeze.models.io import model_folder
 
     n = job.num_images
@@ -465,9 +385,9 @@ def _final_metrics(job: EvalJob, per_image: dict, pipe, baseline_pipe, extractor
         "device": torch.device(device).type, "num_processes": world,
     }
     if job.reference == "fp":
-        ref = fid.ReferenceStats.from_features(per_image["baseline_features"].numpy(), resize=extractor.resize,
-                                               weights_sha256=extractor.weights_sha256,
-                                               source=f"fp: outputs of {job.baseline} for the same prompts and seeds")
+        ref = ReferenceStats.from_features(per_image["baseline_features"].numpy(), resize=extractor.resize,
+                                           weights_sha256=extractor.weights_sha256,
+                                           source=f"fp: outputs of {job.baseline} for the same prompts and seeds")
     else:
         ref = reference_statistics(job.reference, extractor, job.fid_backend, batch_size=max(job.batch_size, 32))
     provenance = {**generation}
@@ -506,140 +426,3 @@ def _final_metrics(job: EvalJob, per_image: dict, pipe, baseline_pipe, extractor
     timings = [json.loads(p.read_text()) for p in sorted((out_dir / SHARD_DIR).glob("timing-*.json"))]
     metrics["timing"] = {"per_process": timings, "note": "wall-clock of the last (re)run; not part of the result"}
     return metrics
-
-
-# ------------------------------------------------------------------------------------------
-# scoring at the end of `diffsqueeze run`
-
-
-def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[dict]) -> dict:
-    """Score a compressed pipeline against the original at the end of ``diffsqueeze run``.
-
-    Writes ``grids/compressed-vs-original.png``, ``metrics.json``, ``report.md`` and
-    ``report.html`` into ``out_dir`` and returns a short summary for the manifest.
-
-    Args:
-        pipe: the compressed pipeline.
-        teacher: the original (FP) pipeline.
-        cfg: the recipe's ``eval:`` section.
-        out_dir: the run directory.
-        history: the stages' summaries (``CompressionState.history``).
-    """
-    from diffsqueeze.metrics.report import write_report
-    from diffsqueeze.models.prompts import load_prompts
-
-    out_dir = Path(out_dir)
-    device = str(next(iter(p.device for p in getattr(pipe, _denoiser(pipe)).parameters())))
-    prompts = load_prompts(cfg.prompts)
-    clip = ClipScorer.from_spec(cfg.clip_model, device=device) if cfg.clip_model else None
-    metrics: dict[str, Any] = {"format": METRICS_FORMAT, "kind": "run", "model": str(out_dir / "model"),
-                               "baseline": "original (FP) pipeline"}
-
-    grid_prompts = prompts[: cfg.grid_prompts]
-    row_prompts, row_seeds, labels = grid_rows(grid_prompts, cfg.seeds)
-    ours = generate_images(pipe, row_prompts, row_seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size)
-    theirs = generate_images(teacher, row_prompts, row_seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size)
-    generation = {"sampler": sampler_description(pipe), "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale,
-                  "prompt_source": cfg.prompts}
-    size, measured = denoiser_bytes(pipe, out_dir / "model" if (out_dir / "model").is_dir() else None)
-    tsize, tmeasured = denoiser_bytes(teacher)
-    metrics["size"] = {"denoiser_bytes": size, "measured": measured}
-    base: dict[str, Any] = {"model": "original", "size": {"denoiser_bytes": tsize, "measured": tmeasured}}
-    grid_scope = {**generation, "seeds": list(cfg.seeds), "images": f"grid: {len(grid_prompts)} prompts x {len(cfg.seeds)} seeds"}
-
-    if cfg.grid:
-        grid_dir = out_dir / "grids"
-        grid_dir.mkdir(parents=True, exist_ok=True)
-        cols = [GridColumn("original", theirs, column_label(teacher, None)),
-                GridColumn("compressed", ours, column_label(pipe, str(out_dir / "model") if (out_dir / "model").is_dir() else None))]
-        make_grid(cols, labels).save(grid_dir / "compressed-vs-original.png")
-        metrics["grid"] = "grids/compressed-vs-original.png"
-
-    if cfg.num_images > 0:
-        job = EvalJob(model=str(out_dir / "model"), reference=cfg.reference, num_images=cfg.num_images,
-                      batch_size=cfg.batch_size, prompts=cfg.prompts, num_inference_steps=cfg.num_inference_steps,
-                      guidance_scale=cfg.guidance_scale, baseline="original", clip_model=cfg.clip_model,
-                      fid_backend=cfg.fid_backend, save_images=cfg.save_images, features=cfg.features)
-        extractor = load_feature_net(cfg.features, device=device, resize="clean")
-        job_metrics = run_eval_job(job, out_dir / "eval", pipe=pipe, baseline_pipe=teacher, extractor=extractor, clip=clip,
-                                   device=device, dtype=_dtype_name(pipe), overwrite=True)
-        for k in ("fid", "clip_score", "fidelity", "generation"):
-            if k in job_metrics:
-                metrics[k] = job_metrics[k]
-        for k in ("fid", "clip_score"):
-            if k in job_metrics.get("baseline_scores", {}):
-                base[k] = job_metrics["baseline_scores"][k]
-    else:
-        metrics["generation"] = grid_scope
-        if cfg.fidelity:
-            metrics["fidelity"] = {**fidelity_summary(per_image_fidelity(ours, theirs)), **{"scope": grid_scope["images"]}}
-        if clip is not None:
-            metrics["clip_score"] = {"value": aggregate(clip.cosine_x100(ours, row_prompts)), "n": len(row_prompts),
-                                     **clip.provenance(), **grid_scope}
-            base["clip_score"] = {"value": aggregate(clip.cosine_x100(theirs, row_prompts)), "n": len(row_prompts)}
-        metrics["fid"] = {"value": None, "note": "FID/KID skipped: eval.num_images is 0"}
-    metrics["baseline_scores"] = base
-    metrics["stages"] = [dict(h) for h in history]
-    if cfg.score_stages and len(history) > 1:
-        _score_stages(metrics["stages"][:-1], teacher, cfg, out_dir, row_prompts, row_seeds, theirs, clip)
-    _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
-    write_report(out_dir)
-    summary = {k: (metrics.get(k) or {}).get("value") for k in ("fid", "clip_score")}
-    summary.update(psnr=(metrics.get("fidelity") or {}).get("psnr"), ssim=(metrics.get("fidelity") or {}).get("ssim"),
-                   metrics="metrics.json", report="report.md")
-    return summary
-
-
-def _score_stages(stages: list[dict], teacher, cfg: EvalConfig, out_dir: Path, prompts: list[str], seeds: list[int],
-                  original: torch.Tensor, clip: ClipScorer | None) -> None:
-    """Add size, fidelity and CLIP score (on the grid's prompts and seeds) to each intermediate stage.
-
-    A stage's model is the original with the stage checkpoint loaded; its size is the bytes of the
-    checkpoint's denoiser file (unpacked state dict) or, if the stage left the denoiser alone, the
-    original's. The last stage is the exported model, scored as "compressed".
-    """
-    import copy
-
-    from diffsqueeze.pipelines.checkpoint import read_checkpoint
-    from diffsqueeze.pipelines.manifest import read_manifest
-
-    manifest = read_manifest(out_dir) or {}
-    entries = {e.get("index"): e for e in manifest.get("stages", [])}
-    name = _denoiser(teacher)
-    for st in stages:
-        folder = out_dir / str(entries.get(st.get("index"), {}).get("checkpoint", ""))
-        if not folder.is_dir() or folder == out_dir:
-            st["scores_note"] = "no checkpoint to score"
-            continue
-        model = copy.deepcopy(teacher)
-        try:
-            read_checkpoint(model, folder)
-        except DiffsqueezeError as exc:
-            st["scores_note"] = f"checkpoint unreadable: {exc}"
-            continue
-        images = generate_images(model, prompts, seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size)
-        weights = folder / f"{name}.safetensors"
-        size = (weights.stat().st_size, "disk (stage checkpoint, unpacked)") if weights.is_file() else denoiser_bytes(model)
-        st["size"] = {"denoiser_bytes": size[0], "measured": size[1]}
-        st["fidelity"] = {k: float(v.mean()) for k, v in per_image_fidelity(images, original).items()}
-        st["scope"] = f"grid: {len(prompts)} images (prompt x seed)"
-        if clip is not None:
-            st["clip_score"] = {"value": aggregate(clip.cosine_x100(images, prompts))}
-        del model
-
-
-def _denoiser(pipe) -> str:
-    from diffsqueeze.models import find_roles
-
-    return find_roles(pipe).denoiser
-
-
-def _dtype_name(pipe) -> str:
-    dtype = next(getattr(pipe, _denoiser(pipe)).parameters()).dtype
-    return {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
-
-
-def job_from_args(**kw: Any) -> EvalJob:
-    """Build an :class:`EvalJob` from keyword arguments, ignoring unknown ones (CLI helper)."""
-    names = {f.name for f in dataclasses.fields(EvalJob)}
-    return EvalJob(**{k: v for k, v in kw.items() if k in names})

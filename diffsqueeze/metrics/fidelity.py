@@ -53,7 +53,10 @@ def per_image_fidelity(images: torch.Tensor, reference: torch.Tensor) -> dict[st
         images: uint8 ``(N, 3, H, W)``, the compressed model's outputs.
         reference: uint8 ``(N, 3, H, W)``, the original model's outputs for the same prompts and seeds.
     """
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
 
     if images.shape != reference.shape:
         raise ValueError(f"image shapes differ: {tuple(images.shape)} vs {tuple(reference.shape)}")

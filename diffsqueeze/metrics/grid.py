@@ -20,18 +20,13 @@ import PIL.ImageFont
 import torch
 
 from diffsqueeze.metrics.images import to_uint8_batch
+from diffsqueeze.metrics.pipeline_info import (
+    denoiser_bytes,
+    pipeline_device,
+    sampler_description,
+)
 
 log = logging.getLogger(__name__)
-
-
-def pipeline_device(pipe) -> torch.device:
-    """The device the pipeline's denoiser runs on."""
-    from diffsqueeze.models import find_roles
-
-    module = getattr(pipe, find_roles(pipe).denoiser)
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -66,33 +61,6 @@ def generate_images(
         images = result.images if hasattr(result, "images") else result[0]
         out.append(to_uint8_batch(images.float().cpu()))
     return torch.cat(out) if out else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
-
-
-def sampler_description(pipe) -> str:
-    """Scheduler class and the config entries that change sampling (for provenance)."""
-    sched = pipe.scheduler
-    keys = ("beta_schedule", "prediction_type", "timestep_spacing", "shift", "steps_offset", "clip_sample")
-    extra = ", ".join(f"{k}={sched.config[k]}" for k in keys if k in sched.config)
-    return f"{type(sched).__name__}({extra})"
-
-
-def denoiser_bytes(pipe, folder: Path | None = None) -> tuple[int, str]:
-    """Size of the denoiser: bytes of its files on disk where ``folder`` is a saved pipeline,
-    else bytes of its parameters and buffers in memory.
-
-    Returns:
-        ``(bytes, "disk" | "memory")``.
-    """
-    from diffsqueeze.models import find_roles
-
-    name = find_roles(pipe).denoiser
-    if folder is not None and (Path(folder) / name).is_dir():
-        files = [p for p in (Path(folder) / name).rglob("*") if p.is_file() and p.suffix == ".safetensors"]
-        if files:
-            return sum(p.stat().st_size for p in files), "disk"
-    module = getattr(pipe, name)
-    tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors), "memory"
 
 
 def known_metric(spec: str) -> str | None:
@@ -207,7 +175,7 @@ def grid_for_models(
         ``(image, info)``; ``info`` records prompts, seeds, steps, guidance and each column's
         sampler and size (the grid's provenance).
     """
-    from diffsqueeze.models import load_pipeline
+    from diffsqueeze.loading import load_pipeline
 
     row_prompts, row_seeds, labels = grid_rows(prompts, seeds)
     columns, info_cols = [], []

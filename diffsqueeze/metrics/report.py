@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from diffsqueeze.errors import DiffsqueezeError
+from diffsqueeze.metrics.atomic_files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -298,12 +299,6 @@ def _html(title: str, entries: list[tuple[str, dict, Path]], svg: str, out_dir: 
             f"<body>{''.join(body)}</body></html>\n")
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(folder: Path, others: Sequence[Path] = (), out_dir: Path | None = None, title: str | None = None) -> Path:
     """Write ``report.md``, ``report.html`` and the plot for ``folder`` (and ``others``, compared).
 
@@ -322,10 +317,10 @@ def write_report(folder: Path, others: Sequence[Path] = (), out_dir: Path | None
     entries = [(n, read_metrics(f), f) for n, f in zip(names, folders)]
     points = [p for n, m, _ in entries for p in points_of(m, n)]
     svg = quality_size_svg(points)
-    _write(out_dir / PLOT_FILE, svg)
+    atomic_write_text(out_dir / PLOT_FILE, svg)
     title = title or ("diffsqueeze report: " + names[0] if len(entries) == 1 else f"diffsqueeze comparison of {len(entries)} runs")
-    _write(out_dir / "report.md", _markdown(title, entries, PLOT_FILE, out_dir))
-    _write(out_dir / "report.html", _html(title, entries, svg, out_dir))
+    atomic_write_text(out_dir / "report.md", _markdown(title, entries, PLOT_FILE, out_dir))
+    atomic_write_text(out_dir / "report.html", _html(title, entries, svg, out_dir))
     return out_dir / "report.md"
 
 

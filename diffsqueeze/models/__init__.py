@@ -1,9 +1,11 @@
-"""Load, save and describe diffusers pipelines; components are found by role."""
+"""Load, save and describe diffusers pipelines; components are found by role.
+
+Loading a compressed model goes through :mod:`diffsqueeze.loading` (or ``diffsqueeze.load``),
+which knows the artifact formats; this package reads plain diffusers folders and builtin models.
+"""
 
 from diffsqueeze.models.io import (
     check_model_spec,
-    load_pipeline,
-    load_with_state,
     register_pipeline_class,
     save_pipeline,
 )
@@ -13,8 +15,6 @@ __all__ = [
     "Roles",
     "check_model_spec",
     "find_roles",
-    "load_pipeline",
-    "load_with_state",
     "module_components",
     "register_pipeline_class",
     "save_pipeline",

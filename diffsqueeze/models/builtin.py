@@ -155,7 +155,10 @@ def build_tiny_dit() -> StableDiffusion3Pipeline:
 @register_builtin("fashion")
 def build_fashion() -> DiffusionPipeline:
     """The trained Fashion-MNIST text-to-image model (docs/builtin-model.md), 1x32x32 pixel space."""
-    from diffsqueeze.models.fashion import BuiltinWeightsMissingError, build_fashion_pipeline
+    from diffsqueeze.models.fashion import (
+        BuiltinWeightsMissingError,
+        build_fashion_pipeline,
+    )
 
     try:
         return build_fashion_pipeline()

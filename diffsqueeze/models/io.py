@@ -7,13 +7,14 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Callable, Protocol, Sequence
 
 import torch
 from diffusers import DiffusionPipeline
 
 from diffsqueeze.errors import ModelLoadError
 from diffsqueeze.models.builtin import BUILTINS, build_builtin
-from diffsqueeze.pipelines.state import CompressionState
+from diffsqueeze.models.state import CompressionState
 
 log = logging.getLogger(__name__)
 
@@ -70,64 +71,72 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_pipeline(spec: str, device: str = "cpu", dtype: str = "float32") -> DiffusionPipeline:
+class ArtifactFormat(Protocol):
+    """A way diffsqueeze stores a compressed pipeline in a folder, beside plain diffusers files.
+
+    :func:`load_with_state` asks each format it is given, in order, whether it recognizes a
+    folder; the first that does builds the pipeline. The formats themselves live with the code
+    that writes them (:mod:`diffsqueeze.quant.export.load`); :mod:`diffsqueeze.loading` passes
+    them in, so this module never imports compression code.
+    """
+
+    def detect(self, folder: Path, state: CompressionState) -> bool:
+        """Whether this format wrote ``folder`` (its compression state already read)."""
+
+    def build(self, folder: Path, state: CompressionState,
+              from_pretrained: Callable[..., DiffusionPipeline]) -> tuple[DiffusionPipeline, CompressionState]:
+        """The pipeline with its compressed modules in place and their weights loaded (before
+        dtype and device placement), and the state to return."""
+
+    def after_placement(self, pipe: DiffusionPipeline, dtype: torch.dtype) -> None:
+        """Whatever must follow ``pipe.to(device, dtype)`` (compute dtypes, hooks)."""
+
+
+def load_pipeline(spec: str, device: str = "cpu", dtype: str = "float32",
+                  formats: Sequence[ArtifactFormat] = ()) -> DiffusionPipeline:
     """Load a runnable pipeline (compression state, if any, is applied; see :func:`load_with_state`)."""
-    return load_with_state(spec, device, dtype)[0]
+    return load_with_state(spec, device, dtype, formats)[0]
 
 
-def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32") -> tuple[DiffusionPipeline, CompressionState]:
+def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32",
+                    formats: Sequence[ArtifactFormat] = ()) -> tuple[DiffusionPipeline, CompressionState]:
     """Load a pipeline and its compression state.
 
     Args:
         spec: ``builtin:NAME``, a local diffusers folder, a run directory, or a hub id.
         device: torch device string.
         dtype: ``float32`` | ``float16`` | ``bfloat16``.
+        formats: the compressed-artifact formats to recognize (:mod:`diffsqueeze.loading`
+            passes every format diffsqueeze writes); a folder none of them claims loads as a
+            plain diffusers folder plus its pruning masks.
 
     Raises:
         ModelLoadError: nothing loadable at ``spec`` or its files are damaged.
     """
-    # imported here: module_swaps needs diffsqueeze.models (roles), so a top-level import is a cycle
-    from diffsqueeze.pipelines.module_swaps import finalize_modules, reload_component_weights, restore_modules
-
     check_model_spec(spec)
     torch_dtype = parse_dtype(dtype)
-    state = CompressionState()
+    state, fmt = CompressionState(), None
     if spec.startswith("builtin:"):
         pipe = build_builtin(spec.split(":", 1)[1])
-        for module in pipe.components.values():  # built from configs: in training mode until told
-            if isinstance(module, torch.nn.Module):
-                module.eval()
     else:
         folder = model_folder(spec)
-        packed = folder is not None and _has_packed_export(folder)
-        if packed:  # quantized layers stored as packed codes (diffsqueeze.quant.export)
-            from diffsqueeze.quant.export import load_packed_pipeline
-
-            pipe, state = load_packed_pipeline(folder, _from_pretrained)
+        if folder is not None:
+            state = CompressionState.load(folder)
+            fmt = next((f for f in formats if f.detect(folder, state)), None)
+        if fmt is not None:
+            pipe, state = fmt.build(folder, state, _from_pretrained)
         else:
             pipe = _from_pretrained(str(folder) if folder else spec)
-        if folder is not None and not packed:
-            state = CompressionState.load(folder)
-            if state.modules:
-                restore_modules(pipe, state)
-                reload_component_weights(pipe, folder, state)
+    for module in pipe.components.values():  # models built from configs are in training mode until told
+        if isinstance(module, torch.nn.Module):
+            module.eval()
     if any(p.dtype != torch_dtype for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()):
         pipe.to(dtype=torch_dtype)
     pipe.to(device)
-    if not spec.startswith("builtin:") and model_folder(spec) is not None and _has_packed_export(model_folder(spec)):
-        from diffsqueeze.quant.export import finish_packed_load
-
-        finish_packed_load(pipe, torch_dtype)
-    if state.modules:
-        finalize_modules(pipe)
+    if fmt is not None:
+        fmt.after_placement(pipe, torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, state
-
-
-def _has_packed_export(folder: Path) -> bool:
-    from diffsqueeze.quant.export import has_packed_export
-
-    return has_packed_export(folder)
 
 
 def _from_pretrained(where: str, **components) -> DiffusionPipeline:

@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from diffsqueeze.errors import RunDirError
 from diffsqueeze.models.roles import module_components
+from diffsqueeze.models.state import CompressionState
 from diffsqueeze.pipelines.faults import maybe_kill
-from diffsqueeze.pipelines.module_swaps import finalize_modules, restore_modules
-from diffsqueeze.pipelines.state import CompressionState
+from diffsqueeze.quant.nn.swaps import finalize_modules, restore_modules
 
 COMPONENTS_FILE = "components.json"
 

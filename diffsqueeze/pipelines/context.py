@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from diffsqueeze.models.state import CompressionState
 from diffsqueeze.pipelines.faults import maybe_kill
-from diffsqueeze.pipelines.state import CompressionState
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline

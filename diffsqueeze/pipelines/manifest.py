@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from diffsqueeze import __version__
 from diffsqueeze.errors import RunDirError
+from diffsqueeze.version import __version__
 
 MANIFEST = "manifest.json"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import resource
 import shutil
 import time
 import traceback
@@ -16,12 +15,25 @@ import torch
 import yaml
 
 from diffsqueeze.errors import RunDirError
-from diffsqueeze.models import load_pipeline, load_with_state, save_pipeline
-from diffsqueeze.pipelines.checkpoint import fsync_dir, read_checkpoint, write_checkpoint
+from diffsqueeze.loading import load_pipeline, load_with_state
+from diffsqueeze.process_memory import peak_rss_mb
+from diffsqueeze.models import save_pipeline
+from diffsqueeze.pipelines.checkpoint import (
+    fsync_dir,
+    read_checkpoint,
+    write_checkpoint,
+)
 from diffsqueeze.pipelines.context import StageContext
-from diffsqueeze.pipelines.manifest import new_manifest, now, read_manifest, write_manifest
-from diffsqueeze.pipelines.stage import stage_registry
+from diffsqueeze.pipelines.manifest import (
+    new_manifest,
+    now,
+    read_manifest,
+    write_manifest,
+)
+from diffsqueeze.pipelines.run_evaluation import evaluate_run
+from diffsqueeze.quant.export.save import export_pipeline, needs_packed_export
 from diffsqueeze.recipe import Recipe
+from diffsqueeze.stages import STAGES
 
 log = logging.getLogger(__name__)
 MODEL_DIR = "model"
@@ -45,11 +57,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def reusable_stages(old: dict | None, hashes: list[str], run_dir: Path) -> int:
@@ -96,7 +103,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
 
     Validation (stage configs against the loaded pipeline) happens before any stage runs.
     """
-    registry = stage_registry()
+    registry = STAGES
     stages = [registry[s.name].stage_cls(s.config) for s in recipe.stages]
     run_dir, old, reuse = prepare_run_dir(recipe, resume, overwrite)
     device = resolve_device(recipe.device)
@@ -122,10 +129,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
                        teacher_factory=lambda: load_pipeline(recipe.model, str(device), recipe.dtype), changed=changed)
     for i in range(reuse, len(stages)):
         _run_stage(pipe, stages[i], i, ctx, manifest)
-    _export(pipe, ctx, run_dir, manifest)
+    export_model(pipe, ctx, run_dir, manifest)
     if recipe.eval is not None:
-        from diffsqueeze.metrics.evaluate import evaluate_run
-
         manifest["eval"] = {"status": "running"}
         write_manifest(run_dir, manifest)
         manifest["eval"] = {"status": "done", "metrics": evaluate_run(pipe, ctx.teacher(), recipe.eval, run_dir, ctx.state.history)}
@@ -166,19 +171,17 @@ def _run_stage(pipe, stage, i: int, ctx: StageContext, manifest: dict) -> None:
     wall = time.perf_counter() - t0
     ctx.state.history.append({"index": i, "name": entry["name"], "summary": summary})
     write_checkpoint(pipe, ctx.state, ctx.changed, ctx.run_dir / entry["checkpoint"])
-    entry.update(status="done", finished=now(), wall_time_s=round(wall, 3), peak_rss_mb=peak_rss_mb(), summary=summary)
+    entry.update(status="done", finished=now(), wall_time_s=round(wall, 3), peak_rss_mb=round(peak_rss_mb(), 1), summary=summary)
     if ctx.device.type == "cuda":
         entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
     write_manifest(ctx.run_dir, manifest)
     log.info("stage %d (%s) done in %.1f s", i, entry["name"], wall)
 
 
-def _export(pipe, ctx: StageContext, run_dir: Path, manifest: dict) -> None:
+def export_model(pipe, ctx: StageContext, run_dir: Path, manifest: dict) -> None:
     """Save the compressed pipeline to ``model/`` atomically."""
     tmp, final = run_dir / f".tmp-{MODEL_DIR}", run_dir / MODEL_DIR
     shutil.rmtree(tmp, ignore_errors=True)
-    from diffsqueeze.quant.export import export_pipeline, needs_packed_export
-
     qmap = export_pipeline(pipe, ctx.state, tmp) if needs_packed_export(ctx.state) else None
     if qmap is None:  # no quantized layers (e.g. pruning only): plain diffusers folder + masks
         save_pipeline(pipe, tmp, ctx.state)

@@ -1,12 +1,11 @@
-"""The Stage protocol and the stage registry.
+"""The Stage protocol and the entry that names a stage with its config class.
 
-A stage is registered with its config dataclass; the recipe loader finds it by name, so later
-stages plug in with one ``@register_stage`` and an import in :data:`BUILTIN_STAGE_MODULES`.
+The shipped stages are listed in :mod:`diffsqueeze.stages` (a static table the recipe loader
+and the runner read); a new stage is one class here-shaped and one line there.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -14,10 +13,6 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
     from diffsqueeze.pipelines.context import StageContext
-
-# Modules whose import registers the shipped stages.
-BUILTIN_STAGE_MODULES = ("diffsqueeze.prune.stage", "diffsqueeze.quant.ptq", "diffsqueeze.quant.binarize_stage",
-                         "diffsqueeze.quant.quest")
 
 
 class Stage(Protocol):
@@ -39,23 +34,3 @@ class StageEntry:
     name: str
     config_cls: type
     stage_cls: Callable[[Any], Stage]
-
-
-STAGES: dict[str, StageEntry] = {}
-
-
-def register_stage(name: str, config_cls: type) -> Callable[[type], type]:
-    """Class decorator: register a stage class (constructed as ``cls(config)``) under ``name``."""
-
-    def wrap(stage_cls: type) -> type:
-        STAGES[name] = StageEntry(name, config_cls, stage_cls)
-        return stage_cls
-
-    return wrap
-
-
-def stage_registry() -> dict[str, StageEntry]:
-    """All registered stages, importing the shipped ones first."""
-    for module in BUILTIN_STAGE_MODULES:
-        importlib.import_module(module)
-    return STAGES

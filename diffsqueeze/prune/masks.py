@@ -1,6 +1,6 @@
 """Pruning masks that survive every later stage.
 
-Masks live in :class:`~diffsqueeze.pipelines.state.CompressionState` keyed
+Masks live in :class:`~diffsqueeze.models.state.CompressionState` keyed
 ``"<component>/<parameter name>"``. Later stages keep pruned weights at exactly zero with
 :func:`enforce_masks` (after any weight update) and :func:`masked_gradients` (while training).
 """

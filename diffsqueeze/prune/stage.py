@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass
 
@@ -10,9 +9,9 @@ import torch
 from diffusers import DiffusionPipeline
 
 from diffsqueeze.errors import RecipeError
-from diffsqueeze.models.roles import find_roles, module_components
+from diffsqueeze.models.roles import module_components
 from diffsqueeze.pipelines.context import StageContext
-from diffsqueeze.pipelines.stage import register_stage
+from diffsqueeze.pipelines.stage_helpers import matches_any, stage_component
 from diffsqueeze.prune.magnitude import n_m_mask, n_to_prune, smallest_k_mask
 from diffsqueeze.prune.masks import enforce_masks, mask_key
 
@@ -82,36 +81,25 @@ def prunable_weights(module_root: torch.nn.Module, cfg: PruneConfig) -> dict[str
     for name, module in module_root.named_modules():
         if not isinstance(module, types) or getattr(module, "weight", None) is None:
             continue
-        if not any(fnmatch.fnmatchcase(name, g) for g in cfg.include):
-            continue
-        if any(fnmatch.fnmatchcase(name, g) for g in cfg.exclude):
+        if not matches_any(name, cfg.include) or matches_any(name, cfg.exclude):
             continue
         out[name] = module.weight
     return out
 
 
-@register_stage("prune", PruneConfig)
 class PruneStage:
     """Zero the smallest-magnitude weights; masks go into the compression state."""
 
     def __init__(self, config: PruneConfig):
         self.config = config
 
-    def _components(self, pipe: DiffusionPipeline) -> dict[str, str]:
+    def components(self, pipe: DiffusionPipeline) -> dict[str, str]:
         """Recipe key -> component name (``denoiser`` resolves to ``unet`` / ``transformer``)."""
-        roles = find_roles(pipe)
-        out = {}
-        for key in self.config.targets:
-            name = roles.denoiser if key == "denoiser" else key
-            if name not in roles.modules:
-                raise RecipeError(f"targets.{key}", f"no component '{key}' in {type(pipe).__name__}; "
-                                  f"its components: {', '.join(roles.modules)} (or 'denoiser')")
-            out[key] = name
-        return out
+        return {key: stage_component(pipe, key, f"targets.{key}") for key in self.config.targets}
 
     def check(self, pipe: DiffusionPipeline) -> None:
         modules = module_components(pipe)
-        for key, comp in self._components(pipe).items():
+        for key, comp in self.components(pipe).items():
             if not prunable_weights(modules[comp], self.config):
                 raise RecipeError(f"targets.{key}", f"no {'/'.join(self.config.layer_types)} weight of '{comp}' "
                                   f"matches include={list(self.config.include)} exclude={list(self.config.exclude)}")
@@ -120,7 +108,7 @@ class PruneStage:
     def apply(self, pipe: DiffusionPipeline, ctx: StageContext) -> dict:
         modules = module_components(pipe)
         summary = {"scope": self.config.scope, "pattern": self.config.pattern, "components": {}}
-        for key, comp in self._components(pipe).items():
+        for key, comp in self.components(pipe).items():
             weights = prunable_weights(modules[comp], self.config)
             masks = self._masks(weights, self.config.targets[key], ctx, comp)
             layers = {}

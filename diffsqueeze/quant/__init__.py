@@ -1,20 +1,11 @@
-"""diffsqueeze.quant: number formats, quantizers, quantized modules and the ``ptq`` stage.
+"""diffsqueeze.quant: low-bit quantization and binarization of diffusion denoisers.
 
-``prepare_pipeline(pipe)`` attaches timestep routing to a reloaded pipeline whose activation
-quantizers are timestep-aware (see docs/quantization.md). Imported lazily: ``formats`` and
-``search`` stay importable without diffusers.
+Layers (each imports only those before it; docs/architecture.md):
+
+* ``primitives/``: number formats, scale/bias searches, binary bases, bit packing, rounding
+  functions: pure tensor math, no ``nn.Module``;
+* ``nn/``: quantizers, quantized/binary/packed layers, attention quantization, timestep
+  routing, the table of module swaps;
+* ``ptq/``, ``quest/``, ``binarydm/``: one package per method (config, stage, its own helpers);
+* ``export/``: packed artifacts (save, load), real kernels, size and OPs accounting.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ["prepare_pipeline"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "prepare_pipeline":
-        from diffsqueeze.quant.ptq import prepare_pipeline
-
-        return prepare_pipeline
-    raise AttributeError(f"module 'diffsqueeze.quant' has no attribute {name!r}")

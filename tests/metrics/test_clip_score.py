@@ -7,7 +7,13 @@ from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 from torchmetrics.multimodal.clip_score import CLIPScore
 
 from diffsqueeze.errors import DiffsqueezeError
-from diffsqueeze.metrics.clip_score import ClipScorer, ProjectedFeatures, aggregate, load_clip, tiny_clip
+from diffsqueeze.metrics.clip_score import (
+    ClipScorer,
+    ProjectedFeatures,
+    aggregate,
+    load_clip,
+    tiny_clip,
+)
 
 PROMPTS = ["a photo of a cat", "a red car on a street", "a bowl of fruit", "x"]
 

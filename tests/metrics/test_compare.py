@@ -6,9 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from diffsqueeze.metrics.compare import bench_prompts_and_seeds, score_image_sets, write_marked_section
-from diffsqueeze.metrics.evaluate import tiny_feature_net
-from diffsqueeze.metrics.fid import frechet_distance, reference_stats
+from diffsqueeze.metrics.compare import (
+    bench_prompts_and_seeds,
+    score_image_sets,
+    write_marked_section,
+)
+from diffsqueeze.metrics.feature_nets import tiny_feature_net
+from diffsqueeze.metrics.fid_stats import reference_stats
+from diffsqueeze.metrics.frechet import frechet_distance
 
 
 def _images(seed: int, n: int = 24) -> torch.Tensor:

@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from diffsqueeze.metrics.fidelity import PSNR_CAP_DB, fidelity_summary, lpips_status, per_image_fidelity
+from diffsqueeze.metrics.fidelity import (
+    PSNR_CAP_DB,
+    fidelity_summary,
+    lpips_status,
+    per_image_fidelity,
+)
 
 
 def _images(seed, n=3, size=32):

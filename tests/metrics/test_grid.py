@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from diffsqueeze.cli import main
+from diffsqueeze.loading import load_pipeline
 from diffsqueeze.metrics.grid import (
     GridColumn,
     column_label,
-    denoiser_bytes,
     generate_images,
     grid_rows,
     make_grid,
-    sampler_description,
 )
-from diffsqueeze.models import load_pipeline, save_pipeline
+from diffsqueeze.metrics.pipeline_info import denoiser_bytes, sampler_description
+from diffsqueeze.models import save_pipeline
 
 PROMPTS = ["a photo of a cat", "a red car on a street"]
 

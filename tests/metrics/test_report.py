@@ -7,7 +7,13 @@ import pytest
 
 from diffsqueeze.cli import main
 from diffsqueeze.errors import DiffsqueezeError
-from diffsqueeze.metrics.report import PLOT_FILE, points_of, quality_size_svg, read_metrics, write_report
+from diffsqueeze.metrics.report import (
+    PLOT_FILE,
+    points_of,
+    quality_size_svg,
+    read_metrics,
+    write_report,
+)
 
 SVG = "{http://www.w3.org/2000/svg}"
 

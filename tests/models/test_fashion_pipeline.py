@@ -7,7 +7,11 @@ from PIL import Image
 
 from diffsqueeze.models import fashion
 from diffsqueeze.models.fashion.clip import clip_config
-from diffsqueeze.models.fashion.pipeline import FashionDiffusionPipeline, scheduler_config, unet_config
+from diffsqueeze.models.fashion.pipeline import (
+    FashionDiffusionPipeline,
+    scheduler_config,
+    unet_config,
+)
 from diffsqueeze.models.fashion.tokenizer import load_tokenizer
 
 
@@ -83,7 +87,11 @@ def test_builtin_pipeline_generates():
 @pytest.mark.skipif(not (fashion.CLIP_DIR / "model.safetensors").is_file(), reason="builtin CLIP not trained")
 def test_builtin_clip_classifies_reference_images():
     from diffsqueeze.models.fashion.clip import gray_to_clip_pixels, zero_shot_predict
-    from diffsqueeze.models.fashion.data import load_reference_subset, pad_to_32, to_model_range
+    from diffsqueeze.models.fashion.data import (
+        load_reference_subset,
+        pad_to_32,
+        to_model_range,
+    )
 
     model, tok = fashion.build_fashion_clip()
     x, y = load_reference_subset()

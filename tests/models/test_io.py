@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from diffsqueeze.errors import ModelLoadError
-from diffsqueeze.models import check_model_spec, find_roles, load_pipeline, save_pipeline
+from diffsqueeze.loading import load_pipeline
+from diffsqueeze.models import check_model_spec, find_roles, save_pipeline
 
 
 def generate(pipe, seed=3):

@@ -91,7 +91,7 @@ def test_denoiser_replay_matches_recorded_call(recorded, tiny_sd):
 
 
 def test_nan_inputs_name_the_timestep(tmp_path):
-    from diffsqueeze.models import load_pipeline
+    from diffsqueeze.loading import load_pipeline
 
     pipe = load_pipeline("builtin:tiny-sd")
     with torch.no_grad():

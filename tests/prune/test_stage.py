@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffsqueeze.models import load_pipeline, load_with_state, save_pipeline
+from diffsqueeze.loading import load_pipeline, load_with_state
+from diffsqueeze.models import save_pipeline
+from diffsqueeze.models.state import CompressionState
 from diffsqueeze.pipelines.context import StageContext
-from diffsqueeze.pipelines.state import CompressionState
 from diffsqueeze.prune.masks import enforce_masks, masked_gradients
 from diffsqueeze.prune.stage import PruneConfig, PruneStage, prunable_weights
 from diffsqueeze.recipe import recipe_from_dict
@@ -34,7 +35,7 @@ def test_targets_are_hit_within_one_weight_per_unit(tmp_path, model, targets, sc
     stage.check(pipe)
     summary = stage.apply(pipe, ctx)
     for key, target in targets.items():
-        comp = stage._components(pipe)[key]
+        comp = stage.components(pipe)[key]
         s = summary["components"][comp]
         if scope == "global":
             assert abs(s["pruned_weights"] - target * s["counted_weights"]) <= 0.5

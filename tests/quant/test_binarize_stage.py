@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from diffsqueeze.errors import RecipeError
-from diffsqueeze.models import load_pipeline, load_with_state
+from diffsqueeze.loading import load_pipeline, load_with_state
 from diffsqueeze.pipelines.runner import run_recipe
-from diffsqueeze.quant.accounting import read_packed
-from diffsqueeze.quant.binarize_stage import BinarizeConfig, BinarizeStage, block_groups, plan_layers
-from diffsqueeze.quant.binary_modules import AttentionActQuant, BinaryMixin
+from diffsqueeze.quant.binarydm.act_scales import init_act_scales
+from diffsqueeze.quant.binarydm.policy import block_groups, plan_layers
+from diffsqueeze.quant.binarydm.stage import BinarizeConfig, BinarizeStage
+from diffsqueeze.quant.export.accounting import read_packed
+from diffsqueeze.quant.nn.binary_layers import AttentionActQuant, BinaryMixin
 from diffsqueeze.recipe import recipe_from_dict
 
 CALIB = {"num_samples": 2, "timesteps": 2, "num_inference_steps": 2, "batch_size": 2, "guidance_scale": 1.0}
@@ -66,7 +68,7 @@ def test_check_rejects_dataset_mode_on_flow_matching():
 
 
 def _train(**kw):
-    from diffsqueeze.quant.binarize_stage import BinaryTrainConfig
+    from diffsqueeze.quant.binarydm.config import BinaryTrainConfig
 
     return BinaryTrainConfig(**kw)
 
@@ -104,7 +106,7 @@ def test_tiny_sd_pruned_binarized_w1a4_reloads(tmp_path):
     assert summary["storage"]["ratio_fp32_to_packed"] > 3
     assert summary["ops"]["saving_vs_fp32"] > 3
     assert summary["training"]["groups_switched_on_at"] == [0, 0, 0]  # 30% of 2 iters: all at once
-    from diffsqueeze.models.describe import describe_pipeline, format_description
+    from diffsqueeze.describe import describe_pipeline, format_description
 
     text = format_description(describe_pipeline(pipe, state, run_dir / "model"), manifest)
     assert "unet: packed" in text and "OPs" in text  # `diffsqueeze inspect` shows the accounting
@@ -153,8 +155,11 @@ def test_tiny_dit_transformer_policy_w1a32_no_training(tmp_path):
 
 
 def test_dataset_batches_give_noisy_latents_and_epsilon_targets(tiny_sd):
-    from diffsqueeze.models.fashion.data import FashionMNISTMissingError, load_fashion_mnist
-    from diffsqueeze.quant.binarize_stage import dataset_batches
+    from diffsqueeze.models.fashion.data import (
+        FashionMNISTMissingError,
+        load_fashion_mnist,
+    )
+    from diffsqueeze.quant.binarydm.data import dataset_batches
 
     try:
         load_fashion_mnist("train")
@@ -170,7 +175,7 @@ def test_dataset_batches_give_noisy_latents_and_epsilon_targets(tiny_sd):
 
 
 def test_progressive_schedule_innermost_first():
-    from diffsqueeze.quant.binarize_stage import progressive_schedule
+    from diffsqueeze.quant.binarydm.policy import progressive_schedule
 
     steps, on = progressive_schedule(1000, 0.3, 3)
     assert steps == 300 and on == {0: 0, 1: 100, 2: 200}
@@ -179,7 +184,7 @@ def test_progressive_schedule_innermost_first():
 
 def test_activation_init_sees_every_calibration_timestep(tiny_sd, tmp_path):
     from diffsqueeze.pipelines.calibration import record_calibration
-    from diffsqueeze.quant.binarize_stage import act_init_batches
+    from diffsqueeze.quant.binarydm.data import act_init_batches
     from diffsqueeze.recipe import CalibrationConfig
 
     calib = CalibrationConfig(num_samples=2, timesteps=3, num_inference_steps=3, batch_size=2, guidance_scale=1.0)
@@ -200,16 +205,16 @@ def test_activation_init_covers_attention_quantizers(tiny_sd):
 
     import torch.nn.functional as F
 
-    from diffsqueeze.quant.attention import RouteSDPA
-    from diffsqueeze.quant.binary_modules import act_quantizers_of
+    from diffsqueeze.quant.nn.attention import RouteSDPA
+    from diffsqueeze.quant.nn.binary_layers import act_quantizers_of
 
     unet = copy.deepcopy(tiny_sd.unet)
     cfg = BinarizeConfig()
     blocks, groups = block_groups(unet, _unet_kwargs())
     stage = BinarizeStage(cfg)
     ctx = types.SimpleNamespace(state=types.SimpleNamespace(masks={}, modules={}))
-    stage._swap(unet, "unet", plan_layers(unet, blocks, groups, cfg), ctx)
-    attn = stage._attention(unet, "unet", blocks, ctx)
+    stage.swap_layers(unet, "unet", plan_layers(unet, blocks, groups, cfg), ctx)
+    attn = stage.quantize_attention(unet, "unet", blocks, ctx)
     assert len(attn) == 8
     qs = act_quantizers_of(unet)
     for q in qs:
@@ -239,7 +244,7 @@ def test_activation_init_covers_attention_quantizers(tiny_sd):
         h.remove()
     assert set(seen) == set(attn)
 
-    stage._init_act_scales(unet, batches)
+    init_act_scales(unet, batches)
     assert all(not q.enabled for q in qs)  # the init leaves the switches as it found them
     for q in qs:
         assert float(q.scale.detach()) != 1.0

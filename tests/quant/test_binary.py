@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffsqueeze.quant.binary import binarize, binarize_reference, binary_sign, init_scales
+from diffsqueeze.quant.primitives.binary import (
+    binarize,
+    binarize_reference,
+    binary_sign,
+    init_scales,
+)
 
 
 def loop_scales(w: torch.Tensor, mask: torch.Tensor | None):

@@ -47,9 +47,9 @@ def test_builtin_recipe_runs_end_to_end(name, tmp_path):
 
     import torch
 
-    from diffsqueeze.models import load_pipeline
+    from diffsqueeze.loading import load_pipeline
     from diffsqueeze.pipelines.runner import run_recipe
-    from diffsqueeze.quant.ptq import prepare_pipeline
+    from diffsqueeze.quant.nn.routing import prepare_pipeline
 
     recipe = load_recipe(REPO / "configs" / f"{name}.yaml", [f"output_dir={tmp_path / name}", "device=cpu"])
     run_dir = run_recipe(recipe)

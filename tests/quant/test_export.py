@@ -16,15 +16,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffsqueeze.errors import ModelLoadError
-from diffsqueeze.models import load_pipeline, load_with_state
-from diffsqueeze.pipelines.module_swaps import swap_module
-from diffsqueeze.pipelines.state import CompressionState
-from diffsqueeze.quant.binary_modules import make_binary_module
-from diffsqueeze.quant.export import PACKED_FILE, export_pipeline, pack_layer
-from diffsqueeze.quant.formats import FPFormat, int_qparams, parse_format
-from diffsqueeze.quant.modules import make_quant_module
-from diffsqueeze.quant.pack import packed_nbytes
-from diffsqueeze.quant.packed_modules import PackedMixin
+from diffsqueeze.loading import load_pipeline, load_with_state
+from diffsqueeze.models.state import CompressionState
+from diffsqueeze.quant.export.save import PACKED_FILE, export_pipeline, pack_layer
+from diffsqueeze.quant.nn.binary_layers import make_binary_module
+from diffsqueeze.quant.nn.layers import make_quant_module
+from diffsqueeze.quant.nn.packed import PackedMixin
+from diffsqueeze.quant.nn.swaps import swap_module
+from diffsqueeze.quant.primitives.formats import FPFormat, int_qparams, parse_format
+from diffsqueeze.quant.primitives.pack import packed_nbytes
 
 FORMATS = ["int4", "int8_sym", "int3", "int2", "fp4_e2m1", "fp8_e4m3_hw", "fp6_e3m2", "fp8_e5m2_hw", "fp8_e4m3",
            "int6_sym"]

@@ -1,5 +1,5 @@
 """Packed export of real runs (slow): the ptq and binarize stages on builtin:tiny-sd, exported by the
-runner's ``_export``, reload through ``load_pipeline(run_dir)`` with bit-identical images."""
+runner's ``export_model``, reload through ``load_pipeline(run_dir)`` with bit-identical images."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from diffsqueeze.models import load_pipeline
+from diffsqueeze.loading import load_pipeline
+from diffsqueeze.models.state import CompressionState
 from diffsqueeze.pipelines.context import StageContext
-from diffsqueeze.pipelines.runner import _export
-from diffsqueeze.pipelines.stage import stage_registry
-from diffsqueeze.pipelines.state import CompressionState
-from diffsqueeze.quant.packed_modules import PackedMixin
+from diffsqueeze.pipelines.runner import export_model
+from diffsqueeze.quant.nn.packed import PackedMixin
 from diffsqueeze.recipe import recipe_from_dict
+from diffsqueeze.stages import STAGES
 
 pytestmark = pytest.mark.slow
 CALIB = {"num_samples": 2, "timesteps": 2, "num_inference_steps": 2, "batch_size": 2, "guidance_scale": 1.0}
@@ -36,14 +36,14 @@ def run_and_export(tmp_path, stages):
     ctx = StageContext(recipe=recipe, index=0, run_dir=run_dir, device=torch.device("cpu"), seed=0,
                        state=CompressionState(), teacher_factory=lambda: load_pipeline("builtin:tiny-sd"))
     pipe = load_pipeline("builtin:tiny-sd")
-    registry = stage_registry()
+    registry = STAGES
     for i, s in enumerate(recipe.stages):
         ctx.index = i
         registry[s.name].stage_cls(s.config).apply(pipe, ctx)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "manifest.json").write_text(json.dumps({"status": "running"}))
     manifest: dict = {}
-    _export(pipe, ctx, run_dir, manifest)
+    export_model(pipe, ctx, run_dir, manifest)
     return pipe, run_dir, manifest
 
 

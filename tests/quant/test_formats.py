@@ -1,4 +1,4 @@
-"""Tests of diffsqueeze.quant.formats against float64 references that enumerate each grid."""
+"""Tests of diffsqueeze.quant.primitives.formats against float64 references that enumerate each grid."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffsqueeze.quant import formats as F
-from diffsqueeze.quant.formats import (
+from diffsqueeze.quant.primitives import formats as F
+from diffsqueeze.quant.primitives.formats import (
     E1M2,
     E2M1,
     E2M1_HW,

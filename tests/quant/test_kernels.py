@@ -7,12 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-import diffsqueeze.models  # noqa: F401  (import order: binary_modules alone hits a models <-> module_swaps cycle)
-from diffsqueeze.quant.binary_modules import make_binary_module
-from diffsqueeze.quant.export import pack_layer
-from diffsqueeze.quant.formats import int_qparams
-from diffsqueeze.quant.kernels import _layer_plan, is_two_four, use_real_kernels
-from diffsqueeze.quant.modules import make_quant_module
+from diffsqueeze.quant.export.kernels import layer_plan, is_two_four, use_real_kernels
+from diffsqueeze.quant.export.save import pack_layer
+from diffsqueeze.quant.nn.binary_layers import make_binary_module
+from diffsqueeze.quant.nn.layers import make_quant_module
+from diffsqueeze.quant.primitives.formats import int_qparams
 
 
 class Holder(nn.Module):
@@ -71,14 +70,14 @@ def test_bnb_4bit_in_features_32_stays_simulated():
 def test_fp8_storage_binary_and_acts_are_simulated_with_reasons():
     fp8 = packed_linear("fp8_e4m3_hw", 64, 64)
     assert fp8.qweight0.dtype == torch.float8_e4m3fn
-    plan = _layer_plan(fp8, torch.device("cpu"), None)
+    plan = layer_plan(fp8, torch.device("cpu"), None)
     assert plan["compute"] == "simulated" and plan["kernel"].startswith("float8 storage")
     w8a8 = packed_linear("int8_sym", 64, 64, act={"format": "int8", "shape": [1]})
-    assert "activations" in _layer_plan(w8a8, torch.device("cpu"), None)["reason"]
+    assert "activations" in layer_plan(w8a8, torch.device("cpu"), None)["reason"]
     b = make_binary_module(nn.Linear(64, 64), {"order": 2})
     b.weight_quant.init_from(b.weight)
     pb, _ = pack_layer(b)
-    assert _layer_plan(pb, torch.device("cpu"), None)["compute"] == "simulated"
+    assert layer_plan(pb, torch.device("cpu"), None)["compute"] == "simulated"
 
 
 def test_two_four_detection():
@@ -86,7 +85,7 @@ def test_two_four_detection():
     assert is_two_four(m)
     assert not is_two_four(torch.ones(1, 8, dtype=torch.bool))
     dense = nn.Linear(8, 1)
-    plan = _layer_plan(dense, torch.device("cpu"), m)
+    plan = layer_plan(dense, torch.device("cpu"), m)
     assert plan["compute"] == "simulated" and "GPU" in plan["reason"]
 
 

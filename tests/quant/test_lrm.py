@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffsqueeze.quant.lrm import LowRankMimicking, capture_outputs, features_2d, output_tensors, pca_projection
+from diffsqueeze.quant.binarydm.lrm import (
+    LowRankMimicking,
+    capture_outputs,
+    features_2d,
+    output_tensors,
+    pca_projection,
+)
 
 
 def test_features_2d_flattens_over_the_channel_dim():

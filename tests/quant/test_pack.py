@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from diffsqueeze.quant.pack import pack_bool, pack_codes, packed_nbytes, unpack_bool, unpack_codes
+from diffsqueeze.quant.primitives.pack import (
+    pack_bool,
+    pack_codes,
+    packed_nbytes,
+    unpack_bool,
+    unpack_codes,
+)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

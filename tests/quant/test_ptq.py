@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from diffsqueeze.errors import RecipeError
-from diffsqueeze.models import load_pipeline, save_pipeline
+from diffsqueeze.loading import load_pipeline
+from diffsqueeze.models import save_pipeline
+from diffsqueeze.models.state import CompressionState
 from diffsqueeze.pipelines.calibration import CalibrationError
 from diffsqueeze.pipelines.context import StageContext
-from diffsqueeze.pipelines.state import CompressionState
 from diffsqueeze.prune.stage import PruneStage
-from diffsqueeze.quant.modules import QuantMixin
-from diffsqueeze.quant.ptq import PTQStage, prepare_pipeline
+from diffsqueeze.quant.nn.layers import QuantMixin
+from diffsqueeze.quant.ptq.stage import PTQStage
 from diffsqueeze.recipe import recipe_from_dict
 
 CALIB = {"num_samples": 1, "timesteps": 2, "num_inference_steps": 2, "batch_size": 1}
@@ -125,7 +126,7 @@ def test_sd_reload_gives_identical_images(sd_run):
     save_pipeline(pipe, tmp / "model", ctx.state)
     again = load_pipeline(str(tmp / "model"))
     assert len(quant_layers(again.unet)) == 83
-    # no prepare_pipeline: the reload attaches timestep routing itself (module_swaps finalizers)
+    # no prepare_pipeline: the reload attaches timestep routing itself (the artifact format's after_placement)
     assert torch.equal(generate(again), before)
     ref = generate(load_pipeline("builtin:tiny-sd"))
     assert not torch.equal(ref, before)  # quantization did change the model
@@ -167,19 +168,19 @@ def test_inf_activation_names_layer_and_timestep(shared):
 
 def test_output_search_needs_inputs_that_span_the_layer():
     """Rank-deficient calibration inputs (time embeddings, a few prompts) fall back to the weight error."""
-    from diffsqueeze.quant.ptq import LayerPlan, _spans_inputs
+    from diffsqueeze.quant.ptq.tracing import LayerPlan, spans_inputs
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 8)
     plan = LayerPlan("lin", "fp8_e4m3", None, None, None)
     few = torch.randn(3, 16).repeat(4, 1)  # 12 rows, 3 distinct vectors
-    assert not _spans_inputs(lin, few, plan)
+    assert not spans_inputs(lin, few, plan)
     assert "span 3 of 16" in plan.notes[0]
-    assert _spans_inputs(lin, torch.randn(64, 16), LayerPlan("lin", "fp8_e4m3", None, None, None))
-    assert not _spans_inputs(lin, torch.randn(10, 16), LayerPlan("lin", "fp8_e4m3", None, None, None))
+    assert spans_inputs(lin, torch.randn(64, 16), LayerPlan("lin", "fp8_e4m3", None, None, None))
+    assert not spans_inputs(lin, torch.randn(10, 16), LayerPlan("lin", "fp8_e4m3", None, None, None))
     one_by_one = torch.nn.Conv2d(4, 4, 1)
-    assert _spans_inputs(one_by_one, torch.randn(2, 4, 5, 5), LayerPlan("c", None, None, None, None))
+    assert spans_inputs(one_by_one, torch.randn(2, 4, 5, 5), LayerPlan("c", None, None, None, None))
     flat = torch.randn(2, 4, 1, 1).expand(2, 4, 5, 5)  # the same vector at every position
-    assert not _spans_inputs(one_by_one, flat, LayerPlan("c", None, None, None, None))
+    assert not spans_inputs(one_by_one, flat, LayerPlan("c", None, None, None, None))
     three = torch.nn.Conv2d(4, 4, 3)
-    assert _spans_inputs(three, flat, LayerPlan("c", None, None, None, None))  # k x k: patches, kept
+    assert spans_inputs(three, flat, LayerPlan("c", None, None, None, None))  # k x k: patches, kept

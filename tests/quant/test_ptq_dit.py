@@ -9,12 +9,14 @@ import pytest
 import torch
 import yaml
 
-from diffsqueeze.models import load_pipeline, save_pipeline
+from diffsqueeze.loading import load_pipeline
+from diffsqueeze.models import save_pipeline
 from diffsqueeze.prune.stage import PruneStage
-from diffsqueeze.quant.formats import formats_for_bits, fp_quantize
-from diffsqueeze.quant.modules import QuantMixin
-from diffsqueeze.quant.ptq import PTQStage, prepare_pipeline
-from diffsqueeze.quant.reconstruct import reconstruction_units
+from diffsqueeze.quant.nn.layers import QuantMixin
+from diffsqueeze.quant.nn.routing import prepare_pipeline
+from diffsqueeze.quant.primitives.formats import formats_for_bits, fp_quantize
+from diffsqueeze.quant.ptq.reconstruct import reconstruction_units
+from diffsqueeze.quant.ptq.stage import PTQStage
 from tests.quant.test_ptq import generate, make_ctx, quant_layers
 
 
@@ -39,7 +41,7 @@ def dit_run(tmp_path_factory):
 
 def test_units_are_transformer_blocks_and_lone_layers():
     pipe = load_pipeline("builtin:tiny-dit")
-    from diffsqueeze.quant.modules import make_quant_module
+    from diffsqueeze.quant.nn.layers import make_quant_module
 
     for name, m in list(pipe.transformer.named_modules()):
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):

@@ -10,19 +10,29 @@ import torch
 import torch.nn.functional as F
 
 from diffsqueeze.errors import RecipeError
-from diffsqueeze.quant.attention import explicit_sdpa, quantize_probs
-from diffsqueeze.quant.config import ActQuantConfig, PTQConfig, RoundingConfig, WeightQuantConfig
-from diffsqueeze.quant.formats import E2M1, E4M3, fp_grid, fp_quantize, parse_format
-from diffsqueeze.quant.modules import QuantConv2d, QuantLinear, make_quant_module
-from diffsqueeze.quant.quantizers import (
-    ActQuantizer,
-    WeightQuantizer,
+from diffsqueeze.quant.nn.attention import explicit_sdpa, quantize_probs
+from diffsqueeze.quant.nn.layers import QuantConv2d, QuantLinear, make_quant_module
+from diffsqueeze.quant.nn.quantizers import ActQuantizer, WeightQuantizer
+from diffsqueeze.quant.nn.routing import TimestepContext, group_assignment
+from diffsqueeze.quant.primitives.formats import (
+    E2M1,
+    E4M3,
+    fp_grid,
+    fp_quantize,
+    parse_format,
+)
+from diffsqueeze.quant.primitives.rounding import (
     inverse_rectified_sigmoid,
     rectified_sigmoid,
     rounding_regularizer,
 )
-from diffsqueeze.quant.reconstruct import beta_at
-from diffsqueeze.quant.timestep import TimestepContext, group_assignment
+from diffsqueeze.quant.ptq.config import (
+    ActQuantConfig,
+    PTQConfig,
+    RoundingConfig,
+    WeightQuantConfig,
+)
+from diffsqueeze.quant.ptq.reconstruct import beta_at
 
 
 def ref_int(x, scale, zp, bits, symmetric):
@@ -270,8 +280,8 @@ def test_adaround_beats_round_to_nearest_on_layer_output(fmt):
     import random
     from types import SimpleNamespace
 
-    from diffsqueeze.quant.reconstruct import _adaround, output_loss
-    from diffsqueeze.quant.search import fp_bias_search, int_scale_search
+    from diffsqueeze.quant.primitives.search import fp_bias_search, int_scale_search
+    from diffsqueeze.quant.ptq.reconstruct import adaround_unit, output_loss
 
     torch.manual_seed(8)
     lin = torch.nn.Linear(32, 16)
@@ -288,7 +298,7 @@ def test_adaround_beats_round_to_nearest_on_layer_output(fmt):
         rtn = float(output_loss(q(x), target))
     inputs, targets = [((x,), {})], [target]
     cfg = RoundingConfig(iters=300, batch_size=256, lr=1e-2)
-    _adaround(q, [q], inputs, targets, [SimpleNamespace(timestep=0.0)], TimestepContext(), cfg, random.Random(0), "t")
+    adaround_unit(q, [q], inputs, targets, [SimpleNamespace(timestep=0.0)], TimestepContext(), cfg, random.Random(0), "t")
     with torch.no_grad():
         learned = float(output_loss(q(x), target))
     assert learned < rtn
@@ -296,7 +306,7 @@ def test_adaround_beats_round_to_nearest_on_layer_output(fmt):
 
 def test_timestep_weights_balance_relative_error_and_cap():
     """Each timestep counts by its relative error; the weighted reference keeps its mean."""
-    from diffsqueeze.quant.reconstruct import timestep_weights, weighted_mean
+    from diffsqueeze.quant.ptq.reconstruct import timestep_weights, weighted_mean
 
     ref = {999.0: 1.0, 499.0: 3.0, 99.0: 8.0}
     w = timestep_weights(ref, cap=100.0)
@@ -314,7 +324,7 @@ def test_adaround_keeps_round_to_nearest_when_learning_does_not_help(monkeypatch
     import random
     from types import SimpleNamespace
 
-    import diffsqueeze.quant.reconstruct as rec
+    import diffsqueeze.quant.ptq.reconstruct as rec
 
     torch.manual_seed(3)
     lin = torch.nn.Linear(16, 8)
@@ -331,7 +341,7 @@ def test_adaround_keeps_round_to_nearest_when_learning_does_not_help(monkeypatch
 
     monkeypatch.setattr(rec, "_optimize_rounding", round_everything_up)
     cfg = RoundingConfig(iters=1, batch_size=64)
-    out = rec._adaround(q, [q], [((x,), {})], [target], [SimpleNamespace(timestep=0.0)], TimestepContext(), cfg,
+    out = rec.adaround_unit(q, [q], [((x,), {})], [target], [SimpleNamespace(timestep=0.0)], TimestepContext(), cfg,
                         random.Random(0), "t")
     assert out["kept"] == "nearest" and out["learned_loss"] > out["nearest_loss"]
     assert out["per_timestep"]["0"]["learned"] > out["per_timestep"]["0"]["nearest"]
@@ -340,6 +350,6 @@ def test_adaround_keeps_round_to_nearest_when_learning_does_not_help(monkeypatch
     # with the guard off the bad rounding stays
     q2 = make_quant_module(torch.nn.Linear(16, 8), {"weight_format": "int4"})
     cfg_off = RoundingConfig(iters=1, batch_size=64, keep_better=False)
-    out2 = rec._adaround(q2, [q2], [((x,), {})], [target], [SimpleNamespace(timestep=0.0)], TimestepContext(),
+    out2 = rec.adaround_unit(q2, [q2], [((x,), {})], [target], [SimpleNamespace(timestep=0.0)], TimestepContext(),
                          cfg_off, random.Random(0), "t")
     assert out2["kept"] == "adaround"

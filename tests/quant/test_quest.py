@@ -8,11 +8,15 @@ import pytest
 import torch
 
 from diffsqueeze.errors import RecipeError
-from diffsqueeze.models import load_pipeline, save_pipeline
+from diffsqueeze.loading import load_pipeline
+from diffsqueeze.models import save_pipeline
 from diffsqueeze.prune.stage import PruneStage
-from diffsqueeze.quant.modules import QuantMixin, make_quant_module
-from diffsqueeze.quant.ptq import PTQStage, prepare_pipeline
-from diffsqueeze.quant.quest import QuestStage, _grid_weights, detect_time_layers
+from diffsqueeze.quant.nn.layers import QuantMixin, make_quant_module
+from diffsqueeze.quant.nn.routing import prepare_pipeline
+from diffsqueeze.quant.ptq.stage import PTQStage
+from diffsqueeze.quant.quest.stage import QuestStage
+from diffsqueeze.quant.quest.time_layers import detect_time_layers
+from diffsqueeze.quant.quest.training import grid_weights as _grid_weights
 from diffsqueeze.recipe import recipe_from_dict
 from tests.quant.test_ptq import make_ctx
 
@@ -163,9 +167,9 @@ def test_quest_result_reloads_identically(quest_run):
 
 
 def test_only_the_current_timestep_group_scales_move():
-    from diffsqueeze.quant.quantizers import ActQuantizer
-    from diffsqueeze.quant.quest import _GroupScales
-    from diffsqueeze.quant.timestep import TimestepContext
+    from diffsqueeze.quant.nn.quantizers import ActQuantizer
+    from diffsqueeze.quant.nn.routing import TimestepContext
+    from diffsqueeze.quant.quest.training import GroupScales as _GroupScales
 
     q = ActQuantizer("int4", (1,), groups=2, n_timesteps=2)
     q.set_routing([900.0, 100.0], [0, 1])

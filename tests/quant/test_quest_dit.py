@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from diffsqueeze.models import load_pipeline
-from diffsqueeze.quant.ptq import PTQStage
-from diffsqueeze.quant.quest import QuestStage, detect_time_layers
+from diffsqueeze.loading import load_pipeline
+from diffsqueeze.quant.ptq.stage import PTQStage
+from diffsqueeze.quant.quest.stage import QuestStage
+from diffsqueeze.quant.quest.time_layers import detect_time_layers
 from tests.quant.test_ptq import make_ctx
 
 CALIB = {"num_samples": 1, "timesteps": 2, "num_inference_steps": 2, "batch_size": 1}

@@ -1,4 +1,4 @@
-"""Tests of diffsqueeze.quant.search: candidates, selection and losses against brute force."""
+"""Tests of diffsqueeze.quant.primitives.search: candidates, selection and losses against brute force."""
 
 from __future__ import annotations
 
@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from diffsqueeze.quant import formats as F
-from diffsqueeze.quant import search as S
-from diffsqueeze.quant.formats import E1M2, E2M1, E2M1_HW, E3M0, E4M3, E4M3_HW, E5M2
+from diffsqueeze.quant.primitives import formats as F
+from diffsqueeze.quant.primitives import search as S
+from diffsqueeze.quant.primitives.formats import (
+    E1M2,
+    E2M1,
+    E2M1_HW,
+    E3M0,
+    E4M3,
+    E4M3_HW,
+    E5M2,
+)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -8,14 +8,14 @@ import json
 import torch
 
 from diffsqueeze.cli import main
-from diffsqueeze.models import load_pipeline
+from diffsqueeze.describe import sensitivity_for_run
+from diffsqueeze.loading import load_pipeline
 from diffsqueeze.pipelines.calibration import collect_calibration
-from diffsqueeze.quant.ptq import PTQStage
-from diffsqueeze.quant.sensitivity import (
+from diffsqueeze.quant.ptq.stage import PTQStage
+from diffsqueeze.quant.quest.sensitivity import (
     SENSITIVITY_FILE,
     format_sensitivity,
     measure_sensitivity,
-    sensitivity_for_run,
     write_sensitivity,
 )
 from tests.quant.test_ptq import make_ctx
@@ -61,7 +61,7 @@ def test_calibration_subset_spreads_over_uncond_and_cond(tmp_path):
     from safetensors.torch import save_file
 
     from diffsqueeze.pipelines.calibration import CalibrationData
-    from diffsqueeze.quant.sensitivity import calibration_subset
+    from diffsqueeze.quant.quest.sensitivity import calibration_subset
 
     files = []
     for k, t in enumerate((900.0, 100.0)):

@@ -8,9 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffsqueeze.errors import DiffsqueezeError
+
 from .clip import CLIP_DIR, WEIGHTS_DIR, image_processor, load_fashion_clip  # noqa: F401
-from .data import (CLASS_NAMES, FashionMNISTMissingError, caption, class_prompt, load_fashion_mnist,
-                   load_reference_subset, pad_to_32)
+from .data import (
+    CLASS_NAMES,
+    FashionMNISTMissingError,
+    caption,
+    class_prompt,
+    load_fashion_mnist,
+    load_reference_subset,
+    pad_to_32,
+)
 from .pipeline import FashionDiffusionPipeline, FashionPipelineOutput
 from .tokenizer import load_tokenizer
 
@@ -23,7 +32,7 @@ __all__ = [
 ]
 
 
-class BuiltinWeightsMissingError(FileNotFoundError):
+class BuiltinWeightsMissingError(DiffsqueezeError, FileNotFoundError):
     """The trained weights of a builtin model are not in the package."""
 
 

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from diffsqueeze.errors import DiffsqueezeError
+
 __all__ = [
     "CLASS_NAMES",
     "TEMPLATES",
@@ -58,7 +60,7 @@ DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 REFERENCE_SUBSET = Path(__file__).with_name("reference_test_subset.npz")
 
 
-class FashionMNISTMissingError(FileNotFoundError):
+class FashionMNISTMissingError(DiffsqueezeError, FileNotFoundError):
     """The Fashion-MNIST idx files are not installed."""
 
 

@@ -1,0 +1,58 @@
+"""What the metrics need to know about a diffusers pipeline: its denoiser, device, sampler, size.
+
+The denoiser is the component that compression changes (a UNet or a transformer); it is found by
+role (:func:`diffsqueeze.models.find_roles`), never by a fixed attribute name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "denoiser_name",
+    "pipeline_device",
+    "sampler_description",
+    "denoiser_bytes",
+]
+
+
+def denoiser_name(pipe) -> str:
+    """The attribute name of the pipeline's denoiser (``unet``, ``transformer``, ...)."""
+    from diffsqueeze.models import find_roles
+
+    return find_roles(pipe).denoiser
+
+
+def pipeline_device(pipe) -> torch.device:
+    """The device the pipeline's denoiser runs on."""
+    module = getattr(pipe, denoiser_name(pipe))
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def sampler_description(pipe) -> str:
+    """Scheduler class and the config entries that change sampling (for provenance)."""
+    sched = pipe.scheduler
+    keys = ("beta_schedule", "prediction_type", "timestep_spacing", "shift", "steps_offset", "clip_sample")
+    extra = ", ".join(f"{k}={sched.config[k]}" for k in keys if k in sched.config)
+    return f"{type(sched).__name__}({extra})"
+
+
+def denoiser_bytes(pipe, folder: Path | None = None) -> tuple[int, str]:
+    """Size of the denoiser: bytes of its files on disk where ``folder`` is a saved pipeline,
+    else bytes of its parameters and buffers in memory.
+
+    Returns:
+        ``(bytes, "disk" | "memory")``.
+    """
+    name = denoiser_name(pipe)
+    if folder is not None and (Path(folder) / name).is_dir():
+        files = [p for p in (Path(folder) / name).rglob("*") if p.is_file() and p.suffix == ".safetensors"]
+        if files:
+            return sum(p.stat().st_size for p in files), "disk"
+    module = getattr(pipe, name)
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors), "memory"

@@ -1,0 +1,128 @@
+"""Helpers every stage shares: calling the denoiser on recorded inputs, finding a component and
+layers by name, the order in which modules are first called, and slicing batches.
+
+One copy each: the prune, ptq, quest and binarize stages (and the sensitivity ranking) all use
+these, so a change of convention (how a denoiser is called, what a glob matches) is made once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Iterable
+
+import torch
+from diffusers import DiffusionPipeline
+from tqdm.auto import tqdm
+
+from diffsqueeze.errors import ModelLoadError, RecipeError
+from diffsqueeze.models.roles import module_components, resolve_component
+from diffsqueeze.pipelines.faults import maybe_kill
+
+
+def call_denoiser(denoiser: torch.nn.Module, kwargs: dict) -> torch.Tensor:
+    """Run the denoiser on recorded inputs; returns its prediction tensor."""
+    out = denoiser(**{**kwargs, "return_dict": False})
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def stage_component(pipe: DiffusionPipeline, key: str, where: str = "component") -> str:
+    """The component a stage config names (``denoiser`` or a component name).
+
+    Raises:
+        RecipeError: at ``where`` (the config key), naming the pipeline's components.
+    """
+    try:
+        return resolve_component(pipe, key)
+    except ModelLoadError:
+        comps = module_components(pipe)
+        raise RecipeError(where, f"no component '{key}' in {type(pipe).__name__}; "
+                                 f"its components: {', '.join(comps)} (or 'denoiser')") from None
+
+
+def matches_any(name: str, globs: Iterable[str]) -> bool:
+    """Whether a module name matches one of the shell-style globs (case-sensitive)."""
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def first_call_order(root: torch.nn.Module, names: list[str], kwargs: dict, called_only: bool = False) -> list[str]:
+    """``names`` (submodules of the denoiser ``root``) sorted by their first call in one forward
+    pass on ``kwargs``; modules that are not called come last, in their given order, or are
+    left out with ``called_only``."""
+    order: list[str] = []
+    handles = [root.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: order.append(n) if n not in order else None) for n in names]
+    try:
+        with torch.no_grad():
+            call_denoiser(root, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return order if called_only else order + [n for n in names if n not in order]
+
+
+def leading_batch_size(args: tuple, kwargs: dict) -> int:
+    """The leading dimension of the first batched tensor among a call's arguments (1 if none)."""
+    for v in (*args, *kwargs.values()):
+        if torch.is_tensor(v) and v.dim() > 0:
+            return v.shape[0]
+    return 1
+
+
+def take_rows(obj: Any, idx: torch.Tensor, n: int) -> Any:
+    """Rows ``idx`` of every tensor in ``obj`` (nested lists, tuples, dicts) whose leading
+    dimension is the batch size ``n``; everything else is returned as it is."""
+    if torch.is_tensor(obj) and obj.dim() > 0 and obj.shape[0] == n:
+        return obj[idx]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(take_rows(o, idx, n) for o in obj)
+    if isinstance(obj, dict):
+        return {k: take_rows(v, idx, n) for k, v in obj.items()}
+    return obj
+
+
+def detached(obj: Any) -> Any:
+    """``obj`` with every tensor (in nested lists, tuples, dicts) detached."""
+    if torch.is_tensor(obj):
+        return obj.detach()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(detached(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: detached(v) for k, v in obj.items()}
+    return obj
+
+
+StepLoss = Callable[[int], tuple[torch.Tensor, torch.Tensor, dict[str, str]]]
+"""``fn(iteration) -> (loss to minimize, value to report, progress-bar fields)``."""
+
+
+def train_loop(optimizer: torch.optim.Optimizer, iters: int, step_loss: StepLoss, desc: str,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+               after_step: Callable[[], None] | None = None) -> tuple[float | None, float | None]:
+    """The gradient loop every training stage runs (AdaRound, LSQ, QuEST, BinaryDM).
+
+    Per iteration: the loss from ``step_loss``, one optimizer step, the scheduler's step, then
+    ``after_step`` (e.g. clamping scales). The progress bar shows the step's fields every 10
+    iterations, and the fault-injection point ``tick`` follows every step (crash tests).
+
+    Returns:
+        The reported value of the first and of the last iteration (``None`` when ``iters`` is 0).
+    """
+    first = last = None
+    with torch.enable_grad():
+        bar = tqdm(range(iters), desc=desc, leave=False, dynamic_ncols=True)
+        for it in bar:
+            loss, report, fields = step_loss(it)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if after_step is not None:
+                after_step()
+            value = float(report.detach())
+            first = value if first is None else first
+            last = value
+            if it % 10 == 0:
+                bar.set_postfix(**fields)
+            maybe_kill("tick")
+    return first, last

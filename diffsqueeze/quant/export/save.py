@@ -1,0 +1,248 @@
+"""Export of quantized pipelines as packed low-bit storage (docs/artifacts.md).
+
+Layout of an exported ``model/`` folder with quantized layers:
+
+* components without module swaps (VAE, text encoder, ...): diffusers ``save_pretrained`` files;
+* every component with swaps: ``config.json`` + ``diffsqueeze_packed.safetensors``, the
+  component's state dict in which each quantized layer's float weight (and weight quantizer)
+  is replaced by packed codes and scales (see :mod:`diffsqueeze.quant.nn.packed`);
+* ``diffsqueeze.json``: the compression state plus ``"quantization"``, the map of every packed
+  layer (format, bits, parts, storage, bytes) and of compact masks;
+* ``masks_packed.safetensors``: pruning masks at 1 bit per weight (masks of INT/FP-quantized
+  layers are not stored: those formats have an exact zero, so a pruned weight is a zero code).
+
+:func:`diffsqueeze.quant.export.load.load_packed_pipeline` rebuilds the packed components on the ``meta`` device (no float
+weights are ever allocated), swaps in packed modules and assigns the stored tensors, so the
+loaded pipeline keeps the weights packed in memory and decodes them one layer at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from diffsqueeze.errors import DiffsqueezeError, ModelLoadError
+from diffsqueeze.models.io import save_pipeline
+from diffsqueeze.models.roles import module_components
+from diffsqueeze.models.state import STATE_FILE, CompressionState
+from diffsqueeze.quant.nn.binary_layers import BinaryMixin
+from diffsqueeze.quant.nn.layers import QuantMixin
+from diffsqueeze.quant.nn.packed import (
+    FLOAT_DTYPES,
+    PACKED_CLASSES,
+    PackedMixin,
+    shell_from,
+)
+from diffsqueeze.quant.nn.swaps import swap_module
+from diffsqueeze.quant.primitives.binary import binary_bases
+from diffsqueeze.quant.primitives.formats import (
+    FPFormat,
+    bias_to_scale,
+    fp_encode,
+    int_code_range,
+    int_quantize,
+)
+from diffsqueeze.quant.primitives.pack import pack_bool, pack_codes
+
+log = logging.getLogger(__name__)
+
+MAP_VERSION = 1
+PACKED_FILE = "diffsqueeze_packed.safetensors"
+MASKS_PACKED_FILE = "masks_packed.safetensors"
+
+__all__ = ["ExportError", "export_pipeline", "has_packed_export", "needs_packed_export", "pack_layer",
+           "quantization_map"]
+
+
+class ExportError(DiffsqueezeError):
+    """A layer cannot be exported as specified."""
+
+
+def needs_packed_export(state: CompressionState) -> bool:
+    """True when the state records quantized/binary layers (a pruning-only run exports as before)."""
+    return any(r.get("kind") in PACKED_CLASSES for r in state.modules.values())
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+
+def _part_spec(q, part_w_hat: Tensor, scale_dtype: str) -> tuple[dict, dict[str, Tensor]]:
+    """Codes and scales of one weight part (``w_hat`` already on the quantizer's grid)."""
+    fmt = q.fmt
+    shape = tuple(part_w_hat.shape)
+    g = q.grouped(part_w_hat)
+    out, ng = g.shape[0], g.shape[1]
+    sdt = FLOAT_DTYPES[scale_dtype]
+    tensors: dict[str, Tensor] = {}
+    if isinstance(fmt, FPFormat):
+        scale = bias_to_scale(fmt, q.bias.detach().to(torch.float32))
+        codes = fp_encode(g, fmt, q.bias.detach().to(torch.float32))
+        if fmt.torch_dtype is not None:
+            storage = "float8"
+            tensors["qweight"] = codes.reshape(shape).contiguous().view(fmt.torch_dtype)
+        else:
+            storage = f"packed{fmt.bits}"
+            tensors["qweight"] = pack_codes(codes, fmt.bits)
+    else:
+        lo, hi = int_code_range(fmt.bits, fmt.symmetric)
+        zp = q.zero_point.detach()
+        qv = int_quantize(g, q.scale, zp, bits=fmt.bits, symmetric=fmt.symmetric, check=False)
+        tensors["qweight"] = pack_codes((qv - lo).to(torch.int32), fmt.bits)
+        storage = f"packed{fmt.bits}"
+        scale = q.scale.detach()
+        if not fmt.symmetric:
+            tensors["wzero"] = zp.to(torch.uint8)
+    tensors["wscale"] = scale.to(sdt).contiguous()
+    spec = {"format": fmt.name, "kind": fmt.kind, "bits": fmt.bits, "shape": list(shape), "numel": g.numel(),
+            "group_size": q.group_size, "n_groups": ng, "storage": storage, "scale_dtype": scale_dtype}
+    return spec, tensors
+
+
+def _binary_tensors(layer: BinaryMixin, w_hat_dtype: torch.dtype, scale_dtype: str) -> tuple[dict, dict[str, Tensor]]:
+    wq = layer.weight_quant
+    w = layer.weight.detach()
+    mask = wq.mask_of(w)
+    b1, b2 = binary_bases(w, wq.a1.detach().to(w.dtype), wq.order, mask)
+    sdt = FLOAT_DTYPES[scale_dtype]
+    tensors = {"codes1": pack_bool(b1 > 0), "a1": wq.a1.detach().to(sdt).contiguous()}
+    if wq.order == 2:
+        tensors["codes2"] = pack_bool(b2 > 0)
+        tensors["a2"] = wq.a2.detach().to(sdt).contiguous()
+    if mask is not None:
+        tensors["keep"] = pack_bool(mask)
+    spec = {"order": wq.order, "masked": mask is not None, "bits": 1, "format": f"binary_order{wq.order}",
+            "storage": "packed1", "scale_dtype": scale_dtype}
+    return spec, tensors
+
+
+@torch.no_grad()
+def pack_layer(layer: nn.Module, scale_dtype: str = "float32") -> tuple[nn.Module | None, dict]:
+    """The packed form of an in-memory quantized layer, and its map entry.
+
+    Returns ``(None, entry)`` for a layer whose weight stays float (weights not quantized, or
+    the decoded weight would not equal the in-memory one: then the entry says why).
+
+    Raises:
+        ExportError: ``scale_dtype`` is not ``float32``/``float16``.
+    """
+    if scale_dtype not in FLOAT_DTYPES:
+        raise ExportError(f"scale_dtype must be one of {', '.join(FLOAT_DTYPES)}, got {scale_dtype!r}")
+    kind = type(layer).__name__
+    w = layer.weight.detach()
+    entry: dict[str, Any] = {"kind": kind, "weight_shape": list(w.shape), "scale_dtype": scale_dtype}
+    if not getattr(layer, "quant_weights", False) or (not isinstance(layer, BinaryMixin) and not layer.weight_quantizers()):
+        entry.update(storage="float", reason="weights not quantized")
+        return None, entry
+    w_hat = layer.quantized_weight().detach()
+    tensors: dict[str, Tensor] = {}
+    if isinstance(layer, BinaryMixin):
+        bspec, tensors = _binary_tensors(layer, w_hat.dtype, scale_dtype)
+        entry.update(bspec)
+        summary = f"binary order {bspec['order']}"
+    else:
+        entry["parts"] = []
+        for i, (q, sl) in enumerate(layer.weight_parts()):
+            pspec, ptensors = _part_spec(q, w_hat[:, sl], scale_dtype)
+            entry["parts"].append(pspec)
+            tensors.update({f"{k}{i}": v for k, v in ptensors.items()})
+        entry["mask"] = "zero_codes"
+        entry["storage"] = "packed"
+        summary = "+".join(p["format"] for p in entry["parts"])
+    entry["summary"] = summary
+    packed = shell_from(layer, kind, entry)
+    for name, t in tensors.items():
+        packed.register_buffer(name, t)
+    decoded = packed.quantized_weight()
+    if scale_dtype == "float32" and not torch.equal(decoded, w_hat):
+        diff = (decoded - w_hat).abs().max().item()
+        log.warning("layer %s: packed weight differs from the in-memory one (max %.3g); kept as float", kind, diff)
+        entry = {"kind": kind, "weight_shape": list(w.shape), "storage": "float",
+                 "reason": f"packed decode differs from the fake-quantized weight by {diff:.3g}"}
+        return None, entry
+    entry["packed_bytes"] = packed.packed_nbytes()
+    entry["float32_bytes"] = w.numel() * 4
+    return packed, entry
+
+
+def _component_state(module: nn.Module, packs: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """``module.state_dict()`` with the packed layers in place of the in-memory ones."""
+    originals = {name: module.get_submodule(name) for name in packs}
+    try:
+        for name, packed in packs.items():
+            swap_module(module, name, packed)
+        sd = module.state_dict()
+    finally:
+        for name, orig in originals.items():
+            swap_module(module, name, orig)
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def export_pipeline(pipe, state: CompressionState, folder: Path, scale_dtype: str = "float32") -> dict:
+    """Save ``pipe`` to ``folder`` with quantized layers packed (see the module docstring).
+
+    Components without module swaps go through diffusers' ``save_pretrained``; the others are
+    written as ``config.json`` + :data:`PACKED_FILE`. Returns the quantization map (also
+    written into ``diffsqueeze.json``).
+    """
+    folder = Path(folder)
+    components = module_components(pipe)
+    swapped = sorted({k.partition("/")[0] for k in state.modules})
+    qmap: dict[str, Any] = {"version": MAP_VERSION, "scale_dtype": scale_dtype, "components": {}, "masks": {}}
+    packed_masks: dict[str, Tensor] = {}
+    kept_masks: dict[str, Tensor] = {}
+    implied: set[str] = set()
+    packs_of: dict[str, dict[str, nn.Module]] = {}
+    for comp in swapped:
+        layers, packs = {}, {}
+        for name, m in components[comp].named_modules():
+            if type(m).__name__ in PACKED_CLASSES and isinstance(m, QuantMixin) and not isinstance(m, PackedMixin):
+                packed, entry = pack_layer(m, scale_dtype)
+                layers[name] = entry
+                if packed is not None:
+                    packs[name] = packed
+                    implied.add(f"{comp}/{name}.weight")
+        packs_of[comp] = packs
+        qmap["components"][comp] = {"file": f"{comp}/{PACKED_FILE}", "layers": layers}
+    for key, mask in state.masks.items():
+        if key in implied:
+            continue  # zero codes (INT/FP) or the binary layer's own keep bits carry it
+        packed_masks[key.replace("/", "::")] = pack_bool(mask.cpu())
+        qmap["masks"][key] = list(mask.shape)
+    light = CompressionState(masks=kept_masks, modules=state.modules, history=state.history)
+    save_pipeline(pipe, folder, light)
+    for comp in swapped:
+        cdir = folder / comp
+        for f in list(cdir.glob("*.safetensors")) + list(cdir.glob("*.safetensors.index.json")):
+            f.unlink()
+        sd = _component_state(components[comp], packs_of[comp])
+        save_file(sd, str(cdir / PACKED_FILE), metadata={"format": "diffsqueeze-packed", "version": str(MAP_VERSION)})
+        qmap["components"][comp]["bytes"] = (cdir / PACKED_FILE).stat().st_size
+    if packed_masks:
+        save_file(packed_masks, str(folder / MASKS_PACKED_FILE))
+        qmap["masks_file"] = MASKS_PACKED_FILE
+    meta = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    meta["quantization"] = qmap
+    (folder / STATE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+    return qmap
+
+
+def quantization_map(folder: Path) -> dict | None:
+    """The ``quantization`` entry of ``folder/diffsqueeze.json`` (None for other folders)."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("quantization")
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc}); the compressed model is damaged") from exc
+
+
+def has_packed_export(folder: Path) -> bool:
+    """True for a model folder written by :func:`export_pipeline`."""
+    return quantization_map(folder) is not None

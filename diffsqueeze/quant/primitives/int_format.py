@@ -1,0 +1,172 @@
+"""Integer quantization (METHODS.md §2): formats, code ranges, scale/zero-point quantization.
+
+Pure, vectorised tensor functions; scale and zero point may be numbers or tensors broadcastable
+to ``x`` (per tensor, per channel, per group). Rounding is round-half-to-even.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffsqueeze.quant.primitives.grouping import check_finite
+
+INT_BITS = range(2, 9)
+"""Supported integer bit-widths, 2..8 inclusive."""
+
+
+
+
+def check_int_bits(bits: int) -> int:
+    """Return ``bits`` if it is an integer bit-width in 2..8, else raise ``ValueError``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in INT_BITS:
+        raise ValueError(
+            f"integer bit-width {bits!r} is out of range; allowed: {INT_BITS.start}..{INT_BITS.stop - 1}"
+        )
+    return bits
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """A uniform integer format.
+
+    Attributes:
+        bits: Bit-width, 2..8.
+        symmetric: ``True``: codes in [-2^(b-1), 2^(b-1)-1] with zero point 0; ``False``
+            (the Q-Diffusion/BRECQ default): codes in [0, 2^b-1] with a zero point.
+    """
+
+    bits: int
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        check_int_bits(self.bits)
+
+    @property
+    def name(self) -> str:
+        """Canonical name, parseable by :func:`parse_format` (``int4``, ``int4_sym``)."""
+        return f"int{self.bits}" + ("_sym" if self.symmetric else "")
+
+    @property
+    def kind(self) -> str:
+        """``"int"``."""
+        return "int"
+
+
+def int_code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Smallest and largest integer code (METHODS §2).
+
+    Returns:
+        ``(-2^(b-1), 2^(b-1)-1)`` if symmetric, else ``(0, 2^b - 1)``.
+    """
+    check_int_bits(bits)
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def int_qparams(
+    xmin: Tensor | float,
+    xmax: Tensor | float,
+    bits: int,
+    symmetric: bool,
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor]:
+    """Scale and zero point that cover ``[xmin, xmax]`` (METHODS §2).
+
+    The range is first widened to contain 0, so that zero (and pruned weights) stay exact.
+    Asymmetric: ``s = (max - min) / (2^b - 1)``, ``z = round(-min / s)``.
+    Symmetric: ``s = max(|min|, |max|) / (2^(b-1) - 1)``, ``z = 0`` (±absmax exactly
+    representable; the extra negative code -2^(b-1) stays available).
+
+    Args:
+        xmin: Lower end of the range, any shape (per tensor / channel / group).
+        xmax: Upper end of the range, same or broadcastable shape.
+        bits: Bit-width, 2..8.
+        symmetric: Symmetric (z = 0) or asymmetric scheme.
+        eps: Smallest scale, for all-zero channels.
+
+    Returns:
+        ``(scale, zero_point)`` tensors of the broadcast shape; ``zero_point`` is integer-valued.
+    """
+    qmin, qmax = int_code_range(bits, symmetric)
+    if not (isinstance(xmin, Tensor) and xmin.is_floating_point()):
+        xmin = torch.as_tensor(xmin, dtype=torch.get_default_dtype())
+    xmax = torch.as_tensor(xmax, dtype=xmin.dtype, device=xmin.device)
+    lo = torch.clamp(xmin, max=0.0)
+    hi = torch.clamp(xmax, min=0.0)
+    if symmetric:
+        scale = (torch.maximum(-lo, hi) / qmax).clamp(min=eps)
+        return scale, torch.zeros_like(scale)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=eps)
+    zero_point = torch.round(-lo / scale).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+def int_quantize(
+    x: Tensor,
+    scale: Tensor | float,
+    zero_point: Tensor | float | None = None,
+    *,
+    bits: int,
+    symmetric: bool,
+    check: bool = True,
+) -> Tensor:
+    """Integer codes ``q = clamp(round(x / s) + z, qmin, qmax)`` (METHODS §2).
+
+    Args:
+        x: Input, any shape; must be finite.
+        scale: Step, broadcastable to ``x``, positive.
+        zero_point: Integer-valued zero point broadcastable to ``x``; ``None`` means 0.
+        bits: Bit-width, 2..8.
+        symmetric: Selects the code range (see :func:`int_code_range`).
+        check: Raise on NaN/Inf (costs a device sync; turn off in hot loops).
+
+    Returns:
+        Integer-valued codes in ``x``'s floating dtype (cast to an integer dtype for storage).
+
+    Raises:
+        ValueError: ``bits`` out of range, or ``x`` holds NaN/Inf.
+    """
+    qmin, qmax = int_code_range(bits, symmetric)
+    if check:
+        check_finite(x)
+    q = torch.round(x / scale)
+    if zero_point is not None:
+        q = q + zero_point
+    return torch.clamp(q, qmin, qmax).to(x.dtype)
+
+
+def int_dequantize(
+    q: Tensor, scale: Tensor | float, zero_point: Tensor | float | None = None
+) -> Tensor:
+    """Values of integer codes: ``x_hat = (q - z) * s`` (METHODS §2)."""
+    if not q.is_floating_point():
+        floating = isinstance(scale, Tensor) and scale.is_floating_point()
+        q = q.to(scale.dtype if floating else torch.get_default_dtype())
+    if zero_point is not None:
+        q = q - zero_point
+    return q * scale
+
+
+def int_fake_quantize(
+    x: Tensor,
+    scale: Tensor | float,
+    zero_point: Tensor | float | None = None,
+    *,
+    bits: int,
+    symmetric: bool,
+    check: bool = True,
+) -> Tensor:
+    """Quantize then dequantize: ``x_hat = (clamp(round(x/s) + z, qmin, qmax) - z) * s``.
+
+    Same arguments as :func:`int_quantize`; returns a tensor of ``x``'s shape and dtype.
+    """
+    q = int_quantize(x, scale, zero_point, bits=bits, symmetric=symmetric, check=check)
+    return int_dequantize(q, scale, zero_point).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# FP ExMy (METHODS §3)

@@ -1,0 +1,350 @@
+"""The ``ptq`` stage: post-training quantization of the denoiser (METHODS.md §1-5).
+
+Steps (each explicit, none triggered by a first forward):
+
+1. record calibration data from the FP teacher (:mod:`diffsqueeze.pipelines.calibration`);
+2. find the layers (include/exclude/keep_fp globs), their execution order (first and last
+   layer keep 8-bit activations), and concatenated skip inputs (shortcut splitting);
+3. swap them for :class:`~diffsqueeze.quant.nn.layers.QuantLinear` / ``QuantConv2d``;
+4. weight scales / FP biases by search (weight MSE or layer-output L2), FP format per layer;
+5. activation scales per timestep group from the streamed calibration data;
+6. optional learned rounding (AdaRound, block-wise reconstruction) and LSQ of activation scales;
+7. softmax quantizers, records for reload, masks re-enforced.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+
+from diffsqueeze.errors import RecipeError
+from diffsqueeze.models.roles import module_components
+from diffsqueeze.pipelines.calibration import (
+    CalibrationData,
+    CalibrationError,
+    collect_calibration,
+)
+from diffsqueeze.pipelines.context import StageContext
+from diffsqueeze.pipelines.stage_helpers import call_denoiser, stage_component
+from diffsqueeze.prune.masks import enforce_masks
+from diffsqueeze.quant.nn.attention import is_attention, quantize_softmax
+from diffsqueeze.quant.nn.layers import QuantMixin, act_param_shape, make_quant_module
+from diffsqueeze.quant.nn.quantizers import ActQuantizer, WeightQuantizer
+from diffsqueeze.quant.nn.routing import (
+    attach_timestep_routing,
+    group_assignment,
+    timestep_routing,
+)
+from diffsqueeze.quant.nn.swaps import swap_module
+from diffsqueeze.quant.primitives.formats import bias_to_scale, formats_for_bits
+from diffsqueeze.quant.primitives.search import (
+    fp_bias_search,
+    fp_format_search,
+    int_scale_search,
+    output_l2_loss,
+    percentile_int_init,
+)
+from diffsqueeze.quant.ptq.config import PTQConfig, eight_bit_like
+from diffsqueeze.quant.ptq.reconstruct import reconstruct
+from diffsqueeze.quant.ptq.tracing import (
+    LayerPlan,
+    act_rows,
+    execution_order,
+    select_layers,
+    spans_inputs,
+)
+
+log = logging.getLogger(__name__)
+
+
+OUTPUT_SEARCH_STEPS = 4
+"""Calibration timesteps (spread over the trajectory) whose inputs the output search uses."""
+OUTPUT_SEARCH_ROWS_PER_STEP = 2
+
+
+class PTQStage:
+    """Post-training quantization with timestep-aware calibration and learned rounding."""
+
+    def __init__(self, config: PTQConfig):
+        self.config = config
+
+    def check(self, pipe: DiffusionPipeline) -> None:
+        cfg = self.config
+        name = stage_component(pipe, cfg.component)
+        if not select_layers(module_components(pipe)[name], cfg):
+            raise RecipeError("include", f"no Linear/Conv2d layer of '{name}' matches include={list(cfg.include)} "
+                              f"exclude={list(cfg.exclude)} keep_fp={list(cfg.keep_fp)}")
+
+    # ------------------------------------------------------------------------------------
+
+    def apply(self, pipe: DiffusionPipeline, ctx: StageContext) -> dict:
+        cfg = self.config
+        t0 = time.perf_counter()
+        calib_cfg = ctx.recipe.calibration
+        if cfg.activations is not None and cfg.activations.timestep_groups > calib_cfg.timesteps:
+            raise RecipeError("activations.timestep_groups", f"{cfg.activations.timestep_groups} groups need at "
+                              f"least as many calibration timesteps (calibration.timesteps = {calib_cfg.timesteps})")
+        comp = stage_component(pipe, cfg.component)
+        denoiser = module_components(pipe)[comp]
+        data = collect_calibration(ctx)
+        limit = cfg.samples_per_timestep or None
+        device = next(denoiser.parameters()).device
+        first = next(data.batches(cfg.batch_size, device, limit=limit))
+        names = select_layers(denoiser, cfg)
+        order, splits, first_layer = execution_order(denoiser, names, first.kwargs)
+        plans = self._plan(order, splits, first_layer)
+        summary: dict = {"component": comp, "calibration": {"timesteps": data.timesteps, "steps": data.steps,
+                                                             "samples": data.num_samples}}
+        need_inputs = cfg.weights.search == "output"
+        inputs = self._collect(denoiser, names, data, device, limit, sample_only=True) if need_inputs else {}
+        modules = dict(denoiser.named_modules())
+        groups = cfg.activations.timestep_groups if cfg.activations else 1
+        group_of = group_assignment(len(data.timesteps), groups)
+        for plan in ctx.progress(plans, desc="ptq: weights", total=len(plans)):
+            layer = modules[plan.name]
+            record = self._record(layer, plan, groups, len(data.timesteps))
+            qlayer = make_quant_module(layer, record)
+            for q in qlayer.act_quantizers():
+                q.set_routing(data.timesteps, group_of)
+            try:
+                self._init_weights(qlayer, plan, inputs.get(plan.name))
+            except ValueError as exc:  # NaN/Inf weights: name the layer
+                raise CalibrationError(f"cannot quantize the weight of layer '{plan.name}': {exc}") from None
+            if hasattr(qlayer, "weight_quant"):
+                record["weight_format"] = qlayer.weight_quant.fmt.name
+            if hasattr(qlayer, "weight_quant_2"):
+                record["weight_format_2"] = qlayer.weight_quant_2.fmt.name
+            qlayer.config = record
+            swap_module(denoiser, plan.name, qlayer)
+            ctx.state.modules[f"{comp}/{plan.name}"] = {"kind": type(qlayer).__name__, **record}
+        del inputs
+        if cfg.activations is not None:
+            self._init_acts(denoiser, plans, data, device, limit, group_of, ctx)
+        if cfg.rounding.method == "adaround" or (cfg.activations and cfg.activations.lsq_iters):
+            summary["reconstruction"] = reconstruct(denoiser, ctx.teacher(), comp, cfg, data, device, limit,
+                                                    ctx.state.masks, ctx)
+        # the records now hold the final formats (chosen by search); write them again
+        for plan in plans:
+            qlayer = denoiser.get_submodule(plan.name)
+            ctx.state.modules[f"{comp}/{plan.name}"] = {"kind": type(qlayer).__name__, **qlayer.config}
+        if cfg.softmax_bits:
+            n_attn = 0
+            for name, m in denoiser.named_modules():
+                if is_attention(m):
+                    quantize_softmax(m, cfg.softmax_bits)
+                    ctx.state.modules[f"{comp}/{name}"] = {"kind": "QuantSoftmax", "bits": cfg.softmax_bits}
+                    n_attn += 1
+            summary["softmax_quantized_attention_modules"] = n_attn
+        enforce_masks(pipe, ctx.state.masks)
+        attach_timestep_routing(denoiser)
+        ctx.mark_changed(comp)
+        summary.update(self._layer_summary(denoiser, plans))
+        summary["wall_time_s"] = round(time.perf_counter() - t0, 3)
+        return summary
+
+    # ------------------------------------------------------------------------------------
+
+    def _plan(self, order: list[str], splits: dict[str, int], first_layer: str | None) -> list[LayerPlan]:
+        cfg = self.config
+        wkind, wbits, wname = cfg.weights.spec
+        plans = []
+        ends = {first_layer or order[0], order[-1]} if order else set()
+        for name in order:
+            plan = LayerPlan(name, wname, wbits if wname is None else None, None, None,
+                             splits.get(name, 0) if cfg.shortcut_split else 0)
+            if name in ends and cfg.first_last_weights_fp:
+                plan.weight_format, plan.weight_search_bits = None, None
+                plan.notes.append("weights kept FP (first/last layer)")
+            if cfg.activations is not None:
+                akind, abits, aname = cfg.activations.spec
+                if name in ends and cfg.activations.first_last_bits and abits < cfg.activations.first_last_bits:
+                    abits, aname = 8, eight_bit_like(aname, akind)
+                    plan.notes.append("8-bit activations (first/last layer)")
+                plan.act_format, plan.act_search_bits = aname, (abits if aname is None else None)
+            plans.append(plan)
+        return plans
+
+    def _record(self, layer: torch.nn.Module, plan: LayerPlan, groups: int, n_t: int) -> dict:
+        cfg = self.config
+        wfmt = plan.weight_format or (formats_for_bits(plan.weight_search_bits)[0].name if plan.weight_search_bits else None)
+        gs = cfg.weights.group_size if cfg.weights.granularity == "group" else 0
+        if gs and wfmt:
+            row = layer.weight[0].numel() if not plan.split else None
+            if row is not None and row % gs:
+                gs = 0
+                plan.notes.append(f"group_size {cfg.weights.group_size} does not divide {row}: per channel")
+        act = None
+        if plan.act_format or plan.act_search_bits:
+            afmt = plan.act_format or formats_for_bits(plan.act_search_bits)[0].name
+            per_channel = cfg.activations.granularity == "channel"
+            act = {"format": afmt, "shape": list(act_param_shape(layer, per_channel)), "groups": groups,
+                   "n_timesteps": n_t}
+        if plan.split and gs:
+            gs = 0
+        return {"weight_format": wfmt, "group_size": gs, "act": act, "split": plan.split}
+
+    # ---- weights ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _init_weights(self, qlayer: QuantMixin, plan: LayerPlan, x: torch.Tensor | None) -> None:
+        w = qlayer.weight.detach()
+        steps = self.config.weights.search_steps
+        for q, sl in qlayer.weight_parts():
+            part = w[:, sl]
+            g = q.grouped(part)
+            loss_fn = None
+            if x is not None and not qlayer.split and q.group_size == part[0].numel() \
+                    and spans_inputs(qlayer, x, plan):
+                loss_fn = self._output_loss(qlayer, x, q)
+            if plan.weight_search_bits:  # FP format search per layer (METHODS §3)
+                fmt, bias = fp_format_search(g, plan.weight_search_bits, axis=(0, 1), loss_fn=loss_fn, n_steps=steps)
+                new = WeightQuantizer(fmt, q.weight_shape, q.group_size).to(w.device)
+                new.set_params(bias=bias)
+                setattr(qlayer, "weight_quant" if sl.start in (None, 0) else "weight_quant_2", new)
+            elif q.is_int:
+                scale, zp = int_scale_search(g, q.fmt.bits, q.fmt.symmetric, axis=(0, 1), loss_fn=loss_fn)
+                q.set_params(scale=scale, zero_point=zp)
+            else:
+                q.set_params(bias=fp_bias_search(g, q.fmt, axis=(0, 1), loss_fn=loss_fn, n_steps=steps))
+
+    def _output_loss(self, qlayer: QuantMixin, x: torch.Tensor, q: WeightQuantizer):
+        shape = qlayer.weight.shape
+        if isinstance(qlayer, torch.nn.Conv2d):
+            ref = qlayer._conv_forward(x, qlayer.weight, qlayer.bias)
+            return output_l2_loss(lambda wg: qlayer._conv_forward(x, wg.reshape(shape), qlayer.bias), ref, 1)
+        ref = F.linear(x, qlayer.weight, qlayer.bias)
+        return output_l2_loss(lambda wg: F.linear(x, wg.reshape(shape), qlayer.bias), ref, -1)
+
+    # ---- activations -------------------------------------------------------------------
+
+    def _collect(self, denoiser, names, data: CalibrationData, device, limit, sample_only: bool,
+                 group_of: list[int] | None = None, progress=None) -> dict:
+        """Inputs of the named layers over the calibration data.
+
+        ``sample_only``: the first batch's inputs (up to 4 samples) per layer, for the output
+        loss. Otherwise ``(rows, channels)`` samples per (layer, group), capped in size, with a
+        NaN/Inf check naming the layer and timestep.
+        """
+        modules = dict(denoiser.named_modules())
+        store: dict = {}
+        current = {"batch": None}
+        max_values = self.config.activations.search_values if self.config.activations else 0
+
+        def hook_for(name):
+            conv = isinstance(modules[name], torch.nn.Conv2d)
+
+            def hook(module, args):
+                x = args[0].detach()
+                if sample_only:  # two rows spread over the batch, per chosen timestep
+                    idx = torch.linspace(0, x.shape[0] - 1, min(OUTPUT_SEARCH_ROWS_PER_STEP, x.shape[0]))
+                    rows = x[idx.round().long().unique()].clone()
+                    store[name] = rows if name not in store else torch.cat([store[name], rows])
+                    return
+                b = current["batch"]
+                if not bool(torch.isfinite(x).all()):
+                    raise CalibrationError(f"NaN/Inf in the input of layer '{name}' at timestep {b.timestep:g} "
+                                           f"(calibration step {b.step}); the model diverges under these settings")
+                rows = act_rows(x, conv).float()
+                key = (name, group_of[b.step])
+                cap = max(64, max_values // rows.shape[1])
+                have = store.get(key)
+                rows = rows if have is None else torch.cat([have, rows])
+                if rows.shape[0] > cap:
+                    idx = torch.randperm(rows.shape[0], device=rows.device)[:cap]
+                    rows = rows[idx]
+                store[key] = rows
+            return hook
+
+        handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
+        try:
+            batches = data.batches(self.config.batch_size, device, limit=limit)
+            if sample_only:  # the first batch of calibration steps spread over the trajectory
+                n = len(data.steps)
+                chosen = sorted({round(i * (n - 1) / max(OUTPUT_SEARCH_STEPS - 1, 1))
+                                 for i in range(min(n, OUTPUT_SEARCH_STEPS))})
+                batches = [next(data.batches(self.config.batch_size, device, steps=[k], limit=limit)) for k in chosen]
+            elif progress is not None:
+                batches = progress(batches, "ptq: activation statistics", None)
+            with torch.no_grad(), timestep_routing(denoiser):
+                for b in batches:
+                    current["batch"] = b
+                    call_denoiser(denoiser, b.kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return store
+
+    def _init_acts(self, denoiser, plans, data, device, limit, group_of, ctx) -> None:
+        cfg = self.config.activations
+        layers = {p.name: denoiser.get_submodule(p.name) for p in plans}
+        quantizers = [q for lay in layers.values() for q in lay.act_quantizers()]
+        for lay in layers.values():
+            lay.quant_acts = False
+        try:
+            store = self._collect(denoiser, list(layers), data, device, limit, sample_only=False,
+                                  group_of=group_of, progress=ctx.progress)
+        finally:
+            for lay in layers.values():
+                lay.quant_acts = True
+        del quantizers
+        for plan in ctx.progress(plans, desc="ptq: activation scales", total=len(plans)):
+            lay = layers[plan.name]
+            for g in sorted({k[1] for k in store if k[0] == plan.name}):
+                rows = store[(plan.name, g)]
+                parts = [(lay.act_quant, rows)]
+                if lay.split:
+                    parts = [(lay.act_quant, rows[:, : lay.split]), (lay.act_quant_2, rows[:, lay.split:])]
+                for q, r in parts:
+                    self._init_act_quantizer(lay, q, r, g, plan)
+            lay.config["act"]["format"] = lay.act_quant.fmt.name
+            if lay.split:
+                lay.config["act"]["format_2"] = lay.act_quant_2.fmt.name
+
+    @torch.no_grad()
+    def _init_act_quantizer(self, lay, q: ActQuantizer, rows: torch.Tensor, group: int, plan: LayerPlan) -> None:
+        cfg = self.config.activations
+        steps = self.config.weights.search_steps
+        per_channel = q.param_shape != (1,)
+        axis = 1 if per_channel else None
+        if plan.act_search_bits:
+            fmt, bias = fp_format_search(rows, plan.act_search_bits, axis=axis, n_steps=steps)
+            if fmt != q.fmt:
+                if group > 0:
+                    fmt, bias = q.fmt, fp_bias_search(rows, q.fmt, axis=axis, n_steps=steps)  # format fixed by group 0
+                else:
+                    new = ActQuantizer(fmt, q.param_shape, q.groups, q.group_t.numel() if q.groups > 1 else 1)
+                    new = new.to(rows.device)
+                    if q.groups > 1:
+                        new.set_routing(q.group_t.tolist(), q.group_of.tolist())
+                    name = "act_quant" if q is lay.act_quant else "act_quant_2"
+                    setattr(lay, name, new)
+                    q = new
+            q.set_params(group, bias_to_scale(fmt, bias))
+            return
+        if q.is_int:
+            if cfg.init == "percentile":
+                scale, zp = percentile_int_init(rows, q.fmt.bits, q.fmt.symmetric, axis=axis)
+            else:
+                scale, zp = int_scale_search(rows, q.fmt.bits, q.fmt.symmetric, axis=axis)
+            q.set_params(group, scale, zp)
+        else:
+            q.set_params(group, bias_to_scale(q.fmt, fp_bias_search(rows, q.fmt, axis=axis, n_steps=steps)))
+
+    def _layer_summary(self, denoiser, plans) -> dict:
+        layers = {}
+        for p in plans:
+            lay = denoiser.get_submodule(p.name)
+            layers[p.name] = {
+                "weights": [q.fmt.name for q in lay.weight_quantizers()] or "fp",
+                "activations": [q.fmt.name for q in lay.act_quantizers()] or "fp",
+                **({"split": lay.split} if lay.split else {}),
+                **({"notes": p.notes} if p.notes else {}),
+            }
+        return {"quantized_layers": len(plans), "layers": layers}
+
+
+__all__ = ["PTQStage", "PTQConfig"]
