@@ -16,10 +16,12 @@ from diffsqueeze.console import quiet_libraries
 log = logging.getLogger(__name__)
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, steps: int, guidance: float) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default="builtin", help="prompt set name (builtin, builtin:NAME) or a text file, one prompt a line")
-    p.add_argument("--steps", type=int, default=steps, help=f"sampler steps (default {steps})")
-    p.add_argument("--guidance", type=float, default=guidance, help=f"classifier-free guidance scale (default {guidance})")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the model's own, e.g. 10 for builtin:fashion, 50 for Stable Diffusion)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's own, e.g. 2 for builtin:fashion, 7.5 for SD)")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -42,7 +44,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
     if args.names and len(args.names) != len(args.models):
         raise DiffsqueezeError(f"--names gives {len(args.names)} names for {len(args.models)} models")
-    if args.steps < 1 or args.batch_size < 1:
+    if (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         raise DiffsqueezeError("--steps and --batch-size must be >= 1")
     for spec in args.models:
         check_model_spec(spec)
@@ -59,6 +61,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     info["prompt_source"] = args.prompts
+    print(f"sampling: {info['num_inference_steps']} steps, guidance {info['guidance_scale']:g}"
+          + ("" if args.steps is not None and args.guidance is not None else " (the model's own defaults where not given)"))
     out.with_suffix(".json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     print(f"grid: {out} ({len(prompts) * len(args.seeds)} rows x {len(args.models)} models; provenance in {out.with_suffix('.json')})")
     return 0
@@ -76,7 +80,7 @@ def add_grid_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=int, default=4, help="use the first N prompts of the set (default 4; 0 = all)")
     p.add_argument("--out", default="grid.png", help="output image (default grid.png); a .json with the provenance goes beside it")
     p.add_argument("--cell", type=int, default=128, help="cell size in pixels (default 128)")
-    _add_sampling_args(p, steps=20, guidance=7.5)
+    _add_sampling_args(p)
     p.set_defaults(func=cmd_grid)
     return p
 
@@ -144,7 +148,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-images", action="store_true", help="also write the images as PNG (images/, images-baseline/)")
     p.add_argument("--overwrite", action="store_true", help="discard shards of a previous job with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_sampling_args(p, steps=20, guidance=7.5)
+    _add_sampling_args(p)
     p.set_defaults(func=cmd_eval)
     return p
 

@@ -27,8 +27,9 @@ class EvalConfig:
     Attributes:
         prompts: prompt set (``builtin``, ``builtin:NAME``) or a text file, one prompt a line.
         seeds: seeds of the side-by-side grid (one row per prompt and seed).
-        num_inference_steps: sampler steps for every generated image.
-        guidance_scale: classifier-free guidance scale.
+        num_inference_steps: sampler steps for every generated image (default: the model's own,
+            the defaults of its pipeline's ``__call__``).
+        guidance_scale: classifier-free guidance scale (default: the model's own).
         grid: write the compressed-vs-original grid.
         num_images: images generated for FID/KID (0 skips them). Image ``i`` uses seed ``i`` and
             prompt ``i mod len(prompts)``.
@@ -50,8 +51,8 @@ class EvalConfig:
 
     prompts: str = "builtin"
     seeds: tuple[int, ...] = (0, 1)
-    num_inference_steps: int = 20
-    guidance_scale: float = 7.5
+    num_inference_steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
     grid: bool = True
     num_images: int = 0
     reference: str = "fp"
@@ -65,9 +66,9 @@ class EvalConfig:
     score_stages: bool = True
 
     def __post_init__(self) -> None:
-        if self.num_inference_steps < 1:
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise RecipeError("num_inference_steps", f"must be >= 1, got {self.num_inference_steps}")
-        if self.guidance_scale < 0:
+        if self.guidance_scale is not None and self.guidance_scale < 0:
             raise RecipeError("guidance_scale", f"must be >= 0, got {self.guidance_scale}")
         if self.num_images < 0:
             raise RecipeError("num_images", f"must be >= 0, got {self.num_images}")

@@ -46,7 +46,11 @@ from diffsqueeze.metrics.frechet import (
     kernel_inception_distance,
 )
 from diffsqueeze.metrics.grid import generate_images
-from diffsqueeze.metrics.pipeline_info import denoiser_bytes, sampler_description
+from diffsqueeze.metrics.pipeline_info import (
+    denoiser_bytes,
+    resolve_sampling,
+    sampler_description,
+)
 from diffsqueeze.metrics.references import reference_statistics
 
 __all__ = ["METRICS_FORMAT", "SHARD_DIR", "JOB_FILE", "EvalJob", "job_from_args", "run_eval_job"]
@@ -67,8 +71,8 @@ class EvalJob:
     num_images: int = 64
     batch_size: int = 8
     prompts: str = "builtin"
-    num_inference_steps: int = 20
-    guidance_scale: float = 7.5
+    num_inference_steps: Optional[int] = None  # None: the model's own (its pipeline's defaults)
+    guidance_scale: Optional[float] = None
     baseline: Optional[str] = None
     clip_model: Optional[str] = None
     fid_backend: str = "torchmetrics"
@@ -81,7 +85,7 @@ class EvalJob:
     def __post_init__(self) -> None:
         if self.num_images < 2:
             raise DiffsqueezeError(f"--num-images must be >= 2 for FID, got {self.num_images}")
-        if self.batch_size < 1 or self.num_inference_steps < 1:
+        if self.batch_size < 1 or (self.num_inference_steps is not None and self.num_inference_steps < 1):
             raise DiffsqueezeError("--batch-size and --steps must be >= 1")
         if self.reference == "fp" and self.baseline is None:
             raise DiffsqueezeError("--ref fp means the baseline model's own outputs: give --baseline MODEL "
@@ -265,6 +269,10 @@ def run_eval_job(
     prompts = load_prompts(job.prompts)
     if pipe is None:
         pipe = load_pipeline(job.model, device=device, dtype=dtype)
+    steps, guidance = resolve_sampling(pipe, job.num_inference_steps, job.guidance_scale)
+    if (steps, guidance) != (job.num_inference_steps, job.guidance_scale):
+        log.info("sampling with the model's own defaults: %d steps, guidance %g", steps, guidance)
+        job = dataclasses.replace(job, num_inference_steps=steps, guidance_scale=guidance)
     if baseline_pipe is None and job.baseline is not None:
         baseline_pipe = load_pipeline(job.baseline, device=device, dtype=dtype)
     if extractor is None:

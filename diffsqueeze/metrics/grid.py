@@ -23,6 +23,7 @@ from diffsqueeze.metrics.images import to_uint8_batch
 from diffsqueeze.metrics.pipeline_info import (
     denoiser_bytes,
     pipeline_device,
+    resolve_sampling,
     sampler_description,
 )
 
@@ -161,8 +162,8 @@ def grid_for_models(
     specs: Sequence[str],
     prompts: Sequence[str],
     seeds: Sequence[int],
-    num_inference_steps: int,
-    guidance_scale: float,
+    num_inference_steps: int | None,
+    guidance_scale: float | None,
     device: str = "cpu",
     dtype: str = "float32",
     names: Sequence[str] | None = None,
@@ -170,6 +171,9 @@ def grid_for_models(
     cell: int = 128,
 ) -> tuple[PIL.Image.Image, dict]:
     """Load each model in turn, generate the rows, draw the grid.
+
+    ``num_inference_steps`` / ``guidance_scale`` left ``None`` take the first model's own
+    defaults (:func:`~diffsqueeze.metrics.pipeline_info.sampling_defaults`), for every column.
 
     Returns:
         ``(image, info)``; ``info`` records prompts, seeds, steps, guidance and each column's
@@ -183,6 +187,8 @@ def grid_for_models(
         name = names[k] if names else Path(spec).name if Path(spec).exists() else spec
         log.info("grid: generating %d images with %s", len(row_prompts), spec)
         pipe = load_pipeline(spec, device=device, dtype=dtype)
+        if num_inference_steps is None or guidance_scale is None:  # every column samples as the first model would
+            num_inference_steps, guidance_scale = resolve_sampling(pipe, num_inference_steps, guidance_scale)
         images = generate_images(pipe, row_prompts, row_seeds, num_inference_steps, guidance_scale, batch_size)
         label = column_label(pipe, spec)
         columns.append(GridColumn(name, images, label))

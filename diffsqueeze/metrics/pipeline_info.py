@@ -6,6 +6,7 @@ role (:func:`diffsqueeze.models.find_roles`), never by a fixed attribute name.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -15,7 +16,12 @@ __all__ = [
     "pipeline_device",
     "sampler_description",
     "denoiser_bytes",
+    "sampling_defaults",
+    "resolve_sampling",
 ]
+
+FALLBACK_STEPS, FALLBACK_GUIDANCE = 50, 7.5
+"""Used only for a pipeline whose ``__call__`` names no default (diffusers' own usual values)."""
 
 
 def denoiser_name(pipe) -> str:
@@ -56,3 +62,23 @@ def denoiser_bytes(pipe, folder: Path | None = None) -> tuple[int, str]:
     module = getattr(pipe, name)
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors), "memory"
+
+
+def sampling_defaults(pipe) -> tuple[int, float]:
+    """The sampler steps and guidance scale the pipeline itself uses when a caller gives none:
+    the defaults of its ``__call__`` (``builtin:fashion``: its model card's DDIM 10 steps,
+    guidance 2; Stable Diffusion: 50 steps, guidance 7.5)."""
+    params = inspect.signature(pipe.__call__).parameters
+
+    def default(name, fallback):
+        p = params.get(name)
+        value = p.default if p is not None else None
+        return fallback if value is None or value is inspect.Parameter.empty else value
+
+    return int(default("num_inference_steps", FALLBACK_STEPS)), float(default("guidance_scale", FALLBACK_GUIDANCE))
+
+
+def resolve_sampling(pipe, steps: int | None, guidance: float | None) -> tuple[int, float]:
+    """``steps`` and ``guidance`` where given, else the pipeline's own (:func:`sampling_defaults`)."""
+    own_steps, own_guidance = sampling_defaults(pipe)
+    return (own_steps if steps is None else steps), (own_guidance if guidance is None else guidance)

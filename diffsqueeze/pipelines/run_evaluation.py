@@ -11,6 +11,7 @@ both the metrics and the pipelines: the runner imports it, and nothing in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from diffsqueeze.metrics.grid import (
 from diffsqueeze.metrics.pipeline_info import (
     denoiser_bytes,
     denoiser_name,
+    resolve_sampling,
     sampler_description,
 )
 
@@ -63,6 +65,8 @@ def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[di
     metrics: dict[str, Any] = {"format": METRICS_FORMAT, "kind": "run", "model": str(out_dir / "model"),
                                "baseline": "original (FP) pipeline"}
 
+    steps, guidance = resolve_sampling(teacher, cfg.num_inference_steps, cfg.guidance_scale)
+    cfg = dataclasses.replace(cfg, num_inference_steps=steps, guidance_scale=guidance)
     grid_prompts = prompts[: cfg.grid_prompts]
     row_prompts, row_seeds, labels = grid_rows(grid_prompts, cfg.seeds)
     ours = generate_images(pipe, row_prompts, row_seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size)

@@ -15,7 +15,7 @@ from diffsqueeze.metrics.grid import (
     grid_rows,
     make_grid,
 )
-from diffsqueeze.metrics.pipeline_info import denoiser_bytes, sampler_description
+from diffsqueeze.metrics.pipeline_info import denoiser_bytes, resolve_sampling, sampler_description, sampling_defaults
 from diffsqueeze.models import save_pipeline
 
 PROMPTS = ["a photo of a cat", "a red car on a street"]
@@ -92,3 +92,21 @@ def test_grid_cli_errors(tmp_path, capsys):
     assert "unknown builtin" in capsys.readouterr().err
     assert main(["grid", "--models", "builtin:tiny-sd", "--names", "a", "b", "--out", str(tmp_path / "g.png")]) == 1
     assert main(["grid", "--models", "builtin:tiny-sd", "--out", str(tmp_path / "g.txt")]) == 1
+
+
+def test_sampling_defaults_come_from_the_model(pipe):
+    from diffsqueeze.models.fashion import build_fashion_pipeline
+
+    assert sampling_defaults(pipe) == (50, 7.5)  # StableDiffusionPipeline.__call__'s own defaults
+    fashion = build_fashion_pipeline()
+    assert sampling_defaults(fashion) == (10, 2.0)  # the builtin model card's DDIM 10 steps, guidance 2
+    assert resolve_sampling(fashion, None, 4.0) == (10, 4.0) and resolve_sampling(fashion, 3, None) == (3, 2.0)
+
+
+def test_grid_cli_uses_the_model_defaults(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["grid", "--models", "builtin:fashion", "--seeds", "0", "--max-prompts", "1", "--prompts",
+                 "builtin:fashion", "--out", str(out), "--cell", "32"]) == 0
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert (info["num_inference_steps"], info["guidance_scale"]) == (10, 2.0)
+    assert "sampling: 10 steps, guidance 2 (the model's own defaults" in capsys.readouterr().out

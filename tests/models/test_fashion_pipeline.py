@@ -56,7 +56,10 @@ def test_seeded_and_generator_list(tiny_pipe):
     assert torch.equal(a, b)
     gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
     c = tiny_pipe(["a coat", "a coat"], num_inference_steps=3, output_type="pt", generator=gens).images
-    assert torch.equal(c[:1], a)
+    # same noise, but a batch of two may take another BLAS kernel than a batch of one: the
+    # images agree up to float round-off, not bit for bit
+    torch.testing.assert_close(c[:1], a, rtol=0, atol=1e-5)
+    assert not torch.allclose(c[1:], a, atol=1e-2)  # the second generator's seed gives another image
 
 
 def test_save_load_round_trip(tiny_pipe, tmp_path):
