@@ -259,7 +259,6 @@ def record_calibration(
     try:
         if sampler != "default":
             pipe.scheduler = _scheduler(pipe, sampler)
-        device = next(denoiser.parameters()).device
         for b in batches:
             n = min(calib.batch_size, calib.num_samples - b * calib.batch_size)
             batch_prompts = [prompts[(b * calib.batch_size + i) % len(prompts)] for i in range(n)]

@@ -8,7 +8,8 @@ these, so a change of convention (how a denoiser is called, what a glob matches)
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from diffusers import DiffusionPipeline
@@ -58,6 +59,21 @@ def first_call_order(root: torch.nn.Module, names: list[str], kwargs: dict, call
         for h in handles:
             h.remove()
     return order if called_only else order + [n for n in names if n not in order]
+
+
+@contextmanager
+def capture_outputs(root: torch.nn.Module, names: list[str], store: dict | None = None) -> Iterator[dict]:
+    """Inside the block, every forward of the submodules ``names`` of ``root`` writes its output to
+    ``store[name]`` (the dict yielded; a later call of the same module replaces the earlier one).
+    The hooks are removed in ``finally``."""
+    store = {} if store is None else store
+    handles = [root.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: store.__setitem__(n, out))
+               for n in names]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def leading_batch_size(args: tuple, kwargs: dict) -> int:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffsqueeze.pipelines.stage_helpers import capture_outputs
 from diffsqueeze.quant.binarydm.lrm import (
     LowRankMimicking,
-    capture_outputs,
+    block_outputs,
     features_2d,
     output_tensors,
     pca_projection,
@@ -59,7 +60,7 @@ def test_lrm_loss_and_gradient():
 
 def test_capture_outputs_removes_hooks():
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with capture_outputs(net, ["0", "2"]) as store:
+    with capture_outputs(net, ["0", "2"]) as raw:
         net(torch.randn(3, 4))
-    assert set(store) == {"0#0", "2#0"}
+    assert set(block_outputs(raw)) == {"0#0", "2#0"}
     assert not net[0]._forward_hooks and not net[2]._forward_hooks

@@ -12,7 +12,11 @@ from torch import nn
 
 from diffsqueeze.pipelines.calibration import CalibBatch
 from diffsqueeze.pipelines.stage_helpers import call_denoiser
-from diffsqueeze.quant.nn.binary_layers import AttentionActQuant, act_quantizers_of, lsq_init_scale
+from diffsqueeze.quant.nn.binary_layers import (
+    AttentionActQuant,
+    act_quantizers_of,
+    lsq_init_scale,
+)
 from diffsqueeze.quant.nn.quantizers import ActQuantizer
 from diffsqueeze.quant.primitives.formats import int_code_range
 

@@ -16,9 +16,6 @@ top-level tensor as its own output; nested tuples (the skips) are not used.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 from torch import Tensor, nn
 
@@ -43,26 +40,11 @@ def features_2d(x: Tensor) -> Tensor:
     return x.reshape(-1, 1)
 
 
-@contextmanager
-def capture_outputs(root: nn.Module, names: list[str]) -> Iterator[dict[str, Tensor]]:
-    """Record ``{"<block>#<i>": tensor}`` of the named blocks' outputs while inside; hooks removed in ``finally``."""
-    store: dict[str, Tensor] = {}
-    handles = []
-
-    def hook_for(name: str):
-        def hook(module, args, out):
-            for i, t in enumerate(output_tensors(out)):
-                if t is not None and t.is_floating_point():
-                    store[f"{name}#{i}"] = t
-        return hook
-
-    try:
-        for n in names:
-            handles.append(root.get_submodule(n).register_forward_hook(hook_for(n)))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
+def block_outputs(raw: dict) -> dict[str, Tensor]:
+    """``{"<block>#<i>": tensor}``: the floating-point tensors of each captured block output
+    (``diffsqueeze.pipelines.stage_helpers.capture_outputs``), by position."""
+    return {f"{name}#{i}": t for name, out in raw.items() for i, t in enumerate(output_tensors(out))
+            if t is not None and t.is_floating_point()}
 
 
 @torch.no_grad()

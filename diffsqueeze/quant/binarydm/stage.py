@@ -50,6 +50,7 @@ from diffsqueeze.pipelines.calibration import (
 from diffsqueeze.pipelines.context import StageContext
 from diffsqueeze.pipelines.stage_helpers import (
     call_denoiser,
+    capture_outputs,
     stage_component,
     train_loop,
 )
@@ -62,7 +63,7 @@ from diffsqueeze.quant.binarydm.data import (
     dataset_batches,
     first_sample,
 )
-from diffsqueeze.quant.binarydm.lrm import LowRankMimicking, capture_outputs
+from diffsqueeze.quant.binarydm.lrm import LowRankMimicking, block_outputs
 from diffsqueeze.quant.binarydm.policy import (
     LayerPlan,
     block_candidates,
@@ -210,9 +211,9 @@ class BinarizeStage:
         feats: dict[str, list[torch.Tensor]] = {}
         batches = data.batches(self.config.train.batch_size, device)
         for _, b in zip(range(self.config.lrm.fit_batches), batches):
-            with capture_outputs(teacher, lrm.blocks) as store:
+            with capture_outputs(teacher, lrm.blocks) as raw:
                 call_denoiser(teacher, b.kwargs)
-            for k, v in store.items():
+            for k, v in block_outputs(raw).items():
                 feats.setdefault(k, []).append(v.detach())
         lrm.fit({k: torch.cat(v) for k, v in feats.items()})
 
@@ -273,11 +274,12 @@ class BinarizeStage:
                 acts_initialized = True
             t_store: dict = {}
             if need_teacher:
-                with torch.no_grad(), capture_outputs(teacher, lrm_blocks) as t_store:
+                with torch.no_grad(), capture_outputs(teacher, lrm_blocks) as raw:
                     t_out = call_denoiser(teacher, kwargs)
-                t_store = dict(t_store)
-            with capture_outputs(denoiser, lrm_blocks) as s_store:
+                t_store = block_outputs(raw)
+            with capture_outputs(denoiser, lrm_blocks) as raw:
                 s_out = call_denoiser(denoiser, kwargs)
+                s_store = block_outputs(raw)
                 goal = t_out if tc.mode == "distill" else target
                 main = F.mse_loss(s_out.float(), goal.float())
                 loss = main

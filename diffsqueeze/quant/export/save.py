@@ -77,7 +77,7 @@ def _part_spec(q, part_w_hat: Tensor, scale_dtype: str) -> tuple[dict, dict[str,
     fmt = q.fmt
     shape = tuple(part_w_hat.shape)
     g = q.grouped(part_w_hat)
-    out, ng = g.shape[0], g.shape[1]
+    ng = g.shape[1]
     sdt = FLOAT_DTYPES[scale_dtype]
     tensors: dict[str, Tensor] = {}
     if isinstance(fmt, FPFormat):

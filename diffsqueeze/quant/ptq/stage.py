@@ -279,7 +279,6 @@ class PTQStage:
         return store
 
     def _init_acts(self, denoiser, plans, data, device, limit, group_of, ctx) -> None:
-        cfg = self.config.activations
         layers = {p.name: denoiser.get_submodule(p.name) for p in plans}
         quantizers = [q for lay in layers.values() for q in lay.act_quantizers()]
         for lay in layers.values():

@@ -50,6 +50,7 @@ from diffsqueeze.pipelines.context import StageContext
 from diffsqueeze.pipelines.faults import maybe_kill
 from diffsqueeze.pipelines.stage_helpers import (
     call_denoiser,
+    capture_outputs,
     matches_any,
     stage_component,
     train_loop,
@@ -68,7 +69,6 @@ from diffsqueeze.quant.quest.sensitivity import (
 from diffsqueeze.quant.quest.time_layers import detect_time_layers
 from diffsqueeze.quant.quest.training import (
     GroupScales,
-    capture_outputs,
     denoiser_error,
     enforce_masks_of,
     grid_weights,
@@ -223,7 +223,7 @@ class QuestStage:
                     groups = [{"params": weights + alphas, "lr": cfg.lr}, {"params": scales.params, "lr": cfg.act_lr}]
                     opt = torch.optim.Adam([g for g in groups if g["params"]])
 
-                    def step_loss(it: int):  # epoch after epoch over this timestep's batches
+                    def step_loss(it: int, batches=batches, targets=targets):  # epochs over this timestep's batches
                         i = it % len(batches)
                         loss = self._student_loss(student, batches[i], *targets[i], names, scales)
                         return loss, loss, {"loss": f"{float(loss.detach()):.4g}"}
@@ -233,7 +233,7 @@ class QuestStage:
                                              after_step=lambda: self._after_step(student, names, scales, ctx))
                     steps += iters
                     report["timesteps"][f"{data.timesteps[k]:g}"] = {"first_loss": first, "last_loss": last}
-                    del batches, targets
+                    del batches, targets, step_loss  # one timestep's inputs and targets at a time
         wall = time.perf_counter() - t0
         report.update(steps=steps, wall_time_s=round(wall, 3),
                       s_per_epoch=round(wall / max(cfg.epochs * len(data.timesteps), 1), 4),

@@ -83,18 +83,6 @@ def grid_weights(layers: dict[str, QuantMixin], rounding: bool) -> Iterator[list
                 w.copy_(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
 
 
-@contextmanager
-def capture_outputs(module: nn.Module, names: list[str], store: dict) -> Iterator[None]:
-    """Inside the block, every forward of the submodules ``names`` stores its output in ``store``."""
-    handles = [module.get_submodule(n).register_forward_hook(
-        lambda m, a, out, n=n: store.__setitem__(n, out)) for n in names]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 class GroupScales:
     """Activation scales trained for the current timestep group only.
 
@@ -171,5 +159,5 @@ def denoiser_error(student: nn.Module, teacher: nn.Module, data: CalibrationData
     return total / max(n, 1)
 
 
-__all__ = ["GridWeight", "grid_weights", "capture_outputs", "GroupScales", "quest_loss", "enforce_masks_of",
+__all__ = ["GridWeight", "grid_weights", "GroupScales", "quest_loss", "enforce_masks_of",
            "peak_memory_mb", "denoiser_error"]
