@@ -1,4 +1,8 @@
-"""``diffsqueeze`` command line: run | inspect | eval | grid | report."""
+"""``diffsqueeze`` command line: run | inspect | eval | grid | report | prune-sweep.
+
+Every failure ends in one line on stderr, ``diffsqueeze: error: ...``, and exit status 1 (Ctrl-C:
+one line and 130); ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,35 @@ import logging
 import sys
 from pathlib import Path
 
-from diffsqueeze.console import (
+from diffsqueeze.console import (  # first: its filters must precede the imports that warn
     quiet_libraries,  # scripts call it as cli.quiet_libraries too
 )
 from diffsqueeze.errors import DiffsqueezeError
 
 log = logging.getLogger("diffsqueeze")
+#: What Ctrl-C prints, per command (the default: "interrupted").
+INTERRUPTED = {
+    "run": "interrupted; the run state is saved, continue with --resume",
+    "eval": "interrupted; finished batches are kept, rerun the same command to continue",
+}
+EXIT_INTERRUPTED = 130
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from diffsqueeze.pipelines.runner import run_recipe
-    from diffsqueeze.recipe import load_recipe
+    from diffsqueeze.config_parse import apply_overrides, read_yaml_file
+    from diffsqueeze.pipelines.manifest import check_output_dir, check_run_dir
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    # The recipe's text and output_dir first: these errors come before torch and diffusers load.
+    data = apply_overrides(read_yaml_file(args.recipe), args.overrides)
+    out, model = (data.get("output_dir"), data.get("model")) if isinstance(data, dict) else (None, None)
+    if isinstance(out, str) and out.strip():
+        check_output_dir(out, model if isinstance(model, str) else None, probe=True)
+        check_run_dir(Path(out), resume=args.resume, overwrite=args.overwrite)
+
+    from diffsqueeze.pipelines.runner import run_recipe
+    from diffsqueeze.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(data or {})
     quiet_libraries()
     run_dir = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
     print(f"run complete: {run_dir}")
@@ -60,15 +80,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffsqueeze", description=__doc__)
+    parser = argparse.ArgumentParser(prog="diffsqueeze", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of one line (also after the command)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run a compression recipe")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE overrides, e.g. stages.0.prune.targets.unet=0.5")
     p.add_argument("--resume", action="store_true", help="continue a run in output_dir, skipping finished stages")
-    p.add_argument("--overwrite", action="store_true", help="delete a run already in output_dir first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in output_dir (kept until the new model is exported)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="describe a model or run directory")
@@ -84,16 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # metrics extras not installed: run/inspect still work
         cli_commands = None
     if cli_commands is not None:
-        for add in ("add_eval_parser", "add_grid_parser", "add_report_parser"):
+        for add in ("add_eval_parser", "add_grid_parser", "add_report_parser", "add_prune_sweep_parser"):
             if hasattr(cli_commands, add):
                 getattr(cli_commands, add)(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; errors in the user's input exit 1 with one message on stderr."""
+    """Entry point: 0 on success; every failure is one line on stderr and exit 1 (Ctrl-C: 130).
+
+    ``--debug`` (before or after the command) re-raises instead, with the full traceback.
+    """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    debug = args.debug or "--debug" in extra
+    extra = [e for e in extra if e != "--debug"]
     # KEY=VALUE overrides may follow options (run recipe.yaml --resume a.b=1)
     bad = [e for e in extra if e.startswith("-") or "=" not in e]
     if bad or (extra and args.command != "run"):
@@ -103,9 +131,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"diffsqueeze: {INTERRUPTED.get(args.command, 'interrupted')}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except DiffsqueezeError as exc:
-        print(f"diffsqueeze: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"diffsqueeze: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a fault, not the user's input: name it, the traceback is one flag away
+        if debug:
+            raise
+        text = one_line(str(exc))
+        print(f"diffsqueeze: error: {type(exc).__name__}{': ' + text if text else ''} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def one_line(text: str) -> str:
+    """Whitespace (newlines included) collapsed: an error is one line."""
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

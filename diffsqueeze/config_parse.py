@@ -1,7 +1,10 @@
 """Build frozen config dataclasses from YAML data, checking keys and types by the type hints.
 
 Errors carry the dotted key path of the offending value (``stages[1].prune.scope``), so a user
-sees where the recipe is wrong before any work starts.
+sees where the recipe is wrong before any work starts. Reading YAML (:func:`read_yaml_file`,
+:func:`load_yaml`) refuses a key given twice in one mapping, which PyYAML would silently resolve
+to the last value, and :func:`apply_overrides` applies ``key.path=value`` overrides; both are
+light (PyYAML only), so the command line checks a recipe's text before any heavy import.
 """
 
 from __future__ import annotations
@@ -9,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, Union
+
+import yaml
 
 from diffsqueeze.errors import RecipeError
 
@@ -127,4 +133,126 @@ def to_plain(obj: Any) -> Any:
         return [to_plain(v) for v in obj]
     if isinstance(obj, dict):
         return {str(k): to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error.
+
+    PyYAML keeps the last of two equal keys, so a recipe with two ``stages:`` lists would run
+    the second and silently drop the first. ``source`` names the text in the message.
+    """
+
+    source = "YAML"
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' merges; its keys may be overridden
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable key: SafeLoader's own error follows
+                    continue
+                if first is not None:
+                    raise RecipeError("", f"{self.source} line {line}: duplicate key '{key}' (first at line "
+                                      f"{first}); YAML would keep only the last one, so remove or merge one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML text with :class:`UniqueKeyLoader`.
+
+    Raises:
+        RecipeError: invalid YAML (one line: where and what) or a duplicate key.
+    """
+    loader_cls = type("Loader", (UniqueKeyLoader,), {"source": source})
+    loader = loader_cls(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise RecipeError("", f"{source} is not valid YAML: {yaml_problem(exc)}") from None
+    finally:
+        loader.dispose()
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    text = f"{problem}{where}" + (f" ({context})" if context else "")
+    return " ".join(text.split())
+
+
+def read_yaml_file(path: str | Path, what: str = "recipe file") -> Any:
+    """Read and parse a YAML file (:func:`load_yaml`).
+
+    Raises:
+        RecipeError: the file is missing, unreadable, not text, not valid YAML, or has a duplicate key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError("", f"{what} '{path}' does not exist" if not path.exists() else f"{what} '{path}' is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError("", f"{what} '{path}' cannot be read ({type(exc).__name__}: {exc})") from None
+    return load_yaml(text, f"'{path}'")
+
+
+def apply_overrides(data: Any, overrides: list[str]) -> Any:
+    """Apply ``a.b.0.c=value`` overrides (value parsed as YAML) to a copy of raw recipe data.
+
+    Raises:
+        RecipeError: malformed override, a value that is not valid YAML, or a list index that
+            does not exist; the message names the override's key.
+    """
+    data = _fresh_copy(data)
+    for text in overrides:
+        if "=" not in text:
+            raise RecipeError(text, "an override is KEY.PATH=VALUE (for example stages.0.prune.targets.unet=0.5)")
+        key, raw = text.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise RecipeError(text, "empty key in override")
+        try:
+            value = load_yaml(raw, f"override value {raw!r}") if raw.strip() else ""
+        except RecipeError as exc:
+            hint = "; quote it if it is meant as text" if "not valid YAML" in exc.message else ""
+            raise RecipeError(".".join(parts), exc.message + hint) from None
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(where, f"no list item {part!r} (the list has {len(node)} items)")
+                idx = int(part)
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise RecipeError(where, f"cannot set a key inside {type(node).__name__} {node!r}")
+    return data
+
+
+def _fresh_copy(obj: Any) -> Any:
+    """Copy without the aliasing that deepcopy keeps (YAML anchors share one object)."""
+    if isinstance(obj, dict):
+        return {k: _fresh_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fresh_copy(v) for v in obj]
     return obj

@@ -2,16 +2,58 @@
 
 Shared by :mod:`diffsqueeze.cli` and the subcommands in :mod:`diffsqueeze.metrics.cli_commands`.
 Imports nothing from diffsqueeze, so any command module can use it without an import circle.
+
+Importing this module silences, before torch or diffusers is imported, the warnings every start
+would otherwise print and that concern neither the user's input nor diffsqueeze: bitsandbytes'
+notes on optional kernels, diffusers' "Unable to import torchao Tensor objects" (torchao
+installed for the peer benchmarks) and torch's deprecation of pytree registration for Enum
+classes. Only those messages are filtered; anything else still shows.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 
-__all__ = ["quiet_libraries"]
+__all__ = ["quiet_libraries", "silence_dependency_warnings"]
 
-# diffusers imports bitsandbytes, which warns about optional CPU kernels on every start
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# (logger, message pattern) of log records that are dropped; each filter drops only its message.
+QUIET_RECORDS = (
+    ("torch.utils._pytree", r"is an Enum subclass .*register_constant\(\) on Enum subclasses is deprecated"),
+    ("diffusers.quantizers.torchao.torchao_quantizer", r"Unable to import `?torchao`? Tensor objects"),
+    ("transformers.quantizers.quantizer_torchao", r"Unable to import `?torchao`? Tensor objects"),
+)
+# warnings.warn messages of the same kinds (other versions of these libraries warn this way).
+QUIET_WARNINGS = (
+    r".*Unable to import `?torchao`? Tensor objects.*",
+    r".*_register_pytree_node.* is deprecated.*",
+    r".*register_constant\(\) on Enum subclasses is deprecated.*",
+)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def silence_dependency_warnings() -> None:
+    """Install the filters above (idempotent); bitsandbytes' logger is set to errors only."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name, pattern in QUIET_RECORDS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(_DropMessage(pattern))
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", module=r"bitsandbytes(\..*)?$")
+
+
+silence_dependency_warnings()
 
 
 def quiet_libraries() -> None:

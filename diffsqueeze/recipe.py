@@ -8,18 +8,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from diffsqueeze.config_parse import build_dataclass, join_path, to_plain
+from diffsqueeze.config_parse import (
+    apply_overrides,  # re-exported: recipe.apply_overrides
+    build_dataclass,
+    join_path,
+    read_yaml_file,
+    to_plain,
+)
 from diffsqueeze.errors import DiffsqueezeError, ModelLoadError, RecipeError
 from diffsqueeze.metrics.config import EvalConfig
+from diffsqueeze.pipelines.manifest import check_output_dir
 from diffsqueeze.stages import STAGES
 
+__all__ = ["CalibrationConfig", "Recipe", "StageSpec", "apply_overrides", "load_recipe", "recipe_from_dict"]
+
+log = logging.getLogger(__name__)
 RECIPE_KEYS = ("model", "output_dir", "seed", "device", "dtype", "calibration", "stages", "eval")
+#: Above this many recorded denoiser inputs, validation warns about the calibration's cost.
+CALIBRATION_WARN_INPUTS = 100_000
+#: One recorded input of a Stable Diffusion 1.5 UNet in float32 (latents 4x64x64 + text 77x768), for the estimate.
+SD15_INPUT_BYTES = 4 * (4 * 64 * 64 + 77 * 768)
 
 
 @dataclass(frozen=True)
@@ -54,13 +67,22 @@ class CalibrationConfig:
                               f"{self.num_inference_steps} sampler steps (num_inference_steps)")
         if self.sampler != "default" and not (self.sampler.isidentifier() and self.sampler.endswith("Scheduler")):
             raise RecipeError("sampler", f"'default' or a diffusers scheduler class name like DDIMScheduler; got {self.sampler!r}")
-        if not self.prompts.startswith("builtin"):
-            from diffsqueeze.models.prompts import load_prompts
+        _check_prompts(self.prompts, "prompts")
 
-            try:
-                load_prompts(self.prompts)  # missing or empty prompt file: fail before any work
-            except DiffsqueezeError as exc:
-                raise RecipeError("prompts", str(exc)) from None
+    def estimate(self) -> tuple[int, int]:
+        """(recorded denoiser inputs, denoiser evaluations) of the recording; guidance doubles both."""
+        cfg = 2 if self.guidance_scale > 1 else 1
+        return self.num_samples * self.timesteps * cfg, self.num_samples * self.num_inference_steps * cfg
+
+
+def _check_prompts(spec: str, key: str) -> None:
+    """An unknown prompt set (``builtin:NAME``) or a missing/empty prompt file fails before any work."""
+    from diffsqueeze.models.prompts import load_prompts
+
+    try:
+        load_prompts(spec)
+    except DiffsqueezeError as exc:
+        raise RecipeError(key, str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -152,6 +174,7 @@ def recipe_from_dict(data: Any) -> Recipe:
 
 
 def _check_recipe(recipe: Recipe) -> None:
+    from diffsqueeze.metrics.cli_commands import reference_problem
     from diffsqueeze.models import (
         check_model_spec,  # heavy import, only once a recipe parses
     )
@@ -162,70 +185,35 @@ def _check_recipe(recipe: Recipe) -> None:
         raise RecipeError("model", str(exc)) from None
     if not recipe.output_dir.strip():
         raise RecipeError("output_dir", "must name a directory")
-    out = Path(recipe.output_dir)
-    if out.exists() and not out.is_dir():
-        raise RecipeError("output_dir", f"'{out}' exists and is not a directory")
+    check_output_dir(recipe.output_dir, recipe.model, probe=False)  # the runner probes writability
+    if recipe.eval is not None:
+        _check_prompts(recipe.eval.prompts, "eval.prompts")
+        if recipe.eval.reference != "fp" and (problem := reference_problem(recipe.eval.reference)):
+            raise RecipeError("eval.reference", f"{problem}; eval.reference takes 'fp' (the original model's outputs), "
+                              f"a folder of images, a .safetensors statistics file or a builtin dataset")
+    inputs, calls = recipe.calibration.estimate()
+    if inputs > CALIBRATION_WARN_INPUTS:
+        c = recipe.calibration
+        guided = " x 2 for guidance" if c.guidance_scale > 1 else ""
+        log.warning("calibration.num_samples %d: a stage that calibrates makes %s denoiser calls and stores %s inputs "
+                    "(num_samples x timesteps %d%s), ~%s on disk at Stable Diffusion 1.5 size; lower "
+                    "calibration.num_samples unless this is meant", c.num_samples, f"{calls:,}", f"{inputs:,}",
+                    c.timesteps, guided, _size(inputs * SD15_INPUT_BYTES))
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.0.c=value`` overrides (value parsed as YAML) to a copy of raw recipe data.
-
-    Raises:
-        RecipeError: malformed override, or a list index that does not exist.
-    """
-    data = _fresh_copy(data)
-    for text in overrides:
-        if "=" not in text:
-            raise RecipeError(text, "an override is KEY.PATH=VALUE (for example stages.0.prune.targets.unet=0.5)")
-        key, raw = text.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise RecipeError(text, "empty key in override")
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        node: Any = data
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            where = ".".join(parts[: depth + 1])
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise RecipeError(where, f"no list item {part!r} (the list has {len(node)} items)")
-                idx = int(part)
-                if last:
-                    node[idx] = value
-                else:
-                    node = node[idx]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    if node.get(part) is None:
-                        node[part] = {}
-                    node = node[part]
-            else:
-                raise RecipeError(where, f"cannot set a key inside {type(node).__name__} {node!r}")
-    return data
-
-
-def _fresh_copy(obj: Any) -> Any:
-    """Copy without the aliasing that deepcopy keeps (YAML anchors share one object)."""
-    if isinstance(obj, dict):
-        return {k: _fresh_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_fresh_copy(v) for v in obj]
-    return obj
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n:.0f} TB"
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file.
 
     Raises:
-        RecipeError: missing file, invalid YAML, or any validation failure.
+        RecipeError: missing file, invalid YAML, a key given twice, or any validation failure.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError("", f"recipe file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RecipeError("", f"'{path}' is not valid YAML: {exc}") from None
+    data = read_yaml_file(path)
     return recipe_from_dict(apply_overrides(data or {}, overrides or []))

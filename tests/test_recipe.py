@@ -40,6 +40,10 @@ BAD_RECIPES = [
     (with_(calibration={"num_samples": 0}), ["calibration.num_samples", ">= 1"]),
     (with_(eval={"num_images": -1}), ["eval.num_images", ">= 0"]),
     (with_(eval={"seeds": "one"}), ["eval.seeds[0]", "integer"]),
+    (with_(calibration={"prompts": "builtin:nope"}), ["calibration.prompts", "unknown prompt set", "builtin:fashion"]),
+    (with_(calibration={"prompts": "no/such/prompts.txt"}), ["calibration.prompts", "does not exist"]),
+    (with_(eval={"prompts": "builtin:nope"}), ["eval.prompts", "unknown prompt set"]),
+    (with_(eval={"reference": str(REPO / "diffsqueeze" / "pipelines")}), ["eval.reference", "holds no image files"]),
 ]
 
 
@@ -65,6 +69,36 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(bad)
+
+
+def test_output_dir_and_model_must_not_overlap(tmp_path):
+    model = tmp_path / "sd"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    for out, words in ((model, "model's own folder"), (model / "out", "inside the model folder"), (tmp_path, "holds the model")):
+        with pytest.raises(RecipeError, match=f"output_dir: .*{words}"):
+            recipe_from_dict(with_(model=str(model), output_dir=str(out)))
+    recipe_from_dict(with_(model=str(model), output_dir=str(tmp_path / "sd-pruned")))  # a sibling is fine
+
+
+def test_a_key_given_twice_names_the_key_and_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: builtin:tiny-sd\noutput_dir: out\nstages:\n  - prune: {targets: {unet: 0.3, unet: 0.5}}\n")
+    with pytest.raises(RecipeError, match=r"line 4: duplicate key 'unet' \(first at line 4\)"):
+        load_recipe(path)
+    path.write_text("base: &b {seed: 1}\nrecipe:\n  <<: *b\n  seed: 2\n")  # a merge key may be overridden
+    with pytest.raises(RecipeError, match="unknown key"):
+        load_recipe(path)
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(bad)
+    assert "\n" not in str(info.value) and "line 2, column 1" in str(info.value)
+    with pytest.raises(RecipeError, match=r"^seed: override value '\[1' is not valid YAML.*quote it"):
+        apply_overrides(GOOD, ["seed=[1"])
 
 
 def test_defaults_and_types():

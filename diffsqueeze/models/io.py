@@ -64,6 +64,28 @@ def check_model_spec(spec: str) -> None:
         raise ModelLoadError(f"model '{spec}': no such folder, and not a hub id of the form 'org/name'")
 
 
+_OFFLINE = re.compile(r"not (fully )?cached locally|couldn't connect|outgoing traffic has been disabled|offline mode|"
+                      r"connection|name or service not known|temporary failure in name resolution|timed? ?out", re.I)
+
+
+def hub_unreachable(spec: str, exc: BaseException) -> str | None:
+    """The message for a hub id that is not a local folder and could not be fetched (no network,
+    ``HF_HUB_OFFLINE``), or None when ``exc`` is another failure. diffusers' own text points at a
+    stack trace the command line does not show."""
+    if Path(spec).exists() or not HUB_ID.match(spec):
+        return None
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    if not any(isinstance(e, (ConnectionError, TimeoutError)) or _OFFLINE.search(f"{type(e).__name__} {e}") for e in chain):
+        return None
+    return (f"model '{spec}' is not a local folder, and the Hugging Face hub could not be reached to fetch it (no network, "
+            f"or HF_HUB_OFFLINE is set) nor is it in the local cache; download it while online, or give a local "
+            f"diffusers folder")
+
+
 def parse_dtype(name: str) -> torch.dtype:
     """``float32`` | ``float16`` | ``bfloat16`` -> torch dtype."""
     if name not in DTYPES:
@@ -160,7 +182,10 @@ def _from_pretrained(where: str, **components) -> DiffusionPipeline:
     try:
         return cls.from_pretrained(where, use_safetensors=True, **absent, **components)
     except Exception as exc:  # diffusers raises many types; the cause goes into the message
-        raise ModelLoadError(f"cannot load pipeline from '{where}': {type(exc).__name__}: {exc}") from exc
+        unreachable = hub_unreachable(where, exc)
+        if unreachable:
+            raise ModelLoadError(unreachable) from exc
+        raise ModelLoadError(f"cannot load pipeline from '{where}': {type(exc).__name__}: {' '.join(str(exc).split())}") from exc
 
 
 def save_pipeline(pipe: DiffusionPipeline, folder: Path, state: CompressionState | None = None) -> None:

@@ -41,12 +41,18 @@ def load_prompts(spec: str) -> list[str]:
     """
     if spec in BUILTIN_PROMPTS:
         return list(BUILTIN_PROMPTS[spec])
+    known = ", ".join(sorted(BUILTIN_PROMPTS))
     if spec.startswith("builtin"):
-        raise DiffsqueezeError(f"unknown prompt set '{spec}'; known: {', '.join(sorted(BUILTIN_PROMPTS))}")
+        raise DiffsqueezeError(f"unknown prompt set '{spec}'; known: {known} (or a text file, one prompt per line)")
     path = Path(spec)
     if not path.is_file():
-        raise DiffsqueezeError(f"prompt file '{spec}' does not exist (give a text file, one prompt per line, or 'builtin')")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DiffsqueezeError(f"prompt file '{spec}' {what} (give a text file, one prompt per line, or a prompt set: {known})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DiffsqueezeError(f"prompt file '{spec}' cannot be read ({type(exc).__name__}: {exc})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise DiffsqueezeError(f"prompt file '{spec}' holds no prompt (one prompt per line expected)")
     return prompts

@@ -55,10 +55,13 @@ def write_checkpoint(pipe: DiffusionPipeline, state: CompressionState, changed: 
     state.save(tmp)
     (tmp / COMPONENTS_FILE).write_text(json.dumps(names), encoding="utf-8")
     fsync_dir(tmp)
+    old = final.with_name(f".old-{final.name}")  # a checkpoint being replaced goes once the new one is in place
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
-        shutil.rmtree(final)
+        os.rename(final, old)
     os.rename(tmp, final)
     fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_checkpoint(pipe: DiffusionPipeline, folder: Path) -> tuple[CompressionState, set[str]]:
@@ -81,5 +84,6 @@ def read_checkpoint(pipe: DiffusionPipeline, folder: Path) -> tuple[CompressionS
             finalize_modules(pipe)
         return state, set(names)
     except Exception as exc:  # any damage makes the checkpoint unusable; say which
-        raise RunDirError(f"checkpoint {folder} cannot be read ({type(exc).__name__}: {exc}); "
-                          f"delete it or rerun with --overwrite") from exc
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise RunDirError(f"checkpoint {folder} cannot be read ({why}); delete that folder to run its stage again, "
+                          f"or replace the run with --overwrite") from exc

@@ -1,4 +1,4 @@
-"""Run a recipe's stages in order with atomic checkpoints, a manifest and ``--resume``."""
+"""Run a recipe's stages in order with atomic checkpoints, a manifest, ``--resume`` and a safe ``--overwrite``."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import yaml
 
-from diffsqueeze.errors import RunDirError
+from diffsqueeze.config_parse import join_path
+from diffsqueeze.errors import DiffsqueezeError, RecipeError, RunDirError
 from diffsqueeze.loading import load_pipeline, load_with_state
-from diffsqueeze.process_memory import peak_rss_mb
 from diffsqueeze.models import save_pipeline
 from diffsqueeze.pipelines.checkpoint import (
     fsync_dir,
@@ -25,18 +25,26 @@ from diffsqueeze.pipelines.checkpoint import (
 )
 from diffsqueeze.pipelines.context import StageContext
 from diffsqueeze.pipelines.manifest import (
+    check_output_dir,
+    check_run_dir,
+    is_run_dir,
     new_manifest,
     now,
-    read_manifest,
+    probe_writable,
+    replaced_dir,
+    replacement_dir,
     write_manifest,
 )
 from diffsqueeze.pipelines.run_evaluation import evaluate_run
+from diffsqueeze.process_memory import peak_rss_mb
 from diffsqueeze.quant.export.save import export_pipeline, needs_packed_export
 from diffsqueeze.recipe import Recipe
 from diffsqueeze.stages import STAGES
 
 log = logging.getLogger(__name__)
 MODEL_DIR = "model"
+#: What the end-of-run evaluation writes into a run directory.
+EVAL_OUTPUTS = ("metrics.json", "report.md", "report.html", "grids", "eval")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,85 +79,152 @@ def reusable_stages(old: dict | None, hashes: list[str], run_dir: Path) -> int:
     return n
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, dict | None, int]:
-    """Check the output directory against the recipe; return it, the old manifest and reusable stages.
+def plan_run(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, dict | None, int]:
+    """Decide, without changing anything, where the run is written, what it continues and how many stages it reuses.
+
+    A new run in a fresh (or empty) ``output_dir`` is written there; ``--resume`` continues the
+    run in place (or an interrupted ``--overwrite``'s replacement); ``--overwrite`` of a run writes
+    the new run into :func:`replacement_dir`, which replaces ``output_dir`` once its model exists.
+
+    Returns:
+        The folder the run writes into, the manifest it continues (or None) and the stages it reuses.
 
     Raises:
+        RecipeError: output_dir cannot be written.
         RunDirError: the directory holds another run (or other files) and neither ``--resume``
             (with a matching recipe) nor ``--overwrite`` was given.
     """
     run_dir = Path(recipe.output_dir)
-    if overwrite and run_dir.exists():
-        if run_dir.is_dir() and any(run_dir.iterdir()) and read_manifest(run_dir) is None:
-            raise RunDirError(f"output_dir '{run_dir}' is not a diffsqueeze run directory; refusing to delete it")
-        shutil.rmtree(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        old = read_manifest(run_dir)
-        if old is None:
-            raise RunDirError(f"output_dir '{run_dir}' is not empty and is not a diffsqueeze run directory; choose another output_dir")
-        if not resume:
-            raise RunDirError(f"output_dir '{run_dir}' already holds a run (recipe {old.get('recipe_hash')}, "
-                              f"status {old.get('status')}); pass --resume to continue it or --overwrite to replace it")
-        n = reusable_stages(old, recipe.stage_hashes(), run_dir)
-        if n == 0 and old.get("model") != recipe.model:
-            raise RunDirError(f"output_dir '{run_dir}' holds a run of a different model ({old.get('model')}); "
-                              f"nothing to resume: choose another output_dir or pass --overwrite")
-        return run_dir, old, n
-    return run_dir, None, 0
+    check_output_dir(recipe.output_dir, recipe.model, probe=True)
+    where, old = check_run_dir(run_dir, resume, overwrite)
+    if overwrite and is_run_dir(run_dir):
+        probe_writable(replacement_dir(run_dir).parent, recipe.output_dir)
+        return replacement_dir(run_dir), None, 0
+    if where is None:
+        return run_dir, None, 0
+    n = reusable_stages(old, recipe.stage_hashes(), where)
+    if n == 0 and old.get("model") != recipe.model:
+        raise RunDirError(f"output_dir '{run_dir}' holds a run of a different model ({old.get('model')}); "
+                          f"nothing to resume: choose another output_dir or pass --overwrite")
+    return where, old, n
+
+
+def _check_stages(recipe: Recipe, stages: list, pipe) -> None:
+    """Every stage's ``check(pipe)``; its errors carry the stage's key path (``stages[1].ptq.include``)."""
+    for i, (spec, stage) in enumerate(zip(recipe.stages, stages)):
+        where = f"stages[{i}].{spec.name}"
+        try:
+            stage.check(pipe)
+        except RecipeError as exc:
+            path = exc.path if exc.path.startswith("stages[") else join_path(where, exc.path)
+            raise RecipeError(path, exc.message) from None
+        except DiffsqueezeError as exc:
+            raise RecipeError(where, str(exc)) from None
 
 
 def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Run every stage of ``recipe``, export the model, evaluate; return the run directory.
 
-    Validation (stage configs against the loaded pipeline) happens before any stage runs.
+    Everything that can fail on the input (output_dir, the stages' configs against the loaded
+    pipeline, the checkpoint a resumed run continues from) is checked before the first file is
+    written. Nothing of an earlier run is deleted before what replaces it exists; a failure
+    (or Ctrl-C) after that point is recorded in the manifest (status ``failed``, the error).
     """
     registry = STAGES
     stages = [registry[s.name].stage_cls(s.config) for s in recipe.stages]
-    run_dir, old, reuse = prepare_run_dir(recipe, resume, overwrite)
+    run_dir = Path(recipe.output_dir)
+    work, old, reuse = plan_run(recipe, resume, overwrite)
     device = resolve_device(recipe.device)
     pipe, state = load_with_state(recipe.model, str(device), recipe.dtype)
-    for stage in stages:
-        stage.check(pipe)
+    _check_stages(recipe, stages, pipe)
+    changed: set[str] = set()
+    if reuse:  # read (and so validate) the checkpoint before anything is written
+        state, changed = read_checkpoint(pipe, work / old["stages"][reuse - 1]["checkpoint"])
+        log.info("resuming after stage %d (%s)", reuse - 1, recipe.stages[reuse - 1].name)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_plain(), sort_keys=False), encoding="utf-8")
+    if old is None and work == replacement_dir(run_dir):
+        shutil.rmtree(work, ignore_errors=True)  # an earlier, abandoned replacement: this one starts afresh
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_plain(), sort_keys=False), encoding="utf-8")
     hashes = recipe.stage_hashes()
     manifest = new_manifest(recipe.recipe_hash(), recipe.model, [(s.name, h) for s, h in zip(recipe.stages, hashes)])
     if old:
         manifest["created"] = old.get("created", manifest["created"])
         manifest["stages"][:reuse] = old["stages"][:reuse]
-    _remove_stale(run_dir, manifest, reuse)
-    write_manifest(run_dir, manifest)
+    write_manifest(work, manifest)
 
-    changed: set[str] = set()
-    if reuse:
-        state, changed = read_checkpoint(pipe, run_dir / manifest["stages"][reuse - 1]["checkpoint"])
-        log.info("resuming after stage %d (%s)", reuse - 1, recipe.stages[reuse - 1].name)
-    ctx = StageContext(recipe=recipe, index=0, run_dir=run_dir, device=device, seed=recipe.seed, state=state,
+    ctx = StageContext(recipe=recipe, index=0, run_dir=work, device=device, seed=recipe.seed, state=state,
                        teacher_factory=lambda: load_pipeline(recipe.model, str(device), recipe.dtype), changed=changed)
-    for i in range(reuse, len(stages)):
-        _run_stage(pipe, stages[i], i, ctx, manifest)
-    export_model(pipe, ctx, run_dir, manifest)
-    if recipe.eval is not None:
-        manifest["eval"] = {"status": "running"}
-        write_manifest(run_dir, manifest)
-        manifest["eval"] = {"status": "done", "metrics": evaluate_run(pipe, ctx.teacher(), recipe.eval, run_dir, ctx.state.history)}
+    try:
+        for i in range(reuse, len(stages)):
+            _run_stage(pipe, stages[i], i, ctx, manifest)
+        export_model(pipe, ctx, work, manifest)
+        _remove_leftovers(work, manifest, model_changed=reuse < len(stages))
+        if work != run_dir:
+            swap_in(work, run_dir)  # the new model exists: the old run goes
+            ctx.run_dir = run_dir
+        if recipe.eval is not None:
+            manifest["eval"] = {"status": "running"}
+            write_manifest(run_dir, manifest)
+            try:
+                metrics = evaluate_run(pipe, ctx.teacher(), recipe.eval, run_dir, ctx.state.history)
+            except BaseException as exc:
+                manifest["eval"] = {"status": "failed", "error": error_text(exc)}
+                raise
+            manifest["eval"] = {"status": "done", "metrics": metrics}
+    except BaseException as exc:
+        _record_failure(Path(ctx.run_dir), manifest, exc)
+        raise
     manifest["status"] = "complete"
     manifest["finished"] = now()
     write_manifest(run_dir, manifest)
     return run_dir
 
 
-def _remove_stale(run_dir: Path, manifest: dict, reuse: int) -> None:
-    """Delete checkpoints, temp folders and the model of stages that will run again."""
-    for entry in manifest["stages"][reuse:]:
-        shutil.rmtree(run_dir / entry["checkpoint"], ignore_errors=True)
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` in one line (``KeyboardInterrupt`` alone when there is no message)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _record_failure(folder: Path, manifest: dict, exc: BaseException) -> None:
+    manifest["status"] = "failed"
+    manifest["error"] = error_text(exc)
+    try:
+        write_manifest(folder, manifest)
+    except OSError as err:  # the original error matters more than the record of it
+        log.warning("could not record the failure in %s: %s", folder / "manifest.json", err)
+
+
+def swap_in(new: Path, run_dir: Path) -> None:
+    """Put the finished replacement ``new`` at ``run_dir``: two renames, then the old run is deleted.
+
+    A crash between the renames is repaired by the next run on that output_dir
+    (:func:`~diffsqueeze.pipelines.manifest.recover_replacement`).
+    """
+    old = replaced_dir(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        run_dir.rename(old)
+    new.rename(run_dir)
+    fsync_dir(run_dir.absolute().parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_leftovers(run_dir: Path, manifest: dict, model_changed: bool) -> None:
+    """After the export: delete what no longer belongs to the run (checkpoints of stages the recipe
+    lost, half-written temp folders and, when a stage ran again, the evaluation of the model it replaced)."""
+    keep = {Path(e["checkpoint"]).name for e in manifest["stages"]}
     stages_dir = run_dir / "stages"
     if stages_dir.is_dir():
-        for tmp in stages_dir.glob(".tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-    for name in (MODEL_DIR, f".tmp-{MODEL_DIR}"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+        for child in stages_dir.iterdir():
+            if child.name not in keep:
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    shutil.rmtree(run_dir / f".tmp-{MODEL_DIR}", ignore_errors=True)
+    if model_changed:
+        for name in EVAL_OUTPUTS:
+            path = run_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _run_stage(pipe, stage, i: int, ctx: StageContext, manifest: dict) -> None:
@@ -164,7 +239,7 @@ def _run_stage(pipe, stage, i: int, ctx: StageContext, manifest: dict) -> None:
     try:
         summary = stage.apply(pipe, ctx)
     except BaseException as exc:
-        entry.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=5))
+        entry.update(status="failed", error=error_text(exc), traceback=traceback.format_exc(limit=5))
         manifest["status"] = "failed"
         write_manifest(ctx.run_dir, manifest)
         raise
@@ -186,8 +261,13 @@ def export_model(pipe, ctx: StageContext, run_dir: Path, manifest: dict) -> None
     if qmap is None:  # no quantized layers (e.g. pruning only): plain diffusers folder + masks
         save_pipeline(pipe, tmp, ctx.state)
     fsync_dir(tmp)
-    shutil.rmtree(final, ignore_errors=True)
+    old = run_dir / f".old-{MODEL_DIR}"  # the model being replaced goes only once the new one is in place
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
     tmp.rename(final)
+    fsync_dir(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
     manifest["model"] = ctx.recipe.model
     manifest["export"] = {"path": MODEL_DIR, "bytes": sum(f.stat().st_size for f in final.rglob("*") if f.is_file())}
     if qmap is not None:

@@ -133,3 +133,41 @@ def test_kill_and_resume_gives_identical_weights(reference_run, write_recipe, ki
     assert m["status"] == "complete"
     assert not list((run_dir / "stages").glob(".tmp-*"))
     assert_same_weights(reference_run, run_dir)
+
+
+def test_overwrite_writes_beside_and_a_cut_off_swap_is_finished(reference_run, write_recipe, tmp_path, monkeypatch):
+    import shutil
+
+    import diffsqueeze.pipelines.runner as runner
+    from diffsqueeze.pipelines.manifest import replaced_dir, replacement_dir
+
+    path = write_recipe(TWO_STAGES)
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    (run_dir / "old-marker").write_text("old run")
+    seen = {}
+
+    def cut_off(new, final):  # the swap dies after its first rename
+        seen["during"] = sorted(p.name for p in tmp_path.iterdir())
+        final.rename(replaced_dir(final))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "swap_in", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_recipe(path, ["seed=4"]), overwrite=True)
+    assert seen["during"] == [".run.replacement", "recipe.yaml", "run"]  # the old run stayed until the swap
+    assert not run_dir.exists() and (replacement_dir(run_dir) / "model").is_dir()
+    monkeypatch.undo()
+    run_recipe(load_recipe(path, ["seed=4"]), resume=True)  # finishes the swap, then resumes the new run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "run"]
+    assert not (run_dir / "old-marker").exists() and json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+    assert "seed: 4" in (run_dir / "recipe.yaml").read_text()
+
+
+def test_stage_check_errors_carry_the_stage_path(write_recipe):
+    from diffsqueeze.errors import RecipeError
+
+    path = write_recipe({**TWO_STAGES, "stages": [TWO_STAGES["stages"][0], {"prune": {"targets": {"vae2": 0.3}}}]})
+    with pytest.raises(RecipeError, match=r"^stages\[1\]\.prune\.targets\.vae2: no component 'vae2'"):
+        run_recipe(load_recipe(path))
+    assert not Path(load_recipe(path).output_dir).exists()
