@@ -1,4 +1,4 @@
-"""Subcommands ``eval``, ``grid`` and ``report`` (wired into :mod:`diffsqueeze.cli`).
+"""Subcommands ``eval``, ``grid``, ``report`` and ``prune-sweep`` (wired into :mod:`diffsqueeze.cli`).
 
 Each ``add_*_parser(subparsers)`` adds its subcommand and sets ``func`` to a handler that takes
 the parsed namespace and returns an exit code. Heavy imports happen inside the handlers.
@@ -85,12 +85,72 @@ def add_grid_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+REF_ACCEPTS = ("--ref takes 'fp' (the --baseline model's own outputs), a folder of images, a .safetensors statistics "
+               "file or a builtin dataset")
+
+
+def reference_problem(ref: str) -> str | None:
+    """Why ``ref`` is no FID reference (None when it is one); ``fp`` is left to the caller.
+
+    Shared by ``eval --ref`` and the recipe's ``eval.reference``: both fail on it before any image
+    is generated. A model (``builtin:tiny-sd``, a diffusers folder, a run directory, a hub id) is
+    the commonest mistake: a model to compare with is a baseline, not a reference.
+    """
+    from diffsqueeze.metrics.config import BUILTIN_REFERENCES
+    from diffsqueeze.metrics.images import IMAGE_EXTENSIONS
+
+    path = Path(ref)
+    if ref.startswith("builtin:"):
+        if ref in BUILTIN_REFERENCES:
+            return None
+        from diffsqueeze.models.builtin import BUILTINS
+
+        if ref.split(":", 1)[1] in BUILTINS:
+            return f"'{ref}' is a model, not a set of reference images (to compare with a model, give it as the baseline)"
+        return f"'{ref}' is no builtin dataset (known: {', '.join(BUILTIN_REFERENCES)})"
+    if ref.endswith(".safetensors"):
+        return None if path.is_file() else f"the statistics file '{ref}' does not exist"
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or (path / "manifest.json").is_file():
+            return (f"'{ref}' is a model folder, not a folder of reference images (to compare with a model, give it "
+                    f"as the baseline)")
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*") if p.is_file()):
+            return f"the folder '{ref}' holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        return None
+    if path.exists():
+        return f"'{ref}' is a file, neither a folder of images nor a .safetensors statistics file"
+    if "/" in ref and not ref.startswith((".", "/", "~")) and ref.count("/") == 1:
+        return f"'{ref}' is no folder here; a hub model id is a model, not a set of reference images"
+    return f"the folder '{ref}' does not exist"
+
+
+def check_eval_reference(ref: str, baseline: str | None) -> None:
+    """``eval --ref``: usable, and ``fp`` only with ``--baseline``.
+
+    Raises:
+        DiffsqueezeError: one line naming what --ref accepts.
+    """
+    from diffsqueeze.errors import DiffsqueezeError
+
+    if ref == "fp":
+        if baseline is None:
+            raise DiffsqueezeError("--ref fp (the default) means the --baseline model's own outputs: give --baseline "
+                                   "MODEL, or a --ref that is a folder of images, a .safetensors statistics file or a "
+                                   "builtin dataset")
+        return
+    problem = reference_problem(ref)
+    if problem:
+        raise DiffsqueezeError(f"--ref {problem}; {REF_ACCEPTS}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from diffsqueeze.errors import DiffsqueezeError
     from diffsqueeze.metrics.evaluate import EvalJob, run_eval_job
+    from diffsqueeze.metrics.frechet import MIN_FID_IMAGES
     from diffsqueeze.metrics.report import write_report
     from diffsqueeze.models import check_model_spec
 
+    check_eval_reference(args.ref, args.baseline)  # before any model is loaded or image generated
     check_model_spec(args.model)
     if args.baseline:
         check_model_spec(args.baseline)
@@ -115,6 +175,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{f['sampler'].split('(')[0]} {f['steps']} steps, guidance {f['guidance']}, seeds 0..{job.num_images - 1}, "
             f"prompts {job.prompts}]")
     print(line)
+    if min(f["num_generated"], f["num_reference"]) < MIN_FID_IMAGES:
+        print(f"  (not meaningful: a Frechet distance needs >= {MIN_FID_IMAGES} images on each side; "
+              f"use --num-images {MIN_FID_IMAGES} or more)")
     if "clip_score" in metrics:
         print(f"CLIP score {metrics['clip_score']['value']:.3f}  [{metrics['clip_score']['clip_model']}]")
     if "fidelity" in metrics:
@@ -150,6 +213,79 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_eval)
+    return p
+
+
+def cmd_prune_sweep(args: argparse.Namespace) -> int:
+    from diffsqueeze.errors import DiffsqueezeError
+    from diffsqueeze.loading import load_pipeline
+    from diffsqueeze.metrics.compare import write_marked_section
+    from diffsqueeze.metrics.prune_sweep import (
+        PLOT_FILE,
+        Series,
+        prune_sweep,
+        sweep_markdown,
+    )
+    from diffsqueeze.models import check_model_spec
+    from diffsqueeze.models.prompts import load_prompts
+
+    check_model_spec(args.model)
+    prompts = load_prompts(args.prompts)
+    series = [Series(tuple(c.split("+")), pattern) for c in args.components for pattern in args.patterns]
+    if args.results and not Path(args.results).is_file():
+        raise DiffsqueezeError(f"--results '{args.results}' is not a file")
+    quiet_libraries()
+    device, dtype = _device_dtype(args)
+    pipe = load_pipeline(args.model, device=device, dtype=dtype)
+    result = prune_sweep(pipe, series, sorted(set(args.sparsities)), prompts, args.num_images, Path(args.out),
+                         steps=args.steps, guidance=args.guidance, real_reference=args.ref, clip_model=args.clip_model,
+                         batch_size=args.batch_size, features=args.features)
+    out = Path(args.out)
+    print((out / "sweep.md").read_text(encoding="utf-8"))
+    print(f"sweep: {out / 'sweep.md'}  {out / 'sweep.json'}  plot: {out / PLOT_FILE}")
+    if args.results:
+        write_marked_section(Path(args.results), "prune_sweep", sweep_markdown(result, command=_sweep_command(args)),
+                             "Pruning: quality against sparsity")
+        print(f"table written into {args.results}")
+    return 0
+
+
+def _sweep_command(args: argparse.Namespace) -> str:
+    """The command that regenerates a sweep table (written under it)."""
+    parts = ["diffsqueeze prune-sweep", f"--model {args.model}", "--components " + " ".join(args.components),
+             "--patterns " + " ".join(args.patterns), "--sparsities " + " ".join(f"{s:g}" for s in args.sparsities),
+             f"--num-images {args.num_images}", f"--prompts {args.prompts}", f"--features {args.features}"]
+    for flag, value in (("--ref", args.ref), ("--clip-model", args.clip_model), ("--steps", args.steps),
+                        ("--guidance", args.guidance)):
+        if value is not None:
+            parts.append(f"{flag} {value}")
+    parts += [f"--out {args.out}", f"--results {args.results}"]
+    return " ".join(parts)
+
+
+def add_prune_sweep_parser(subparsers) -> argparse.ArgumentParser:
+    """``diffsqueeze prune-sweep --model M --components unet text_encoder unet+text_encoder --sparsities ...``."""
+    p = subparsers.add_parser(
+        "prune-sweep", help="quality against sparsity of magnitude pruning, and the knee where it collapses",
+        description="Prune fresh copies of the model at each sparsity (per component, components joined with '+' "
+        "pruned together; unstructured and/or N:M), generate the same images as the original (image i: prompt i mod "
+        "P, seed i) and score FID vs the original, PSNR/SSIM, CLIP score (and FID vs real with --ref). Writes "
+        "sweep.md, sweep.json and quality_vs_sparsity.svg, and names the knee of each series.")
+    p.add_argument("--model", required=True, help="builtin:NAME, diffusers folder, run directory or hub id")
+    p.add_argument("--components", nargs="+", default=["denoiser"],
+                   help="one series per entry: a component (unet, text_encoder, denoiser) or several joined by '+'")
+    p.add_argument("--patterns", nargs="+", default=["unstructured"], help="unstructured and/or N:M (e.g. 2:4)")
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+                   help="unstructured sparsities (N:M series use 1 - N/M)")
+    p.add_argument("--num-images", type=int, default=64, help="images per row (default 64)")
+    p.add_argument("--ref", default=None, help="real reference for FID vs real (a folder, builtin:fashion-mnist); default none")
+    p.add_argument("--clip-model", default=None, help="CLIP for the CLIP score (builtin:fashion-clip, a folder or hub id)")
+    p.add_argument("--out", default="prune-sweep", help="output folder (default prune-sweep)")
+    p.add_argument("--results", default=None, help="also write the table into this Markdown file (docs/RESULTS.md)")
+    p.add_argument("--features", default="inception", choices=["inception", "tiny-random"],
+                   help="feature network for FID: inception (FID weights) or tiny-random (tests only, meaningless numbers)")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_prune_sweep)
     return p
 
 

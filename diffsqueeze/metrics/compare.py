@@ -44,7 +44,7 @@ def generate_bench_images(pipe, prompts: Sequence[str], num_images: int, steps: 
 class SetScores:
     """Scores of one image set; ``None`` where a measure was not available."""
 
-    fid_vs_real: float
+    fid_vs_real: Optional[float]
     fid_vs_fp: Optional[float]
     clip_score: Optional[float]
     psnr_vs_fp: Optional[float]
@@ -64,8 +64,9 @@ class Provenance:
     notes: list[str] = field(default_factory=list)
 
     def text(self) -> str:
-        parts = [f"FID: {self.fid}; {self.num_images} generated images per row vs {self.reference} "
-                 f"({self.num_reference} images) and vs the FP row's {self.num_images} images (same prompts and seeds)"]
+        against = (f"vs {self.reference} ({self.num_reference} images) and " if self.num_reference else "")
+        parts = [f"FID: {self.fid}; {self.num_images} generated images per row {against}vs the FP row's "
+                 f"{self.num_images} images (same prompts and seeds)"]
         parts.append(f"CLIP score: {self.clip}" if self.clip else "CLIP score: not available")
         parts.append("PSNR/SSIM: per image against the FP row's image of the same prompt and seed, averaged")
         return "; ".join(parts + self.notes) + "."
@@ -76,7 +77,7 @@ def score_image_sets(
     *,
     fp: str,
     prompts: Sequence[str],
-    real_reference: str = "builtin:fashion-mnist",
+    real_reference: Optional[str] = "builtin:fashion-mnist",
     clip_model: Optional[str] = "builtin:fashion-clip",
     cache_dir: Optional[Path] = None,
     extractor=None,
@@ -97,7 +98,8 @@ def score_image_sets(
         raise ValueError(f"image sets differ in size: {sizes}")
     n = sizes[fp]
     extractor = extractor or load_inception(resize="clean")
-    real = reference_statistics(real_reference, extractor, "torchmetrics")  # the shared statistics cache
+    # the shared statistics cache; no real reference: FID vs real is not computed
+    real = reference_statistics(real_reference, extractor, "torchmetrics") if real_reference else None
     stats = {name: reference_stats(x, extractor=extractor, cache_dir=cache_dir, progress=False) for name, x in sets.items()}
     clip = clip_note = None
     if clip_model:
@@ -107,11 +109,11 @@ def score_image_sets(
     out = {}
     for name, x in sets.items():
         s = stats[name]
-        to_real = frechet_distance(s.mu, s.sigma, real.mu, real.sigma)
+        to_real = None if real is None else frechet_distance(s.mu, s.sigma, real.mu, real.sigma)
         fidelity = per_image_fidelity(x, sets[fp])
         same = name == fp
         out[name] = SetScores(
-            fid_vs_real=float(to_real),
+            fid_vs_real=None if to_real is None else float(to_real),
             fid_vs_fp=None if same else float(frechet_distance(s.mu, s.sigma, stats[fp].mu, stats[fp].sigma)),
             clip_score=None if clip is None else aggregate(clip.cosine_x100(x, ps)),
             psnr_vs_fp=None if same else float(fidelity["psnr"].mean()),
@@ -120,8 +122,8 @@ def score_image_sets(
         )
     prov = Provenance(
         num_images=n,
-        reference=real.source or real_reference,
-        num_reference=int(real.num_images),
+        reference=(real.source or real_reference) if real is not None else "no real reference",
+        num_reference=int(real.num_images) if real is not None else 0,
         fid=f"torchmetrics-compatible float64 Frechet distance of {extractor.weights_name} pool features "
             f"(sha256 {extractor.weights_sha256[:12]}), resize {extractor.resize}",
         clip=clip_note,

@@ -20,10 +20,17 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "MIN_FID_IMAGES",
     "frechet_distance",
     "clipped_subset_size",
     "kernel_inception_distance",
 ]
+
+MIN_FID_IMAGES = 200
+"""Images on each side below which a report shows FID as n/a. The Frechet distance of 2048-d
+features from a few dozen images is dominated by the estimation noise of the covariances (12 vs
+12 images of the same model give FID in the hundreds); 200 keeps rows of one table comparable,
+though FID stays biased upwards against the usual 10k/50k-image numbers."""
 
 
 def _clip_roundoff(ev: np.ndarray) -> np.ndarray:

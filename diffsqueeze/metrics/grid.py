@@ -137,6 +137,50 @@ def make_grid(columns: Sequence[GridColumn], row_labels: Sequence[str], cell: in
     return canvas
 
 
+def make_paired_grid(columns: Sequence[GridColumn], prompts: Sequence[str], seeds: Sequence[int], cell: int = 64,
+                     max_rows: int = 5, pad: int = 4) -> PIL.Image.Image:
+    """A compact grid that fits a screen: prompts as rows, and for each seed the models side by side
+    (original next to compressed), the prompts wrapped into blocks of ``max_rows`` placed side by side.
+
+    ``columns`` hold their images in :func:`grid_rows` order (prompt-major, then seed).
+    """
+    n_p, n_s = len(prompts), len(seeds)
+    for c in columns:
+        if len(c.images) != n_p * n_s:
+            raise ValueError(f"column '{c.name}' has {len(c.images)} images for {n_p} prompts x {n_s} seeds")
+    font = _font(11)
+    line_h = 14
+    label_w = max(cell, 96)
+    group_w = len(columns) * (cell + pad) + 2 * pad  # one seed's models, then a gap before the next seed
+    block_w = label_w + n_s * group_w + pad
+    blocks = -(-n_p // max_rows)
+    rows = min(n_p, max_rows)
+    header_h = pad + 2 * line_h + pad
+    canvas = PIL.Image.new("RGB", (blocks * block_w, header_h + rows * (cell + pad) + pad), "white")
+    draw = PIL.ImageDraw.Draw(canvas)
+    for b in range(blocks):
+        x0 = b * block_w
+        for s, seed in enumerate(seeds):
+            for j, col in enumerate(columns):
+                x = x0 + label_w + s * group_w + j * (cell + pad)
+                draw.text((x, pad), col.name[: max(6, cell // 6)], fill="black", font=font)
+                draw.text((x, pad + line_h), f"seed {seed}", fill="#555", font=font)
+        for r in range(rows):
+            i = b * max_rows + r
+            if i >= n_p:
+                break
+            y = header_h + r * (cell + pad)
+            for k, line in enumerate(textwrap.wrap(prompts[i], max(10, label_w // 7))[: max(1, cell // line_h)]):
+                draw.text((x0 + pad, y + k * line_h), line, fill="black", font=font)
+            for s in range(n_s):
+                for j, col in enumerate(columns):
+                    im = PIL.Image.fromarray(col.images[i * n_s + s].permute(1, 2, 0).cpu().numpy())
+                    resample = PIL.Image.NEAREST if im.width < cell else PIL.Image.BICUBIC
+                    x = x0 + label_w + s * group_w + j * (cell + pad)
+                    canvas.paste(im.resize((cell, cell), resample), (x, y))
+    return canvas
+
+
 def grid_rows(prompts: Sequence[str], seeds: Sequence[int]) -> tuple[list[str], list[int], list[str]]:
     """Rows prompt x seed: ``(prompts per row, seeds per row, row labels)``."""
     row_prompts = [p for p in prompts for _ in seeds]

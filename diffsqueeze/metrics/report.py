@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from diffsqueeze.errors import DiffsqueezeError
 from diffsqueeze.metrics.atomic_files import atomic_write_text
+from diffsqueeze.metrics.frechet import MIN_FID_IMAGES
 
 log = logging.getLogger(__name__)
 
@@ -176,21 +177,77 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def headline_rows(metrics: dict) -> list[tuple[str, str, str]]:
-    """``(metric, value, original's value)`` rows of the main table."""
-    base = metrics.get("baseline_scores") or {}
-    fid = metrics.get("fid") or {}
-    rows = [("denoiser size (MB)", _fmt(_size_mb(metrics.get("size"))), _fmt(_size_mb(base.get("size")))),
-            ("FID", _fmt(_value(fid)), _fmt(_value(base.get("fid"))))]
+KEPT_PSNR_DB = 25.0
+"""PSNR to the original's image (same prompt and seed) at or above which the images count as kept."""
+KEPT_CLIP_DROP = 1.5
+"""Largest drop of the CLIP score below the original's that still counts as kept."""
+
+
+def _fid_verdict(fid: dict) -> tuple[str, str]:
+    """The FID cell and the KID cell: a number only when both sides have enough images."""
+    if _value(fid) is None:
+        return "n/a: " + (fid.get("note") or "not computed"), "n/a"
+    n_gen, n_ref = fid.get("num_generated"), fid.get("num_reference")
+    if isinstance(n_gen, int) and isinstance(n_ref, int) and min(n_gen, n_ref) < MIN_FID_IMAGES:
+        why = f"n/a: {n_gen} generated vs {n_ref} reference images; FID needs >= {MIN_FID_IMAGES} on each side"
+        return why, "n/a (too few images, as FID)"
+    kid = "–"
     if fid.get("kid_mean") is not None:
-        rows.append(("KID", f"{fid['kid_mean']:.5g} ± {fid['kid_std']:.2g}", _fmt((base.get("fid") or {}).get("kid_mean"))))
-    if metrics.get("clip_score"):
-        rows.append(("CLIP score", _fmt(_value(metrics["clip_score"])), _fmt(_value(base.get("clip_score")))))
+        one_subset = fid.get("kid_subset_size") is not None and fid["kid_subset_size"] >= min(n_gen or 0, n_ref or 0)
+        spread = "" if one_subset or not fid.get("kid_std") else f" ± {fid['kid_std']:.2g}"
+        kid = f"{fid['kid_mean']:.5g}{spread}" + (" (one subset: the whole sets, no spread)" if one_subset else "")
+    return f"{_value(fid):.4g}", kid
+
+
+def verdict(metrics: dict) -> tuple[str, list[tuple[str, str, str, str]]]:
+    """Did compression work? One sentence, and ``(measure, original, this model, change)`` rows.
+
+    The images count as kept when the PSNR to the original's images is at least
+    :data:`KEPT_PSNR_DB` and the CLIP score drops by at most :data:`KEPT_CLIP_DROP`; FID is shown
+    only when both image sets hold :data:`~diffsqueeze.metrics.frechet.MIN_FID_IMAGES` images.
+    """
+    base = metrics.get("baseline_scores") or {}
+    size, base_size = _size_mb(metrics.get("size")), _size_mb(base.get("size"))
+    rows = []
+    ratio = base_size / size if size and base_size else None
+    mb = (lambda v: "–" if v is None else f"{v:.2f}")
+    rows.append(("denoiser size (MB)", mb(base_size), mb(size), f"{ratio:.2f}x smaller" if ratio else "–"))
     fd = metrics.get("fidelity") or {}
-    for key, name in (("psnr", "PSNR to original (dB)"), ("ssim", "SSIM to original"), ("lpips", "LPIPS to original")):
-        if key in fd:
-            rows.append((name, _fmt(fd[key]), "–"))
-    return rows
+    psnr, ssim = _value(fd.get("psnr")), _value(fd.get("ssim"))
+    if psnr is not None:
+        rows.append(("PSNR to the original's images (dB)", "–", f"{psnr:.2f}",
+                     f"{'kept' if psnr >= KEPT_PSNR_DB else 'lost'} (kept: >= {KEPT_PSNR_DB:g} dB)"))
+    if ssim is not None:
+        rows.append(("SSIM to the original's images", "–", f"{ssim:.3f}", "1 = identical"))
+    clip, base_clip = _value(metrics.get("clip_score")), _value(base.get("clip_score"))
+    drop = None
+    if clip is not None:
+        drop = base_clip - clip if base_clip is not None else None
+        change = "–" if drop is None else (f"{-drop:+.2f} ({'kept' if drop <= KEPT_CLIP_DROP else 'lost'}: "
+                                           f"drop <= {KEPT_CLIP_DROP:g})")
+        rows.append(("CLIP score", _fmt(base_clip), f"{clip:.2f}", change))
+    fid = metrics.get("fid") or {}
+    fid_cell, kid_cell = _fid_verdict(fid)
+    reference = fid.get("reference")
+    base_fid = _value(base.get("fid"))
+    rows.append(("FID" + (f" vs {reference}" if reference else ""), "–" if not base_fid else _fmt(base_fid), fid_cell, ""))
+    if fid.get("kid_mean") is not None:
+        rows.append(("KID", "–", kid_cell, ""))
+    kept = [psnr is None or psnr >= KEPT_PSNR_DB, drop is None or drop <= KEPT_CLIP_DROP]
+    measured = psnr is not None or drop is not None
+    if not measured:
+        sentence = "No quality measure to the original was computed (eval.fidelity and a CLIP model are off)."
+    elif all(kept):
+        sentence = "Compression worked: " + (f"the denoiser is {ratio:.2f}x smaller" if ratio else "size not measured")
+        sentence += " and the images are kept (" + ", ".join(
+            x for x in (f"PSNR {psnr:.1f} dB" if psnr is not None else "", f"CLIP {-drop:+.2f}" if drop is not None else "")
+            if x) + ")."
+    else:
+        sentence = ("Quality lost: " + "; ".join(x for x in (
+            f"PSNR {psnr:.1f} dB < {KEPT_PSNR_DB:g}" if psnr is not None and psnr < KEPT_PSNR_DB else "",
+            f"CLIP {-drop:+.2f}, more than {KEPT_CLIP_DROP:g} below the original" if drop is not None and drop > KEPT_CLIP_DROP
+            else "") if x) + (f" (denoiser {ratio:.2f}x smaller)." if ratio else "."))
+    return sentence, rows
 
 
 def provenance_lines(metrics: dict) -> list[tuple[str, dict]]:
@@ -240,20 +297,14 @@ def _markdown(title: str, entries: list[tuple[str, dict, Path]], plot_rel: str, 
     for name, m, folder in entries:
         if len(entries) > 1:
             lines += [f"## {name}", ""]
-        lines += [f"- model: `{m.get('model')}`", f"- compared with: `{m.get('baseline') or '–'}`",
-                  f"- reference for FID: `{(m.get('fid') or {}).get('reference') or m.get('reference') or '–'}`", ""]
+        sentence, rows = verdict(m)
+        lines += [f"**{sentence}**", "", "| | original | this model | change |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+        lines.append("")
         if m.get("grid"):
             rel = os.path.relpath(folder / m["grid"], out_dir)
-            lines += [f"![grid: rows prompt x seed, columns models]({rel})", ""]
-        lines += ["| metric | this model | original |", "|---|---|---|"]
-        lines += [f"| {a} | {b} | {c} |" for a, b, c in headline_rows(m)]
-        lines.append("")
-        if m.get("fid", {}).get("note"):
-            lines += [f"Note: {m['fid']['note']}", ""]
-        lines += ["### Provenance", ""]
-        for metric, prov in provenance_lines(m):
-            lines.append(f"- **{metric}**: " + "; ".join(f"{k}: {_fmt(v)}" for k, v in prov.items()))
-        lines.append("")
+            lines += [f"![grid: prompts as rows; per seed, the original and this model side by side]({rel})", ""]
+        lines += [f"- model: `{m.get('model')}`; compared with: `{m.get('baseline') or '–'}`", ""]
         stages = _stage_rows(m)
         if stages:
             lines += ["### Stages", "", "Scores of intermediate stages use the grid's prompts and seeds; the last stage is the "
@@ -262,6 +313,13 @@ def _markdown(title: str, entries: list[tuple[str, dict, Path]], plot_rel: str, 
             lines += ["| " + " | ".join(r[:-1]) + f" | `{r[-1]}` |" for r in stages]
             lines.append("")
     lines += ["## Quality vs size", "", f"![quality vs size]({plot_rel})", ""]
+    for name, m, _ in entries:
+        lines += [f"## How the numbers were obtained{f' ({name})' if len(entries) > 1 else ''}", ""]
+        if m.get("fid", {}).get("note"):
+            lines += [f"Note: {m['fid']['note']}", ""]
+        for metric, prov in provenance_lines(m):
+            lines.append(f"- **{metric}**: " + "; ".join(f"{k}: {_fmt(v)}" for k, v in prov.items()))
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -271,20 +329,18 @@ def _html(title: str, entries: list[tuple[str, dict, Path]], svg: str, out_dir: 
     for name, m, folder in entries:
         if len(entries) > 1:
             body.append(f"<h2>{e(name)}</h2>")
-        body.append(f"<p>model: <code>{e(str(m.get('model')))}</code>; compared with: <code>{e(str(m.get('baseline') or '–'))}</code></p>")
+        sentence, rows = verdict(m)
+        ok = sentence.startswith("Compression worked")
+        body.append(f'<p class="verdict {"ok" if ok else "bad"}">{e(sentence)}</p>')
+        body.append("<table><tr><th></th><th>original</th><th>this model</th><th>change</th></tr>")
+        body += [f"<tr><td>{e(a)}</td><td>{e(b)}</td><td><b>{e(c)}</b></td><td>{e(d)}</td></tr>" for a, b, c, d in rows]
+        body.append("</table>")
         if m.get("grid"):
             rel = os.path.relpath(folder / m["grid"], out_dir)
-            body.append(f'<p><img src="{e(rel)}" alt="grid" style="max-width:100%"></p>')
-        body.append("<table><tr><th>metric</th><th>this model</th><th>original</th></tr>")
-        body += [f"<tr><td>{e(a)}</td><td>{e(b)}</td><td>{e(c)}</td></tr>" for a, b, c in headline_rows(m)]
-        body.append("</table>")
-        if m.get("fid", {}).get("note"):
-            body.append(f"<p>Note: {e(m['fid']['note'])}</p>")
-        body.append("<h3>Provenance</h3><ul>")
-        for metric, prov in provenance_lines(m):
-            items = "".join(f"<li><b>{e(k)}</b>: {e(_fmt(v))}</li>" for k, v in prov.items())
-            body.append(f"<li><b>{e(metric)}</b><ul>{items}</ul></li>")
-        body.append("</ul>")
+            body.append(f'<p><img src="{e(rel)}" alt="grid: prompts as rows; per seed, the original and this model side by '
+                        f'side" style="max-width:100%"></p>')
+        body.append(f"<p>model: <code>{e(str(m.get('model')))}</code>; compared with: "
+                    f"<code>{e(str(m.get('baseline') or '–'))}</code></p>")
         stages = _stage_rows(m)
         if stages:
             body.append("<h3>Stages</h3><table><tr><th>#</th><th>stage</th><th>size (MB)</th><th>PSNR</th><th>SSIM</th>"
@@ -293,8 +349,19 @@ def _html(title: str, entries: list[tuple[str, dict, Path]], svg: str, out_dir: 
                      for r in stages]
             body.append("</table>")
     body += ["<h2>Quality vs size</h2>", svg]
-    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}code{font-size:90%}")
+    for name, m, _ in entries:
+        body.append(f"<h2>How the numbers were obtained{e(f' ({name})') if len(entries) > 1 else ''}</h2>")
+        if m.get("fid", {}).get("note"):
+            body.append(f"<p>Note: {e(m['fid']['note'])}</p>")
+        body.append("<ul>")
+        for metric, prov in provenance_lines(m):
+            items = "".join(f"<li><b>{e(k)}</b>: {e(_fmt(v))}</li>" for k, v in prov.items())
+            body.append(f"<li><b>{e(metric)}</b><ul>{items}</ul></li>")
+        body.append("</ul>")
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:1em auto}table{border-collapse:collapse;margin:.5em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}code{font-size:90%}"
+             ".verdict{font-size:115%;font-weight:bold;padding:.4em .6em;border-radius:4px}"
+             ".ok{background:#e6f4ea;color:#1e4620}.bad{background:#fdecea;color:#611a15}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{style}</style></head>"
             f"<body>{''.join(body)}</body></html>\n")
 

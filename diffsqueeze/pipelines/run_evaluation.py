@@ -27,10 +27,9 @@ from diffsqueeze.metrics.feature_nets import load_feature_net
 from diffsqueeze.metrics.fidelity import fidelity_summary, per_image_fidelity
 from diffsqueeze.metrics.grid import (
     GridColumn,
-    column_label,
     generate_images,
     grid_rows,
-    make_grid,
+    make_paired_grid,
 )
 from diffsqueeze.metrics.pipeline_info import (
     denoiser_bytes,
@@ -68,7 +67,7 @@ def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[di
     steps, guidance = resolve_sampling(teacher, cfg.num_inference_steps, cfg.guidance_scale)
     cfg = dataclasses.replace(cfg, num_inference_steps=steps, guidance_scale=guidance)
     grid_prompts = prompts[: cfg.grid_prompts]
-    row_prompts, row_seeds, labels = grid_rows(grid_prompts, cfg.seeds)
+    row_prompts, row_seeds, _ = grid_rows(grid_prompts, cfg.seeds)
     ours = generate_images(pipe, row_prompts, row_seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size)
     theirs = generate_images(teacher, row_prompts, row_seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size)
     generation = {"sampler": sampler_description(pipe), "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale,
@@ -82,9 +81,9 @@ def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[di
     if cfg.grid:
         grid_dir = out_dir / "grids"
         grid_dir.mkdir(parents=True, exist_ok=True)
-        cols = [GridColumn("original", theirs, column_label(teacher, None)),
-                GridColumn("compressed", ours, column_label(pipe, str(out_dir / "model") if (out_dir / "model").is_dir() else None))]
-        make_grid(cols, labels).save(grid_dir / "compressed-vs-original.png")
+        cols = [GridColumn("original", theirs), GridColumn("compressed", ours)]
+        cell = 64 if ours.shape[-1] <= 64 else 128  # small images upscaled, large ones shrunk: the grid fits a screen
+        make_paired_grid(cols, grid_prompts, cfg.seeds, cell=cell).save(grid_dir / "compressed-vs-original.png")
         metrics["grid"] = "grids/compressed-vs-original.png"
 
     if cfg.num_images > 0:

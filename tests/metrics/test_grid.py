@@ -14,6 +14,7 @@ from diffsqueeze.metrics.grid import (
     generate_images,
     grid_rows,
     make_grid,
+    make_paired_grid,
 )
 from diffsqueeze.metrics.pipeline_info import denoiser_bytes, resolve_sampling, sampler_description, sampling_defaults
 from diffsqueeze.models import save_pipeline
@@ -110,3 +111,21 @@ def test_grid_cli_uses_the_model_defaults(tmp_path, capsys):
     info = json.loads(out.with_suffix(".json").read_text())
     assert (info["num_inference_steps"], info["guidance_scale"]) == (10, 2.0)
     assert "sampling: 10 steps, guidance 2 (the model's own defaults" in capsys.readouterr().out
+
+
+def test_paired_grid_wraps_prompts_and_pairs_models_per_seed():
+    prompts, seeds = [f"p{i}" for i in range(7)], [0, 1]
+    n = len(prompts) * len(seeds)
+    white = torch.full((n, 3, 8, 8), 255, dtype=torch.uint8)
+    black = torch.zeros((n, 3, 8, 8), dtype=torch.uint8)
+    im = make_paired_grid([GridColumn("original", black), GridColumn("compressed", white)], prompts, seeds, cell=16,
+                          max_rows=5)
+    # two blocks of at most 5 prompt rows; per block 2 seeds x 2 models
+    header = 4 + 2 * 14 + 4
+    block_w = 96 + 2 * (2 * (16 + 4) + 8) + 4
+    assert im.size == (2 * block_w, header + 5 * (16 + 4) + 4)  # wrapped: 5 rows, not 7
+    x0 = 96  # first image column of the first block: the original's seed-0 image
+    assert im.getpixel((x0 + 8, header + 8)) == (0, 0, 0) and im.getpixel((x0 + 20 + 8, header + 8)) == (255, 255, 255)
+    assert im.getpixel((x0 + 48 + 8, header + 8)) == (0, 0, 0)  # seed 1's original, after the gap
+    with pytest.raises(ValueError, match="images for 7 prompts x 2 seeds"):
+        make_paired_grid([GridColumn("a", black[:3])], prompts, seeds)

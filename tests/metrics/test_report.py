@@ -12,6 +12,7 @@ from diffsqueeze.metrics.report import (
     points_of,
     quality_size_svg,
     read_metrics,
+    verdict,
     write_report,
 )
 
@@ -50,7 +51,9 @@ def runs(tmp_path):
 def test_single_report_has_numbers_provenance_grid_and_plot(runs):
     md_path = write_report(runs[0])
     md = md_path.read_text()
-    assert "| FID | 14.2 | 0 |" in md and "| CLIP score | 30.1 | 31 |" in md and "PSNR to original" in md
+    assert md.index("Quality lost: PSNR 24.5 dB < 25") < md.index("![grid")  # the verdict comes first
+    assert "| denoiser size (MB) | 3.40 | 1.70 | 2.00x smaller |" in md and "| CLIP score | 31 | 30.10 | -0.90 (kept" in md
+    assert "n/a: 64 generated vs 64 reference images; FID needs >= 200 on each side" in md
     assert "weights_sha256: 7ff4a85c" in md and "resize: clean" in md and "seeds: image i uses seed i" in md
     assert "![grid" in md and "(grids/g.png)" in md and f"({PLOT_FILE})" in md
     assert "LPIPS not computed" in md and "| 0 | prune |" in md
@@ -94,3 +97,17 @@ def test_errors(tmp_path, capsys):
         read_metrics(tmp_path)
     assert main(["report", str(tmp_path), str(tmp_path)]) == 1
     assert "--out" in capsys.readouterr().err
+
+
+def test_verdict_fid_only_with_enough_images_and_kid_without_a_fake_spread():
+    m = _metrics(1.0e6, 14.2, 30.5)
+    m["fidelity"]["psnr"] = 27.0
+    m["fid"].update(num_generated=500, num_reference=500, kid_subset_size=500)
+    sentence, rows = verdict(m)
+    assert sentence == "Compression worked: the denoiser is 3.40x smaller and the images are kept (PSNR 27.0 dB, CLIP -0.50)."
+    cells = {r[0]: r[2] for r in rows}
+    assert cells["FID vs fp"] == "14.2" and cells["KID"] == "0.012 (one subset: the whole sets, no spread)"
+    m["fid"].update(num_generated=5000, num_reference=5000, kid_subset_size=1000)
+    assert {r[0]: r[2] for r in verdict(m)[1]}["KID"] == "0.012 ± 0.002"
+    m["clip_score"]["value"] = 29.0  # 2 below the original's 31
+    assert verdict(m)[0].startswith("Quality lost: CLIP -2.00, more than 1.5 below the original")
