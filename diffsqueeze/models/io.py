@@ -114,6 +114,24 @@ class ArtifactFormat(Protocol):
         """Whatever must follow ``pipe.to(device, dtype)`` (compute dtypes, hooks)."""
 
 
+def check_finite_weights(pipe: DiffusionPipeline, spec: str) -> None:
+    """Raise if a weight holds NaN or Inf, naming the component and parameter (compression would
+    carry them through, or blame calibration for them later).
+
+    Raises:
+        ModelLoadError: the first parameter with non-finite values.
+    """
+    for comp, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for name, param in module.named_parameters():
+            if param.is_floating_point() and not param.is_meta and not bool(torch.isfinite(param).all()):
+                n_nan = int(torch.isnan(param).sum())
+                n_inf = int((~torch.isfinite(param)).sum()) - n_nan
+                raise ModelLoadError(f"model '{spec}': weight {comp}/{name} holds {n_nan} NaN and {n_inf} Inf value(s) "
+                                     f"out of {param.numel()}; the model file is damaged or was saved from a diverged run")
+
+
 def load_pipeline(spec: str, device: str = "cpu", dtype: str = "float32",
                   formats: Sequence[ArtifactFormat] = ()) -> DiffusionPipeline:
     """Load a runnable pipeline (compression state, if any, is applied; see :func:`load_with_state`)."""
@@ -152,6 +170,7 @@ def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32",
     for module in pipe.components.values():  # models built from configs are in training mode until told
         if isinstance(module, torch.nn.Module):
             module.eval()
+    check_finite_weights(pipe, spec)
     if any(p.dtype != torch_dtype for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()):
         pipe.to(dtype=torch_dtype)
     pipe.to(device)

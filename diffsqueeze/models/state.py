@@ -18,6 +18,18 @@ from diffsqueeze.errors import ModelLoadError
 STATE_FILE = "diffsqueeze.json"
 MASKS_FILE = "masks.safetensors"
 STATE_VERSION = 1
+RUN_COST_KEYS = frozenset({"wall_time_s", "s_per_epoch", "epoch_times_s", "peak_memory_mb", "peak_rss_mb", "peak_cuda_mb"})
+"""Summary fields that record what a stage cost (time, memory), not what it produced: kept in the
+run's manifest, left out of ``diffsqueeze.json`` so that two identical runs write identical files."""
+
+
+def without_run_costs(obj):
+    """``obj`` (nested dicts and lists) without the :data:`RUN_COST_KEYS` fields."""
+    if isinstance(obj, dict):
+        return {k: without_run_costs(v) for k, v in obj.items() if k not in RUN_COST_KEYS}
+    if isinstance(obj, list):
+        return [without_run_costs(v) for v in obj]
+    return obj
 
 
 @dataclass
@@ -38,7 +50,7 @@ class CompressionState:
     def save(self, folder: Path) -> None:
         """Write ``diffsqueeze.json`` and (if any) ``masks.safetensors`` into ``folder``."""
         folder = Path(folder)
-        meta = {"version": STATE_VERSION, "modules": self.modules, "history": self.history,
+        meta = {"version": STATE_VERSION, "modules": self.modules, "history": without_run_costs(self.history),
                 "masks": MASKS_FILE if self.masks else None}
         if self.masks:
             save_file({k: v.to(torch.bool).contiguous().cpu() for k, v in self.masks.items()}, str(folder / MASKS_FILE))

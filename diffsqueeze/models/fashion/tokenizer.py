@@ -53,7 +53,6 @@ def _word_merges(word: str) -> list[tuple[str, str]]:
 
 def write_tokenizer_files(out_dir: Path = TOKENIZER_DIR) -> Path:
     """Write vocab.json, merges.txt and the tokenizer configs (deterministic)."""
-    from transformers import CLIPTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     base = list(_bytes_to_unicode().values())

@@ -221,7 +221,8 @@ def export_pipeline(pipe, state: CompressionState, folder: Path, scale_dtype: st
         for f in list(cdir.glob("*.safetensors")) + list(cdir.glob("*.safetensors.index.json")):
             f.unlink()
         sd = _component_state(components[comp], packs_of[comp])
-        save_file(sd, str(cdir / PACKED_FILE), metadata={"format": "diffsqueeze-packed", "version": str(MAP_VERSION)})
+        # one metadata key: the safetensors writer orders several keys differently in each process
+        save_file(sd, str(cdir / PACKED_FILE), metadata={"format": f"diffsqueeze-packed/{MAP_VERSION}"})
         qmap["components"][comp]["bytes"] = (cdir / PACKED_FILE).stat().st_size
     if packed_masks:
         save_file(packed_masks, str(folder / MASKS_PACKED_FILE))
