@@ -195,7 +195,7 @@ def _fid_verdict(fid: dict) -> tuple[str, str]:
     if fid.get("kid_mean") is not None:
         one_subset = fid.get("kid_subset_size") is not None and fid["kid_subset_size"] >= min(n_gen or 0, n_ref or 0)
         spread = "" if one_subset or not fid.get("kid_std") else f" ± {fid['kid_std']:.2g}"
-        kid = f"{fid['kid_mean']:.5g}{spread}" + (" (one subset: the whole sets, no spread)" if one_subset else "")
+        kid = f"{fid['kid_mean']:.2g}{spread}" + (" (one subset: the whole sets, no spread)" if one_subset else "")
     return f"{_value(fid):.4g}", kid
 
 
@@ -216,21 +216,22 @@ def verdict(metrics: dict) -> tuple[str, list[tuple[str, str, str, str]]]:
     psnr, ssim = _value(fd.get("psnr")), _value(fd.get("ssim"))
     if psnr is not None:
         rows.append(("PSNR to the original's images (dB)", "–", f"{psnr:.2f}",
-                     f"{'kept' if psnr >= KEPT_PSNR_DB else 'lost'} (kept: >= {KEPT_PSNR_DB:g} dB)"))
+                     f"kept (>= {KEPT_PSNR_DB:g} dB)" if psnr >= KEPT_PSNR_DB else f"lost (< {KEPT_PSNR_DB:g} dB)"))
     if ssim is not None:
         rows.append(("SSIM to the original's images", "–", f"{ssim:.3f}", "1 = identical"))
     clip, base_clip = _value(metrics.get("clip_score")), _value(base.get("clip_score"))
     drop = None
     if clip is not None:
         drop = base_clip - clip if base_clip is not None else None
-        change = "–" if drop is None else (f"{-drop:+.2f} ({'kept' if drop <= KEPT_CLIP_DROP else 'lost'}: "
-                                           f"drop <= {KEPT_CLIP_DROP:g})")
+        change = "–" if drop is None else (f"{-drop:+.2f} (kept: drop <= {KEPT_CLIP_DROP:g})" if drop <= KEPT_CLIP_DROP
+                                           else f"{-drop:+.2f} (lost: drop > {KEPT_CLIP_DROP:g})")
         rows.append(("CLIP score", _fmt(base_clip), f"{clip:.2f}", change))
     fid = metrics.get("fid") or {}
     fid_cell, kid_cell = _fid_verdict(fid)
     reference = fid.get("reference")
     base_fid = _value(base.get("fid"))
-    rows.append(("FID" + (f" vs {reference}" if reference else ""), "–" if not base_fid else _fmt(base_fid), fid_cell, ""))
+    against = "the original's images" if str(reference).startswith("fp") else reference
+    rows.append(("FID" + (f" vs {against}" if reference else ""), "–" if not base_fid else _fmt(base_fid), fid_cell, ""))
     if fid.get("kid_mean") is not None:
         rows.append(("KID", "–", kid_cell, ""))
     kept = [psnr is None or psnr >= KEPT_PSNR_DB, drop is None or drop <= KEPT_CLIP_DROP]

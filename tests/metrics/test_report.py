@@ -106,7 +106,7 @@ def test_verdict_fid_only_with_enough_images_and_kid_without_a_fake_spread():
     sentence, rows = verdict(m)
     assert sentence == "Compression worked: the denoiser is 3.40x smaller and the images are kept (PSNR 27.0 dB, CLIP -0.50)."
     cells = {r[0]: r[2] for r in rows}
-    assert cells["FID vs fp"] == "14.2" and cells["KID"] == "0.012 (one subset: the whole sets, no spread)"
+    assert cells["FID vs the original's images"] == "14.2" and cells["KID"] == "0.012 (one subset: the whole sets, no spread)"
     m["fid"].update(num_generated=5000, num_reference=5000, kid_subset_size=1000)
     assert {r[0]: r[2] for r in verdict(m)[1]}["KID"] == "0.012 ± 0.002"
     m["clip_score"]["value"] = 29.0  # 2 below the original's 31
