@@ -2,7 +2,7 @@
 
 Set ``DIFFSQUEEZE_KILL_AT=<point>:<n>`` to SIGKILL the process the n-th time ``point`` is reached
 (points: ``tick`` = one step of a stage's progress loop, ``checkpoint`` = half-way through writing
-a checkpoint). Unset, this costs one dictionary lookup.
+a checkpoint, ``export`` = the exported model written beside ``model/``, not yet moved in place). Unset, this costs one dictionary lookup.
 """
 
 from __future__ import annotations

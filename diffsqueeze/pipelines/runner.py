@@ -24,6 +24,7 @@ from diffsqueeze.pipelines.checkpoint import (
     write_checkpoint,
 )
 from diffsqueeze.pipelines.context import StageContext
+from diffsqueeze.pipelines.faults import maybe_kill
 from diffsqueeze.pipelines.manifest import (
     check_output_dir,
     check_run_dir,
@@ -261,6 +262,7 @@ def export_model(pipe, ctx: StageContext, run_dir: Path, manifest: dict) -> None
     if qmap is None:  # no quantized layers (e.g. pruning only): plain diffusers folder + masks
         save_pipeline(pipe, tmp, ctx.state)
     fsync_dir(tmp)
+    maybe_kill("export")  # crash tests: the new model written, not yet in place
     old = run_dir / f".old-{MODEL_DIR}"  # the model being replaced goes only once the new one is in place
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

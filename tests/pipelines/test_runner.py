@@ -115,7 +115,7 @@ def test_failed_stage_leaves_run_not_complete(write_recipe):
     assert not manifest.exists() or json.loads(manifest.read_text())["status"] != "complete"
 
 
-@pytest.mark.parametrize("kill_at", ["tick:20", "checkpoint:2"], ids=["mid-stage", "mid-checkpoint"])
+@pytest.mark.parametrize("kill_at", ["tick:20", "checkpoint:2", "export:1"], ids=["mid-stage", "mid-checkpoint", "mid-export"])
 def test_kill_and_resume_gives_identical_weights(reference_run, write_recipe, kill_at):
     path = write_recipe(TWO_STAGES)
     env = {**os.environ, "DIFFSQUEEZE_KILL_AT": kill_at}
@@ -125,7 +125,9 @@ def test_kill_and_resume_gives_identical_weights(reference_run, write_recipe, ki
     run_dir = Path(load_recipe(path).output_dir)
     m = json.loads((run_dir / "manifest.json").read_text())
     assert m["status"] == "running" and m["stages"][0]["status"] == "done"
-    assert m["stages"][1]["status"] == "running"
+    assert m["stages"][1]["status"] == ("done" if kill_at.startswith("export") else "running")
+    if kill_at.startswith("export"):
+        assert (run_dir / ".tmp-model").is_dir() and not (run_dir / "model").exists()
     if kill_at.startswith("checkpoint"):
         assert list((run_dir / "stages").glob(".tmp-*")), "the kill should have hit a half-written checkpoint"
     run_recipe(load_recipe(path), resume=True)
