@@ -28,7 +28,7 @@ from diffsqueeze.stages import STAGES
 __all__ = ["CalibrationConfig", "Recipe", "StageSpec", "apply_overrides", "load_recipe", "recipe_from_dict"]
 
 log = logging.getLogger(__name__)
-RECIPE_KEYS = ("model", "output_dir", "seed", "device", "dtype", "calibration", "stages", "eval")
+RECIPE_KEYS = ("model", "output_dir", "seed", "device", "dtype", "calibration", "stages", "export", "eval")
 #: Above this many recorded denoiser inputs, validation warns about the calibration's cost.
 CALIBRATION_WARN_INPUTS = 100_000
 #: One recorded input of a Stable Diffusion 1.5 UNet in float32 (latents 4x64x64 + text 77x768), for the estimate.
@@ -86,6 +86,20 @@ def _check_prompts(spec: str, key: str) -> None:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """How the compressed model is written to ``model/``.
+
+    Attributes:
+        allow_unpacked: keep a quantized layer whose packed codes would not decode to its
+            in-memory weight as a float weight (the model is then not compressed there). Off by
+            default: such a layer fails the export with its name, so a run never says
+            ``complete`` for a model that was not compressed.
+    """
+
+    allow_unpacked: bool = False
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """One entry of ``stages``: the stage's registered name and its validated config."""
 
@@ -107,6 +121,7 @@ class Recipe:
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     stages: tuple[StageSpec, ...] = ()
+    export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig | None = None
 
     def to_plain(self) -> dict:

@@ -76,3 +76,13 @@ def test_nan_weights_are_named_by_layer_at_load(tmp_path, capsys):
     assert main(["run", str(_recipe(tmp_path, str(src), "run"))]) == 1
     err = capsys.readouterr().err
     assert "weight unet/down_blocks.0.resnets.0.conv1.weight holds 0 NaN and 1 Inf" in err and "Traceback" not in err
+
+
+def test_a_layer_that_cannot_be_packed_fails_the_export_unless_allowed(tmp_path, capsys):
+    recipe = _recipe(tmp_path, "builtin:tiny-sd", "half")
+    assert main(["run", str(recipe), "dtype=float16"]) == 1  # float16 weights are not exactly on the INT8 grid
+    err = capsys.readouterr().err
+    assert "cannot be stored packed" in err and "export.allow_unpacked" in err and "Traceback" not in err
+    manifest = (tmp_path / "half" / "manifest.json").read_text()
+    assert '"status": "complete"' not in manifest
+    assert main(["run", str(recipe), "dtype=float16", "export.allow_unpacked=true", "--overwrite"]) == 0

@@ -258,7 +258,8 @@ def export_model(pipe, ctx: StageContext, run_dir: Path, manifest: dict) -> None
     """Save the compressed pipeline to ``model/`` atomically."""
     tmp, final = run_dir / f".tmp-{MODEL_DIR}", run_dir / MODEL_DIR
     shutil.rmtree(tmp, ignore_errors=True)
-    qmap = export_pipeline(pipe, ctx.state, tmp) if needs_packed_export(ctx.state) else None
+    allow = ctx.recipe.export.allow_unpacked
+    qmap = export_pipeline(pipe, ctx.state, tmp, allow_unpacked=allow) if needs_packed_export(ctx.state) else None
     if qmap is None:  # no quantized layers (e.g. pruning only): plain diffusers folder + masks
         save_pipeline(pipe, tmp, ctx.state)
     fsync_dir(tmp)

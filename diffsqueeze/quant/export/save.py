@@ -161,7 +161,6 @@ def pack_layer(layer: nn.Module, scale_dtype: str = "float32") -> tuple[nn.Modul
     decoded = packed.quantized_weight()
     if scale_dtype == "float32" and not torch.equal(decoded, w_hat):
         diff = (decoded - w_hat).abs().max().item()
-        log.warning("layer %s: packed weight differs from the in-memory one (max %.3g); kept as float", kind, diff)
         entry = {"kind": kind, "weight_shape": list(w.shape), "storage": "float",
                  "reason": f"packed decode differs from the fake-quantized weight by {diff:.3g}"}
         return None, entry
@@ -183,12 +182,17 @@ def _component_state(module: nn.Module, packs: dict[str, nn.Module]) -> dict[str
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def export_pipeline(pipe, state: CompressionState, folder: Path, scale_dtype: str = "float32") -> dict:
+def export_pipeline(pipe, state: CompressionState, folder: Path, scale_dtype: str = "float32",
+                    allow_unpacked: bool = False) -> dict:
     """Save ``pipe`` to ``folder`` with quantized layers packed (see the module docstring).
 
     Components without module swaps go through diffusers' ``save_pretrained``; the others are
     written as ``config.json`` + :data:`PACKED_FILE`. Returns the quantization map (also
     written into ``diffsqueeze.json``).
+
+    Raises:
+        ExportError: a quantized layer's packed codes would not decode to its in-memory weight
+            (unless ``allow_unpacked``: then it is stored as float and the map says why).
     """
     folder = Path(folder)
     components = module_components(pipe)
@@ -203,6 +207,13 @@ def export_pipeline(pipe, state: CompressionState, folder: Path, scale_dtype: st
         for name, m in components[comp].named_modules():
             if type(m).__name__ in PACKED_CLASSES and isinstance(m, QuantMixin) and not isinstance(m, PackedMixin):
                 packed, entry = pack_layer(m, scale_dtype)
+                if packed is None and entry.get("reason", "").startswith("packed decode") and not allow_unpacked:
+                    raise ExportError(f"quantized layer {comp}/{name} cannot be stored packed: {entry['reason']} "
+                                      f"(weights of dtype {m.weight.dtype} are not exactly on the quantization grid; "
+                                      f"run with dtype: float32, or set export.allow_unpacked: true to keep such "
+                                      f"layers as float weights)")
+                if packed is None and entry.get("reason", "").startswith("packed decode"):
+                    log.warning("layer %s/%s kept as float (export.allow_unpacked): %s", comp, name, entry["reason"])
                 layers[name] = entry
                 if packed is not None:
                     packs[name] = packed
