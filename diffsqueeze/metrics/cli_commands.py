@@ -231,7 +231,9 @@ def cmd_prune_sweep(args: argparse.Namespace) -> int:
 
     check_model_spec(args.model)
     prompts = load_prompts(args.prompts)
-    series = [Series(tuple(c.split("+")), pattern) for c in args.components for pattern in args.patterns]
+    series = [Series(tuple(c.partition("@")[0].split("+")), c.partition("@")[2])
+              if "@" in c else Series(tuple(c.split("+")), pattern)
+              for c in args.components for pattern in ([None] if "@" in c else args.patterns)]
     if args.results and not Path(args.results).is_file():
         raise DiffsqueezeError(f"--results '{args.results}' is not a file")
     quiet_libraries()
@@ -273,7 +275,8 @@ def add_prune_sweep_parser(subparsers) -> argparse.ArgumentParser:
         "sweep.md, sweep.json and quality_vs_sparsity.svg, and names the knee of each series.")
     p.add_argument("--model", required=True, help="builtin:NAME, diffusers folder, run directory or hub id")
     p.add_argument("--components", nargs="+", default=["denoiser"],
-                   help="one series per entry: a component (unet, text_encoder, denoiser) or several joined by '+'")
+                   help="one series per entry: a component (unet, text_encoder, denoiser) or several joined by '+'; "
+                        "a '@N:M' suffix (unet@2:4) gives that entry its own pattern instead of --patterns")
     p.add_argument("--patterns", nargs="+", default=["unstructured"], help="unstructured and/or N:M (e.g. 2:4)")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
                    help="unstructured sparsities (N:M series use 1 - N/M)")
