@@ -234,6 +234,9 @@ def cmd_prune_sweep(args: argparse.Namespace) -> int:
     series = [Series(tuple(c.partition("@")[0].split("+")), c.partition("@")[2])
               if "@" in c else Series(tuple(c.split("+")), pattern)
               for c in args.components for pattern in ([None] if "@" in c else args.patterns)]
+    problem = reference_problem(args.ref) if args.ref else None
+    if problem:
+        raise DiffsqueezeError(f"--ref: {problem}")
     if args.results and not Path(args.results).is_file():
         raise DiffsqueezeError(f"--results '{args.results}' is not a file")
     quiet_libraries()

@@ -42,3 +42,5 @@ def test_prune_sweep_rejects_bad_input_before_work(tmp_path, capsys):
     assert "no component 'nope'" in capsys.readouterr().err
     assert main(["prune-sweep", "--model", "builtin:tiny-sd", "--sparsities", "1.5", "--out", str(tmp_path / "s")]) == 1
     assert "sparsities must be in [0, 1)" in capsys.readouterr().err
+    assert main(["prune-sweep", "--model", "builtin:tiny-sd", "--ref", "builtin:tiny-sd", "--out", str(tmp_path / "s")]) == 1
+    assert "--ref: 'builtin:tiny-sd' is a model" in capsys.readouterr().err
