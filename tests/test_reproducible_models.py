@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from diffsqueeze.cli import main
 from diffsqueeze.loading import load_pipeline
+from diffsqueeze.metrics.grid import generate_images
 from diffsqueeze.models import save_pipeline
+from diffsqueeze.models.prompts import load_prompts
 
 W8A8 = {"ptq": {"weights": {"bits": 8, "format": "int", "granularity": "channel", "search": "mse"},
                 "activations": {"bits": 8, "format": "int", "granularity": "tensor", "timestep_groups": 2},
@@ -23,10 +26,10 @@ W8A8 = {"ptq": {"weights": {"bits": 8, "format": "int", "granularity": "channel"
 CALIB = {"num_samples": 2, "timesteps": 2, "num_inference_steps": 2, "batch_size": 2}
 
 
-def _recipe(tmp_path: Path, model: str, out: str) -> Path:
+def _recipe(tmp_path: Path, model: str, out: str, **extra) -> Path:
     path = tmp_path / f"{out}.yaml"
     path.write_text(yaml.safe_dump({"model": model, "output_dir": str(tmp_path / out), "device": "cpu",
-                                    "calibration": CALIB, "stages": [W8A8]}), encoding="utf-8")
+                                    "calibration": CALIB, "stages": [W8A8], **extra}), encoding="utf-8")
     return path
 
 
@@ -53,13 +56,22 @@ def test_reload_is_in_eval_mode_and_gives_the_run_images(tmp_path):
     pipe.unet = unet
     src = tmp_path / "with-dropout"
     save_pipeline(pipe, src)
-    assert main(["run", str(_recipe(tmp_path, str(src), "run"))]) == 0
+    # the run's own evaluation scores the in-memory compressed model: its image digests are the reference
+    run_eval = {"prompts": "builtin", "num_images": 2, "batch_size": 2, "num_inference_steps": 2, "guidance_scale": 5.0,
+                "features": "tiny-random", "grid": False, "fidelity": False, "score_stages": False}
+    assert main(["run", str(_recipe(tmp_path, str(src), "run", eval=run_eval))]) == 0
     reloaded = load_pipeline(str(tmp_path / "run"))
     assert not any(m.training for c in reloaded.components.values() if isinstance(c, torch.nn.Module)
                    for m in c.modules())
 
     def images(p):
         return p("a photo", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+
+    run_digests = load_file(str(tmp_path / "run" / "eval" / "shards" / "batch-000000.safetensors"))["image_sha256"]
+    prompts = load_prompts("builtin")
+    again_images = generate_images(reloaded, [prompts[0], prompts[1 % len(prompts)]], [0, 1], 2, 5.0, batch_size=2)
+    reload_digests = [hashlib.sha256(x.contiguous().numpy().tobytes()).digest() for x in again_images]
+    assert [bytes(d.tolist()) for d in run_digests] == reload_digests  # the run's images, bit for bit
 
     first = images(reloaded)
     assert torch.equal(first, images(reloaded))  # dropout off: the same seed gives the same image

@@ -238,6 +238,9 @@ def verdict(metrics: dict) -> tuple[str, list[tuple[str, str, str, str]]]:
     measured = psnr is not None or drop is not None
     if not measured:
         sentence = "No quality measure to the original was computed (eval.fidelity and a CLIP model are off)."
+    elif all(kept) and ratio is not None and ratio < 1.05:
+        sentence = (f"The images are kept, but the denoiser is not smaller ({ratio:.2f}x; pruned weights are stored "
+                    f"dense unless a quantization stage packs them).")
     elif all(kept):
         sentence = "Compression worked: " + (f"the denoiser is {ratio:.2f}x smaller" if ratio else "size not measured")
         sentence += " and the images are kept (" + ", ".join(

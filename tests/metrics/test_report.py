@@ -109,5 +109,7 @@ def test_verdict_fid_only_with_enough_images_and_kid_without_a_fake_spread():
     assert cells["FID vs the original's images"] == "14.2" and cells["KID"] == "0.012 (one subset: the whole sets, no spread)"
     m["fid"].update(num_generated=5000, num_reference=5000, kid_subset_size=1000)
     assert {r[0]: r[2] for r in verdict(m)[1]}["KID"] == "0.012 ± 0.002"
+    m["size"]["denoiser_bytes"] = 3.4e6  # a pruned model stored dense
+    assert verdict(m)[0].startswith("The images are kept, but the denoiser is not smaller (1.00x")
     m["clip_score"]["value"] = 29.0  # 2 below the original's 31
     assert verdict(m)[0].startswith("Quality lost: CLIP -2.00, more than 1.5 below the original")

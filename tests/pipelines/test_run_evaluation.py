@@ -68,6 +68,7 @@ eval:
     # one prompt row; per seed, the original and the compressed image (64-pixel cells for 32-pixel images)
     assert grid.height < 2 * 64 + 60 and grid.width > 4 * 64
     md = (run / "report.md").read_text()
-    assert "| FID |" in md and "| 0 | prune |" in md and (run / "report.html").is_file()
+    assert "| FID vs the original's images | – | n/a: 2 generated vs 2 reference images" in md  # too few for FID
+    assert "| 0 | prune |" in md and (run / "report.html").is_file()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["eval"]["status"] == "done" and manifest["eval"]["metrics"]["fid"] == m["fid"]["value"]
