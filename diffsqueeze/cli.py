@@ -15,7 +15,7 @@ from pathlib import Path
 from diffsqueeze.console import (  # first: its filters must precede the imports that warn
     quiet_libraries,  # scripts call it as cli.quiet_libraries too
 )
-from diffsqueeze.errors import DiffsqueezeError
+from diffsqueeze.errors import DiffsqueezeError, one_line
 
 log = logging.getLogger("diffsqueeze")
 #: What Ctrl-C prints, per command (the default: "interrupted").
@@ -148,11 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffsqueeze: error: {type(exc).__name__}{': ' + text if text else ''} (--debug shows the traceback)",
               file=sys.stderr)
         return 1
-
-
-def one_line(text: str) -> str:
-    """Whitespace (newlines included) collapsed: an error is one line."""
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -26,3 +26,8 @@ class ModelLoadError(DiffsqueezeError):
 
 class RunDirError(DiffsqueezeError):
     """The output directory holds a different run, or a run cannot be resumed."""
+
+
+def one_line(text: str) -> str:
+    """Whitespace (newlines included) collapsed: an error message is one line."""
+    return " ".join(text.split())

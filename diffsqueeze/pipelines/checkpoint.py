@@ -32,6 +32,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def replace_folder(new: Path, target: Path, aside: Path) -> None:
+    """Put the finished folder ``new`` at ``target``: the folder there (if any) is renamed to
+    ``aside``, ``new`` takes its place, and only then is the old one deleted. A crash leaves
+    either the old folder at ``target`` or the new one, never neither without ``aside``."""
+    shutil.rmtree(aside, ignore_errors=True)
+    if target.exists():
+        target.rename(aside)
+    new.rename(target)
+    fsync_dir(target.absolute().parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _write_fsync(path: Path, tensors: dict) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
     with open(path, "rb") as fh:
@@ -55,13 +67,7 @@ def write_checkpoint(pipe: DiffusionPipeline, state: CompressionState, changed: 
     state.save(tmp)
     (tmp / COMPONENTS_FILE).write_text(json.dumps(names), encoding="utf-8")
     fsync_dir(tmp)
-    old = final.with_name(f".old-{final.name}")  # a checkpoint being replaced goes once the new one is in place
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, final, final.with_name(f".old-{final.name}"))
 
 
 def read_checkpoint(pipe: DiffusionPipeline, folder: Path) -> tuple[CompressionState, set[str]]:

@@ -15,12 +15,13 @@ import torch
 import yaml
 
 from diffsqueeze.config_parse import join_path
-from diffsqueeze.errors import DiffsqueezeError, RecipeError, RunDirError
+from diffsqueeze.errors import DiffsqueezeError, RecipeError, RunDirError, one_line
 from diffsqueeze.loading import load_pipeline, load_with_state
 from diffsqueeze.models import save_pipeline
 from diffsqueeze.pipelines.checkpoint import (
     fsync_dir,
     read_checkpoint,
+    replace_folder,
     write_checkpoint,
 )
 from diffsqueeze.pipelines.context import StageContext
@@ -131,8 +132,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
     written. Nothing of an earlier run is deleted before what replaces it exists; a failure
     (or Ctrl-C) after that point is recorded in the manifest (status ``failed``, the error).
     """
-    registry = STAGES
-    stages = [registry[s.name].stage_cls(s.config) for s in recipe.stages]
+    stages = [STAGES[s.name].stage_cls(s.config) for s in recipe.stages]
     run_dir = Path(recipe.output_dir)
     work, old, reuse = plan_run(recipe, resume, overwrite)
     device = resolve_device(recipe.device)
@@ -184,7 +184,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
 
 def error_text(exc: BaseException) -> str:
     """``Type: message`` in one line (``KeyboardInterrupt`` alone when there is no message)."""
-    text = " ".join(str(exc).split())
+    text = one_line(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -203,13 +203,7 @@ def swap_in(new: Path, run_dir: Path) -> None:
     A crash between the renames is repaired by the next run on that output_dir
     (:func:`~diffsqueeze.pipelines.manifest.recover_replacement`).
     """
-    old = replaced_dir(run_dir)
-    if run_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        run_dir.rename(old)
-    new.rename(run_dir)
-    fsync_dir(run_dir.absolute().parent)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(new, run_dir, replaced_dir(run_dir))
 
 
 def _remove_leftovers(run_dir: Path, manifest: dict, model_changed: bool) -> None:
@@ -241,9 +235,7 @@ def _run_stage(pipe, stage, i: int, ctx: StageContext, manifest: dict) -> None:
         summary = stage.apply(pipe, ctx)
     except BaseException as exc:
         entry.update(status="failed", error=error_text(exc), traceback=traceback.format_exc(limit=5))
-        manifest["status"] = "failed"
-        write_manifest(ctx.run_dir, manifest)
-        raise
+        raise  # run_recipe records the run as failed and writes the manifest
     wall = time.perf_counter() - t0
     ctx.state.history.append({"index": i, "name": entry["name"], "summary": summary})
     write_checkpoint(pipe, ctx.state, ctx.changed, ctx.run_dir / entry["checkpoint"])
@@ -264,13 +256,7 @@ def export_model(pipe, ctx: StageContext, run_dir: Path, manifest: dict) -> None
         save_pipeline(pipe, tmp, ctx.state)
     fsync_dir(tmp)
     maybe_kill("export")  # crash tests: the new model written, not yet in place
-    old = run_dir / f".old-{MODEL_DIR}"  # the model being replaced goes only once the new one is in place
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    fsync_dir(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, final, run_dir / f".old-{MODEL_DIR}")
     manifest["model"] = ctx.recipe.model
     manifest["export"] = {"path": MODEL_DIR, "bytes": sum(f.stat().st_size for f in final.rglob("*") if f.is_file())}
     if qmap is not None:
