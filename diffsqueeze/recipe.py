@@ -21,7 +21,7 @@ from diffsqueeze.config_parse import (
     to_plain,
 )
 from diffsqueeze.errors import DiffsqueezeError, ModelLoadError, RecipeError
-from diffsqueeze.metrics.config import EvalConfig
+from diffsqueeze.metrics.config import EvalConfig, reference_problem
 from diffsqueeze.pipelines.manifest import check_output_dir
 from diffsqueeze.stages import STAGES
 
@@ -189,7 +189,6 @@ def recipe_from_dict(data: Any) -> Recipe:
 
 
 def _check_recipe(recipe: Recipe) -> None:
-    from diffsqueeze.metrics.cli_commands import reference_problem
     from diffsqueeze.models import (
         check_model_spec,  # heavy import, only once a recipe parses
     )

@@ -1,4 +1,4 @@
-"""The recipe's ``eval:`` section."""
+"""The recipe's ``eval:`` section, and what a FID reference may be."""
 
 from __future__ import annotations
 
@@ -105,3 +105,37 @@ class EvalConfig:
 
 def _looks_like_hub_id(spec: str) -> bool:
     return not spec.startswith((".", "/", "~")) and not Path(spec).exists() and bool(_HUB_ID.match(spec))
+
+
+def reference_problem(ref: str) -> str | None:
+    """Why ``ref`` is no FID reference (None when it is one); ``fp`` is left to the caller.
+
+    Shared by ``eval --ref`` and the recipe's ``eval.reference``: both fail on it before any image
+    is generated. A model (``builtin:tiny-sd``, a diffusers folder, a run directory, a hub id) is
+    the commonest mistake: a model to compare with is a baseline, not a reference.
+    """
+    from diffsqueeze.metrics.images import IMAGE_EXTENSIONS
+
+    path = Path(ref)
+    if ref.startswith("builtin:"):
+        if ref in BUILTIN_REFERENCES:
+            return None
+        from diffsqueeze.models.builtin import BUILTINS
+
+        if ref.split(":", 1)[1] in BUILTINS:
+            return f"'{ref}' is a model, not a set of reference images (to compare with a model, give it as the baseline)"
+        return f"'{ref}' is no builtin dataset (known: {', '.join(BUILTIN_REFERENCES)})"
+    if ref.endswith(".safetensors"):
+        return None if path.is_file() else f"the statistics file '{ref}' does not exist"
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or (path / "manifest.json").is_file():
+            return (f"'{ref}' is a model folder, not a folder of reference images (to compare with a model, give it "
+                    f"as the baseline)")
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*") if p.is_file()):
+            return f"the folder '{ref}' holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        return None
+    if path.exists():
+        return f"'{ref}' is a file, neither a folder of images nor a .safetensors statistics file"
+    if "/" in ref and not ref.startswith((".", "/", "~")) and ref.count("/") == 1:
+        return f"'{ref}' is no folder here; a hub model id is a model, not a set of reference images"
+    return f"the folder '{ref}' does not exist"
