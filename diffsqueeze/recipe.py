@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from diffsqueeze.config_parse import (
     apply_overrides,  # re-exported: recipe.apply_overrides
@@ -48,6 +48,8 @@ class CalibrationConfig:
         batch_size: pipeline batch size while recording.
         sampler: ``default`` (the pipeline's own scheduler) or a diffusers scheduler class name
             (``DDIMScheduler``) built from the pipeline's scheduler config for the recording.
+        height, width: image size of the recorded trajectories (default: the pipeline's own);
+            checked against the model's latent factor when the run starts.
     """
 
     prompts: str = "builtin"
@@ -57,6 +59,8 @@ class CalibrationConfig:
     guidance_scale: float = 7.5
     batch_size: int = 8
     sampler: str = "default"
+    height: Optional[int] = None
+    width: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "timesteps", "num_inference_steps", "batch_size"):
@@ -68,6 +72,9 @@ class CalibrationConfig:
         if self.sampler != "default" and not (self.sampler.isidentifier() and self.sampler.endswith("Scheduler")):
             raise RecipeError("sampler", f"'default' or a diffusers scheduler class name like DDIMScheduler; got {self.sampler!r}")
         _check_prompts(self.prompts, "prompts")
+        for name in ("height", "width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise RecipeError(name, f"must be >= 1 (pixels), got {getattr(self, name)}")
 
     def estimate(self) -> tuple[int, int]:
         """(recorded denoiser inputs, denoiser evaluations) of the recording; guidance doubles both."""

@@ -24,9 +24,19 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's own, e.g. 2 for builtin:fashion, 7.5 for SD)")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's own)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's own)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="pipeline dtype (default: float16 on cuda, float32 on cpu)")
+
+
+def _check_size_args(args: argparse.Namespace) -> None:
+    from diffsqueeze.errors import DiffsqueezeError
+
+    for name in ("height", "width"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise DiffsqueezeError(f"--{name} must be >= 1 (pixels), got {getattr(args, name)}")
 
 
 def _device_dtype(args: argparse.Namespace) -> tuple[str, str]:
@@ -43,29 +53,31 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from diffsqueeze.models import check_model_spec
     from diffsqueeze.models.prompts import load_prompts
 
+    _check_size_args(args)
     if args.names and len(args.names) != len(args.models):
         raise DiffsqueezeError(f"--names gives {len(args.names)} names for {len(args.models)} models")
     if (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         raise DiffsqueezeError("--steps and --batch-size must be >= 1")
     for spec in args.models:
         check_model_spec(spec)
-    prompts = load_prompts(args.prompts)
-    if args.max_prompts:
-        prompts = prompts[: args.max_prompts]
+    if args.prompts != "builtin":
+        load_prompts(args.prompts)  # a missing file fails before any model loads
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise DiffsqueezeError(f"--out '{out}' must end in .png, .jpg or .webp")
     quiet_libraries()
     device, dtype = _device_dtype(args)
-    image, info = grid_for_models(args.models, prompts, args.seeds, args.steps, args.guidance, device=device,
-                                  dtype=dtype, names=args.names, batch_size=args.batch_size, cell=args.cell)
+    image, info = grid_for_models(args.models, None, args.seeds, args.steps, args.guidance, device=device,
+                                  dtype=dtype, names=args.names, batch_size=args.batch_size, cell=args.cell,
+                                  prompt_set=args.prompts, max_prompts=args.max_prompts, height=args.height,
+                                  width=args.width)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     info["prompt_source"] = args.prompts
     print(f"sampling: {info['num_inference_steps']} steps, guidance {info['guidance_scale']:g}"
           + ("" if args.steps is not None and args.guidance is not None else " (the model's own defaults where not given)"))
     out.with_suffix(".json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-    print(f"grid: {out} ({len(prompts) * len(args.seeds)} rows x {len(args.models)} models; provenance in {out.with_suffix('.json')})")
+    print(f"grid: {out} ({len(info['prompts']) * len(args.seeds)} rows x {len(args.models)} models; provenance in {out.with_suffix('.json')})")
     return 0
 
 
@@ -117,6 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffsqueeze.models import check_model_spec
 
     check_eval_reference(args.ref, args.baseline)  # before any model is loaded or image generated
+    _check_size_args(args)
     check_model_spec(args.model)
     if args.baseline:
         check_model_spec(args.baseline)
@@ -124,7 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   prompts=args.prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   baseline=args.baseline, clip_model=args.clip_model, fid_backend=args.fid_backend,
                   features=args.features, resize=args.resize, save_images=args.save_images,
-                  kid_subset_size=args.kid_subset_size)
+                  kid_subset_size=args.kid_subset_size, height=args.height, width=args.width)
     if args.clip_model is not None and not args.clip_model.strip():
         raise DiffsqueezeError("--clip-model is empty")
     quiet_libraries()
@@ -193,10 +206,11 @@ def cmd_prune_sweep(args: argparse.Namespace) -> int:
         sweep_markdown,
     )
     from diffsqueeze.models import check_model_spec
+    from diffsqueeze.models.conditioning import pipeline_prompts
     from diffsqueeze.models.prompts import load_prompts
 
     check_model_spec(args.model)
-    prompts = load_prompts(args.prompts)
+    load_prompts(args.prompts)  # a missing prompt file fails before the model loads
     series = [Series(tuple(c.partition("@")[0].split("+")), c.partition("@")[2])
               if "@" in c else Series(tuple(c.split("+")), pattern)
               for c in args.components for pattern in ([None] if "@" in c else args.patterns)]
@@ -208,6 +222,7 @@ def cmd_prune_sweep(args: argparse.Namespace) -> int:
     quiet_libraries()
     device, dtype = _device_dtype(args)
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
+    prompts = pipeline_prompts(pipe, args.prompts)
     result = prune_sweep(pipe, series, sorted(set(args.sparsities)), prompts, args.num_images, Path(args.out),
                          steps=args.steps, guidance=args.guidance, real_reference=args.ref, clip_model=args.clip_model,
                          batch_size=args.batch_size, features=args.features)

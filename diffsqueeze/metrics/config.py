@@ -45,6 +45,7 @@ class EvalConfig:
         save_images: keep the generated FID images as PNG files beside the features.
         score_stages: also score every intermediate stage checkpoint of a run on the grid's
             images (size, PSNR/SSIM to the original, CLIP score) for the quality-vs-size plot.
+        height, width: size of every generated image (default: the pipeline's own).
         features: feature network for FID/KID: ``inception`` (the FID Inception-v3 weights) or
             ``tiny-random`` (a tiny random net for smoke tests: fast, meaningless numbers).
     """
@@ -64,8 +65,13 @@ class EvalConfig:
     save_images: bool = False
     features: str = "inception"
     score_stages: bool = True
+    height: Optional[int] = None
+    width: Optional[int] = None
 
     def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise RecipeError(name, f"must be >= 1 (pixels), got {getattr(self, name)}")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise RecipeError("num_inference_steps", f"must be >= 1, got {self.num_inference_steps}")
         if self.guidance_scale is not None and self.guidance_scale < 0:

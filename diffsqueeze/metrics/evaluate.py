@@ -52,6 +52,7 @@ from diffsqueeze.metrics.pipeline_info import (
     sampler_description,
 )
 from diffsqueeze.metrics.references import reference_statistics
+from diffsqueeze.models.conditioning import check_size, clip_not_applicable, conditioning_of, pipeline_prompts
 
 __all__ = ["METRICS_FORMAT", "SHARD_DIR", "JOB_FILE", "EvalJob", "job_from_args", "run_eval_job"]
 
@@ -81,6 +82,8 @@ class EvalJob:
     save_images: bool = False
     kid_subsets: int = 100
     kid_subset_size: int = 1000
+    height: Optional[int] = None  # None: the pipeline's own image size
+    width: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.num_images < 2:
@@ -173,7 +176,8 @@ class _Scorer:
         seeds = list(range(start, start + count))
         prompts = [_prompt_for(self.prompts, i) for i in seeds]
         t0 = time.perf_counter()
-        images = generate_images(self.pipe, prompts, seeds, job.num_inference_steps, job.guidance_scale, batch_size=count)
+        images = generate_images(self.pipe, prompts, seeds, job.num_inference_steps, job.guidance_scale,
+                                 batch_size=count, height=job.height, width=job.width)
         self.gen_seconds += time.perf_counter() - t0
         out = {"features": self._features(images), "image_sha256": _pixel_digest(images)}
         if self.clip is not None:
@@ -182,7 +186,7 @@ class _Scorer:
             _save_pngs(images, self.out_dir / "images", start)
         if self.baseline_pipe is not None:
             base = generate_images(self.baseline_pipe, prompts, seeds, job.num_inference_steps, job.guidance_scale,
-                                   batch_size=count)
+                                   batch_size=count, height=job.height, width=job.width)
             out["baseline_features"] = self._features(base)
             out["baseline_image_sha256"] = _pixel_digest(base)
             out.update(per_image_fidelity(images, base))
@@ -213,6 +217,7 @@ def _job_key(job: EvalJob, pipe, baseline_pipe, extractor, clip: ClipScorer | No
         "batch_size": job.batch_size,
         "steps": job.num_inference_steps,
         "guidance": job.guidance_scale,
+        "size": [job.height, job.width],
         "sampler": sampler_description(pipe),
         "features": f"{extractor.weights_sha256}:{extractor.resize}:{job.fid_backend}",
         "clip": clip.weights_hash if clip is not None else None,
@@ -261,14 +266,14 @@ def run_eval_job(
         DiffsqueezeError: bad inputs, or ``out_dir`` holds shards of another job.
     """
     from diffsqueeze.loading import load_pipeline
-    from diffsqueeze.models.prompts import load_prompts
 
     state = _distributed_state(device)
     device = device or str(state.device)
     out_dir = Path(out_dir)
-    prompts = load_prompts(job.prompts)
     if pipe is None:
         pipe = load_pipeline(job.model, device=device, dtype=dtype)
+    prompts = pipeline_prompts(pipe, job.prompts)
+    check_size(pipe, job.height, job.width, "eval")
     steps, guidance = resolve_sampling(pipe, job.num_inference_steps, job.guidance_scale)
     if (steps, guidance) != (job.num_inference_steps, job.guidance_scale):
         log.info("sampling with the model's own defaults: %d steps, guidance %g", steps, guidance)
@@ -277,7 +282,11 @@ def run_eval_job(
         baseline_pipe = load_pipeline(job.baseline, device=device, dtype=dtype)
     if extractor is None:
         extractor = load_feature_net(job.features, device=device, resize=job.resize)
-    if clip is None and job.clip_model is not None:
+    if not conditioning_of(pipe).has_text:
+        if job.clip_model is not None or clip is not None:
+            log.info("%s", clip_not_applicable(pipe))
+        clip = None
+    elif clip is None and job.clip_model is not None:
         clip = ClipScorer.from_spec(job.clip_model, device=device)
     key, payload = _job_key(job, pipe, baseline_pipe, extractor, clip, prompts, dtype, torch.device(device).type)
 
@@ -388,6 +397,7 @@ def _final_metrics(job: EvalJob, per_image: dict, pipe, baseline_pipe, extractor
     n = job.num_images
     generation = {
         "sampler": sampler_description(pipe), "steps": job.num_inference_steps, "guidance": job.guidance_scale,
+        "conditioning": conditioning_of(pipe).kind,
         "seeds": f"image i uses seed i, i = 0..{n - 1}", "prompts": f"image i uses prompt i mod {len(prompts)}",
         "prompt_source": job.prompts, "num_images": n, "batch_size": job.batch_size, "dtype": dtype,
         "device": torch.device(device).type, "num_processes": world,
@@ -418,6 +428,8 @@ def _final_metrics(job: EvalJob, per_image: dict, pipe, baseline_pipe, extractor
     }
     if clip is not None:
         metrics["clip_score"] = {"value": aggregate(per_image["clip_cos_x100"]), "n": n, **clip.provenance(), **provenance}
+    elif job.clip_model is not None:
+        metrics["clip_score"] = {"value": None, "note": clip_not_applicable(pipe)}
     if baseline_pipe is not None:
         metrics["fidelity"] = {**fidelity_summary({"psnr": per_image["psnr"], "ssim": per_image["ssim"]},
                                                   lpips_status()[1]), "baseline": job.baseline}

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import PIL.Image
 import PIL.ImageDraw
@@ -26,6 +26,7 @@ from diffsqueeze.metrics.pipeline_info import (
     resolve_sampling,
     sampler_description,
 )
+from diffsqueeze.models.conditioning import check_size, generate, pipeline_prompts, raw_images
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +37,19 @@ def generate_images(
     prompts: Sequence[str],
     seeds: Sequence[int],
     num_inference_steps: int,
-    guidance_scale: float,
+    guidance_scale: float | None,
     batch_size: int = 8,
+    height: int | None = None,
+    width: int | None = None,
 ) -> torch.Tensor:
     """Generate one image per ``(prompt, seed)`` pair.
 
     Args:
-        pipe: any diffusers text-to-image pipeline taking ``prompt``, ``generator`` (a list),
-            ``num_inference_steps``, ``guidance_scale`` and ``output_type="pt"``.
+        pipe: any diffusers pipeline: text-to-image, class-conditional (prompts are its labels)
+            or unconditional (prompts are ignored), see :mod:`diffsqueeze.models.conditioning`.
         prompts, seeds: equal-length sequences; image ``i`` uses ``prompts[i]`` and a generator
             seeded with ``seeds[i]``.
+        height, width: image size (default: the pipeline's own).
 
     Returns:
         uint8 ``(N, 3, H, W)`` on the CPU (diffusers' own rounding, see ``images.to_uint8_batch``).
@@ -57,10 +61,10 @@ def generate_images(
     out = []
     for i in range(0, len(prompts), batch_size):
         gens = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds[i : i + batch_size]]
-        result = pipe(prompt=list(prompts[i : i + batch_size]), generator=gens, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, output_type="pt")
-        images = result.images if hasattr(result, "images") else result[0]
-        out.append(to_uint8_batch(images.float().cpu()))
+        result = generate(pipe, list(prompts[i : i + batch_size]), gens, num_inference_steps, guidance_scale,
+                          "pt", height, width)
+        images = raw_images(result)
+        out.append(to_uint8_batch(images.float().cpu() if torch.is_tensor(images) else images))
     return torch.cat(out) if out else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
 
 
@@ -204,7 +208,7 @@ def column_label(pipe, spec: str | None, metric: str | None = None) -> list[str]
 
 def grid_for_models(
     specs: Sequence[str],
-    prompts: Sequence[str],
+    prompts: Sequence[str] | None,
     seeds: Sequence[int],
     num_inference_steps: int | None,
     guidance_scale: float | None,
@@ -213,11 +217,19 @@ def grid_for_models(
     names: Sequence[str] | None = None,
     batch_size: int = 8,
     cell: int = 128,
+    prompt_set: str | None = None,
+    max_prompts: int = 0,
+    height: int | None = None,
+    width: int | None = None,
 ) -> tuple[PIL.Image.Image, dict]:
     """Load each model in turn, generate the rows, draw the grid.
 
     ``num_inference_steps`` / ``guidance_scale`` left ``None`` take the first model's own
     defaults (:func:`~diffsqueeze.metrics.pipeline_info.sampling_defaults`), for every column.
+    ``prompts`` left ``None`` are the first model's conditions from ``prompt_set``
+    (:func:`~diffsqueeze.models.conditioning.pipeline_prompts`: class labels for a
+    class-conditional model, one unconditional row per seed for an unconditional one), the
+    first ``max_prompts`` of them (0: all).
 
     Returns:
         ``(image, info)``; ``info`` records prompts, seeds, steps, guidance and each column's
@@ -225,15 +237,20 @@ def grid_for_models(
     """
     from diffsqueeze.loading import load_pipeline
 
-    row_prompts, row_seeds, labels = grid_rows(prompts, seeds)
     columns, info_cols = [], []
     for k, spec in enumerate(specs):
         name = names[k] if names else Path(spec).name if Path(spec).exists() else spec
-        log.info("grid: generating %d images with %s", len(row_prompts), spec)
         pipe = load_pipeline(spec, device=device, dtype=dtype)
+        if prompts is None:
+            prompts = pipeline_prompts(pipe, prompt_set)
+            prompts = prompts[:max_prompts] if max_prompts else prompts
+        check_size(pipe, height, width, "grid")
+        row_prompts, row_seeds, labels = grid_rows(prompts, seeds)
+        log.info("grid: generating %d images with %s", len(row_prompts), spec)
         if num_inference_steps is None or guidance_scale is None:  # every column samples as the first model would
             num_inference_steps, guidance_scale = resolve_sampling(pipe, num_inference_steps, guidance_scale)
-        images = generate_images(pipe, row_prompts, row_seeds, num_inference_steps, guidance_scale, batch_size)
+        images = generate_images(pipe, row_prompts, row_seeds, num_inference_steps, guidance_scale, batch_size,
+                                 height, width)
         label = column_label(pipe, spec)
         columns.append(GridColumn(name, images, label))
         info_cols.append({"name": name, "model": spec, "sampler": sampler_description(pipe), "label": label})

@@ -2,16 +2,17 @@
 
 ``tiny-sd`` and ``tiny-dit`` have seeded random weights and serve tests and smoke runs; they are
 real diffusers pipelines (Stable Diffusion and Stable Diffusion 3 architectures), so everything
-that works on them goes through the same code paths as on full-size models.
+that works on them goes through the same code paths as on full-size models. ``tiny-sdxl``,
+``tiny-flux``, ``tiny-pixart``, ``tiny-ddpm`` (unconditional) and ``tiny-class-dit`` cover the
+other families (:mod:`diffsqueeze.models.tiny_families`).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
@@ -20,9 +21,10 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from diffsqueeze.errors import ModelLoadError
+from diffsqueeze.models import tiny_families
 from diffsqueeze.models.tokenizer import build_char_tokenizer
 
 BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {}
@@ -45,37 +47,6 @@ def build_builtin(name: str) -> DiffusionPipeline:
     return BUILTINS[name]()
 
 
-def _text_config(hidden: int, layers: int, projection: int = 32) -> CLIPTextConfig:
-    tokenizer_vocab = 514  # build_char_tokenizer()
-    return CLIPTextConfig(
-        vocab_size=tokenizer_vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=projection,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-
-
-def _tiny_vae(latent_channels: int = 4, **extra) -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=32,
-        **extra,
-    )
-
-
 @register_builtin("tiny-sd")
 def build_tiny_sd() -> StableDiffusionPipeline:
     """Stable-Diffusion architecture (UNet with cross-attention, CLIP text encoder, VAE), random weights, seed 0.
@@ -96,8 +67,8 @@ def build_tiny_sd() -> StableDiffusionPipeline:
             attention_head_dim=8,
             norm_num_groups=8,
         )
-        vae = _tiny_vae()
-        text_encoder = CLIPTextModel(_text_config(hidden=32, layers=2))
+        vae = tiny_families.tiny_vae()
+        text_encoder = CLIPTextModel(tiny_families.clip_config())
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
         steps_offset=1,
@@ -136,9 +107,9 @@ def build_tiny_dit() -> StableDiffusion3Pipeline:
             pooled_projection_dim=64,
             pos_embed_max_size=32,
         )
-        vae = _tiny_vae(shift_factor=0.0609, scaling_factor=1.5035)
-        text_encoder = CLIPTextModelWithProjection(_text_config(hidden=32, layers=2))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(hidden=32, layers=2))
+        vae = tiny_families.tiny_vae(shift_factor=0.0609, scaling_factor=1.5035)
+        text_encoder = CLIPTextModelWithProjection(tiny_families.clip_config())
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_families.clip_config())
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -150,6 +121,13 @@ def build_tiny_dit() -> StableDiffusion3Pipeline:
         text_encoder_3=None,
         tokenizer_3=None,
     )
+
+
+register_builtin("tiny-sdxl")(tiny_families.build_tiny_sdxl)
+register_builtin("tiny-flux")(tiny_families.build_tiny_flux)
+register_builtin("tiny-pixart")(tiny_families.build_tiny_pixart)
+register_builtin("tiny-ddpm")(tiny_families.build_tiny_ddpm)
+register_builtin("tiny-class-dit")(tiny_families.build_tiny_class_dit)
 
 
 @register_builtin("fashion")

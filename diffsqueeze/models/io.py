@@ -6,8 +6,9 @@ import importlib
 import json
 import logging
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from diffusers import DiffusionPipeline
@@ -65,7 +66,7 @@ def check_model_spec(spec: str) -> None:
 
 
 _OFFLINE = re.compile(r"not (fully )?cached locally|couldn't connect|outgoing traffic has been disabled|offline mode|"
-                      r"connection|name or service not known|temporary failure in name resolution|timed? ?out", re.I)
+                      r"connection|name or service not known|temporary failure in name resolution|timed? ?out", re.IGNORECASE)
 
 
 def hub_unreachable(spec: str, exc: BaseException) -> str | None:

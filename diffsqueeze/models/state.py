@@ -57,7 +57,7 @@ class CompressionState:
         (folder / STATE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
 
     @classmethod
-    def load(cls, folder: Path) -> "CompressionState":
+    def load(cls, folder: Path) -> CompressionState:
         """Read the state written by :meth:`save`; a folder without one gives an empty state."""
         folder = Path(folder)
         path = folder / STATE_FILE

@@ -18,21 +18,27 @@ import inspect
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from diffsqueeze.errors import DiffsqueezeError
-from diffsqueeze.models.prompts import load_prompts
+from diffsqueeze.models.conditioning import (
+    ConditioningError,
+    check_size,
+    generate,
+    pipeline_prompts,
+)
 from diffsqueeze.models.roles import find_roles
 
 log = logging.getLogger(__name__)
 CALIB_DIR = "calibration"
 META = "meta.json"
-NESTED = "."  # flattened key separator for dict arguments (added_cond_kwargs.text_embeds)
+FORMAT = 2  # recording layout: per-file argument structure (1: flat tensors + shared statics)
 
 
 class CalibrationError(DiffsqueezeError):
@@ -54,47 +60,75 @@ class CalibBatch:
         kwargs: keyword arguments for ``denoiser(**kwargs)`` (tensors on the target device).
         timestep: the scheduler's timestep value of this batch.
         step: index of the calibration timestep (0..n_t-1, sampling order).
+        size: number of samples (rows of the batched inputs).
     """
 
     kwargs: dict[str, Any]
     timestep: float
     step: int
-
-    @property
-    def size(self) -> int:
-        return batch_size_of(self.kwargs)
+    size: int
 
 
-def batch_size_of(kwargs: dict[str, Any]) -> int:
-    for key in ("sample", "hidden_states"):
-        if torch.is_tensor(kwargs.get(key)):
-            return kwargs[key].shape[0]
-    return next(v.shape[0] for v in kwargs.values() if torch.is_tensor(v) and v.dim() > 0)
+def _flatten(value: Any, path: str, n: int, tensors: dict[str, torch.Tensor]) -> dict:
+    """The structure of one argument value, its tensors moved into ``tensors`` under ``path``.
+
+    A tensor is *batched* when its leading dimension is the batch size ``n`` of the denoiser's
+    main input: those are sliced into batches, the others (Flux's ``img_ids``/``txt_ids``,
+    masks shared by the batch) are passed whole with every slice.
+    """
+    if torch.is_tensor(value):
+        tensors[path] = value
+        return {"tensor": path, "batched": value.dim() > 0 and value.shape[0] == n}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise CalibrationError(f"cannot record denoiser argument '{path}': a dict with non-string keys")
+        return {"dict": {k: _flatten(v, f"{path}.{k}", n, tensors) for k, v in value.items()}}
+    if isinstance(value, (list, tuple)):
+        return {"tuple" if isinstance(value, tuple) else "list":
+                [_flatten(v, f"{path}.{i}", n, tensors) for i, v in enumerate(value)]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    raise CalibrationError(f"cannot record denoiser argument '{path}' of type {type(value).__name__} "
+                           f"(tensors, numbers, strings, None and dicts/lists/tuples of them are recorded)")
 
 
-def _flatten(arguments: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, static = {}, {}
-    for name, value in arguments.items():
-        if torch.is_tensor(value):
-            tensors[name] = value
-        elif isinstance(value, dict) and value and all(torch.is_tensor(v) for v in value.values()):
-            tensors.update({f"{name}{NESTED}{k}": v for k, v in value.items()})
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            static[name] = value
-        else:
-            raise CalibrationError(f"cannot record denoiser argument '{name}' of type {type(value).__name__}")
-    return tensors, static
+def _rebuild(structure: dict, tensors: dict[str, torch.Tensor], rows: slice | torch.Tensor | None) -> Any:
+    """The argument value of ``structure``; batched tensors take ``rows`` (``None``: all)."""
+    if "tensor" in structure:
+        t = tensors[structure["tensor"]]
+        return t[rows] if structure["batched"] and rows is not None else t
+    if "dict" in structure:
+        return {k: _rebuild(v, tensors, rows) for k, v in structure["dict"].items()}
+    if "list" in structure:
+        return [_rebuild(v, tensors, rows) for v in structure["list"]]
+    if "tuple" in structure:
+        return tuple(_rebuild(v, tensors, rows) for v in structure["tuple"])
+    return structure["value"]
 
 
-def _unflatten(tensors: dict[str, torch.Tensor], static: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = dict(static)
-    for key, value in tensors.items():
-        if NESTED in key:
-            outer, inner = key.split(NESTED, 1)
-            out.setdefault(outer, {})[inner] = value
-        else:
-            out[key] = value
-    return out
+def record_arguments(arguments: dict[str, Any], main: str) -> tuple[dict[str, torch.Tensor], dict, int]:
+    """Flatten one denoiser call: ``(tensors, structure, batch size)``.
+
+    The batch size is the leading dimension of the main input ``main`` (the denoiser's first
+    parameter: ``sample``, ``hidden_states``); a scalar timestep is expanded to one per row so
+    every batch slice carries its own.
+    """
+    x = arguments.get(main)
+    if not torch.is_tensor(x) or x.dim() == 0:
+        raise CalibrationError(f"the denoiser's main input '{main}' is not a batched tensor")
+    n = x.shape[0]
+    t = arguments.get("timestep")
+    if t is not None and (not torch.is_tensor(t) or t.numel() == 1):
+        arguments = {**arguments, "timestep": torch.as_tensor(t).reshape(-1).expand(n).clone()}
+    tensors: dict[str, torch.Tensor] = {}
+    structure = {name: _flatten(value, name, n, tensors) for name, value in arguments.items()}
+    return tensors, structure, n
+
+
+def replay_arguments(structure: dict, tensors: dict[str, torch.Tensor],
+                     rows: slice | torch.Tensor | None = None) -> dict[str, Any]:
+    """The keyword arguments of a recorded call (rows ``rows`` of its batched tensors)."""
+    return {name: _rebuild(s, tensors, rows) for name, s in structure.items()}
 
 
 def check_finite_inputs(tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -114,7 +148,6 @@ class CalibrationData:
         self.steps: list[int] = meta["steps"]
         self.timesteps: list[float] = meta["timesteps"]
         self.files: list[dict] = meta["files"]
-        self.static: dict[str, Any] = meta["static"]
 
     @property
     def num_samples(self) -> int:
@@ -141,11 +174,12 @@ class CalibrationData:
             n = entry["n"]
             if limit is not None:
                 n = min(n, limit - seen.get(k, 0))
+            tensors = {name: t.to(device) for name, t in tensors.items()}
             chunk = batch_size or n
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
-                part = {name: t[start:stop].to(device) for name, t in tensors.items()}
-                yield CalibBatch(_unflatten(part, self.static), entry["timestep"], k)
+                kwargs = replay_arguments(entry["structure"], tensors, slice(start, stop))
+                yield CalibBatch(kwargs, entry["timestep"], k, stop - start)
             seen[k] = seen.get(k, 0) + n
 
     def shuffled_batches(self, batch_size: int, device: torch.device | str = "cpu",
@@ -159,31 +193,74 @@ class CalibrationData:
         an epoch's last ``total % batch_size`` rows wait for the next permutation (a recording
         smaller than ``batch_size`` comes whole).
         """
-        parts = [load_file(str(self.folder / entry["file"])) for entry in self.files]
-        names = set(parts[0])
-        for entry, part in zip(self.files, parts):
-            if set(part) != names:
-                raise CalibrationError(f"calibration file {entry['file']} records arguments {sorted(part)}, "
-                                       f"the first one {sorted(names)}: cannot mix them in one batch")
-        try:
-            pool = {name: torch.cat([part[name] for part in parts]) for name in names}
-        except RuntimeError as exc:
-            raise CalibrationError(f"calibration inputs differ in shape between timesteps ({exc}); "
-                                   f"they cannot be mixed in one batch") from None
-        total = next(iter(pool.values())).shape[0]
+        structure, pool = self._pool(self.files)
+        total = self.num_samples
         gen = torch.Generator().manual_seed(seed)
         while True:
             order = torch.randperm(total, generator=gen)
             for start in range(0, max(total - batch_size, 0) + 1, batch_size):
-                idx = order[start:start + batch_size]
-                yield _unflatten({name: t[idx].to(device) for name, t in pool.items()}, self.static)
+                yield _on(replay_arguments(structure, pool, order[start:start + batch_size]), device)
+
+
+    def _pool(self, entries: list[dict]) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The recorded calls ``entries`` as one: batched tensors concatenated, the others
+        (identical in every call, checked) once. Returns ``(structure, tensors)``."""
+        parts = [load_file(str(self.folder / entry["file"])) for entry in entries]
+        structure = entries[0]["structure"]
+        batched = {name for name, flag in _tensor_flags(structure).items() if flag}
+        for entry, part in zip(entries, parts, strict=True):
+            if entry["structure"] != structure:
+                raise CalibrationError(f"calibration file {entry['file']} records other arguments than "
+                                       f"{entries[0]['file']}: cannot mix them in one batch")
+            for name in set(part) - batched:
+                if not torch.equal(part[name], parts[0][name]):
+                    raise CalibrationError(f"calibration input '{name}' (not batched) differs between "
+                                           f"{entries[0]['file']} and {entry['file']}: cannot mix them in one batch")
+        try:
+            pool = {name: torch.cat([part[name] for part in parts]) if name in batched else parts[0][name]
+                    for name in parts[0]}
+        except RuntimeError as exc:
+            raise CalibrationError(f"calibration inputs differ in shape between timesteps ({exc}); "
+                                   f"they cannot be mixed in one batch") from None
+        return structure, pool
+
+    def step_rows(self, step: int, rows: torch.Tensor, device: torch.device | str = "cpu") -> CalibBatch:
+        """Samples ``rows`` (indices over all recorded calls of calibration timestep ``step``,
+        in recording order) as one batch."""
+        entries = [e for e in self.files if e["step_index"] == step]
+        structure, pool = self._pool(entries)
+        return CalibBatch(_on(replay_arguments(structure, pool, rows), device), entries[0]["timestep"], step, len(rows))
+
+
+def _on(value: Any, device: torch.device | str) -> Any:
+    """``value`` with every tensor (in nested dicts, lists, tuples) moved to ``device``."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _on(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on(v, device) for v in value)
+    return value
+
+
+def _tensor_flags(structure: Any) -> dict[str, bool]:
+    """Every tensor key in a recorded structure and whether it is batched."""
+    if isinstance(structure, dict) and "tensor" in structure:
+        return {structure["tensor"]: structure["batched"]}
+    flags: dict[str, bool] = {}
+    children = structure.values() if isinstance(structure, dict) else structure
+    for child in children:
+        if isinstance(child, (dict, list)):
+            flags.update(_tensor_flags(child))
+    return flags
 
 
 def calibration_key(model: str, calib: Any, seed: int) -> str:
     """Cache key of a recording: model spec, calibration config and seed."""
     from diffsqueeze.config_parse import to_plain
 
-    blob = json.dumps({"model": model, "calibration": to_plain(calib), "seed": seed}, sort_keys=True)
+    blob = json.dumps({"model": model, "calibration": to_plain(calib), "seed": seed, "format": FORMAT},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -219,15 +296,18 @@ def record_calibration(
     if (folder / META).is_file():
         return CalibrationData(folder)
     try:
-        prompts = load_prompts(calib.prompts)
+        prompts = pipeline_prompts(pipe, calib.prompts)
+        check_size(pipe, calib.height, calib.width, "calibration")
     except DiffsqueezeError as exc:
-        raise CalibrationError(f"calibration.prompts: {exc}") from None
+        raise CalibrationError(f"calibration.prompts: {exc}" if not isinstance(exc, ConditioningError)
+                               else str(exc)) from None
     folder.mkdir(parents=True, exist_ok=True)
     denoiser = getattr(pipe, find_roles(pipe).denoiser)
     steps = calibration_steps(calib.num_inference_steps, calib.timesteps)
     step_index = {s: i for i, s in enumerate(steps)}
     sig = inspect.signature(denoiser.forward)
-    state = {"call": 0, "batch": 0, "static": None, "timesteps": {}}
+    main = next(iter(sig.parameters))
+    state = {"call": 0, "batch": 0, "timesteps": {}}
     files: list[dict] = []
 
     def hook(module, args, kwargs):
@@ -237,17 +317,15 @@ def record_calibration(
             return
         arguments = dict(sig.bind_partial(*args, **kwargs).arguments)
         arguments.pop("return_dict", None)
-        tensors, static = _flatten(arguments)
-        n = batch_size_of(tensors)
-        t = torch.as_tensor(tensors.get("timestep", arguments.get("timestep")))
-        t_value = float(t.reshape(-1)[0])
-        tensors["timestep"] = t.reshape(-1).expand(n).clone() if t.numel() == 1 else t
+        tensors, structure, n = record_arguments(arguments, main)
+        t = tensors.get("timestep")
+        t_value = float(t.reshape(-1)[0]) if t is not None else float(step)
         check_finite_inputs(tensors, f"timestep {t_value:g} (sampler step {step})")
-        state["static"] = static
         state["timesteps"][step] = t_value
         name = f"s{step:04d}_b{state['batch']:04d}.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / name))
-        files.append({"file": name, "step": step, "step_index": step_index[step], "timestep": t_value, "n": n})
+        files.append({"file": name, "step": step, "step_index": step_index[step], "timestep": t_value, "n": n,
+                      "structure": structure})
 
     old_scheduler = pipe.scheduler
     sampler = getattr(calib, "sampler", "default")
@@ -264,25 +342,27 @@ def record_calibration(
             batch_prompts = [prompts[(b * calib.batch_size + i) % len(prompts)] for i in range(n)]
             state["call"], state["batch"] = 0, b
             generator = torch.Generator(device="cpu").manual_seed(seed + b)
-            call = dict(prompt=batch_prompts, num_inference_steps=calib.num_inference_steps,
-                        guidance_scale=calib.guidance_scale, generator=generator)
+
+            def run(output_type: str, batch_prompts=batch_prompts, generator=generator):
+                return generate(pipe, batch_prompts, generator, calib.num_inference_steps, calib.guidance_scale,
+                                output_type, calib.height, calib.width)
+
             with torch.no_grad():
                 try:
-                    pipe(**call, output_type="latent")
+                    run("latent")
                 except ValueError as exc:
                     # pixel-space pipelines without a latent output (builtin:fashion) reject it
                     # before calling the denoiser; their decoded output is as cheap
                     if "output_type" not in str(exc) or state["call"]:
                         raise
-                    pipe(**call, output_type="pt")
+                    run("pt")
             if state["call"] < calib.num_inference_steps:
                 raise CalibrationError(f"the pipeline called its denoiser {state['call']} times for "
                                        f"{calib.num_inference_steps} steps; cannot place calibration timesteps")
     finally:
         handle.remove()
         pipe.scheduler = old_scheduler
-    meta = {"steps": steps, "timesteps": [state["timesteps"][s] for s in steps], "files": files,
-            "static": state["static"] or {}}
+    meta = {"format": FORMAT, "steps": steps, "timesteps": [state["timesteps"][s] for s in steps], "files": files}
     tmp = folder / f".{META}.tmp"
     tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
     tmp.rename(folder / META)

@@ -31,6 +31,7 @@ from diffsqueeze.metrics.grid import (
     grid_rows,
     make_paired_grid,
 )
+from diffsqueeze.models.conditioning import clip_not_applicable, conditioning_of, pipeline_prompts
 from diffsqueeze.metrics.pipeline_info import (
     denoiser_bytes,
     denoiser_name,
@@ -55,12 +56,12 @@ def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[di
         history: the stages' summaries (``CompressionState.history``).
     """
     from diffsqueeze.metrics.report import write_report
-    from diffsqueeze.models.prompts import load_prompts
 
     out_dir = Path(out_dir)
     device = str(next(iter(p.device for p in getattr(pipe, denoiser_name(pipe)).parameters())))
-    prompts = load_prompts(cfg.prompts)
-    clip = ClipScorer.from_spec(cfg.clip_model, device=device) if cfg.clip_model else None
+    prompts = pipeline_prompts(teacher, cfg.prompts)
+    text = conditioning_of(teacher).has_text
+    clip = ClipScorer.from_spec(cfg.clip_model, device=device) if cfg.clip_model and text else None
     metrics: dict[str, Any] = {"format": METRICS_FORMAT, "kind": "run", "model": str(out_dir / "model"),
                                "baseline": "original (FP) pipeline"}
 
@@ -68,10 +69,11 @@ def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[di
     cfg = dataclasses.replace(cfg, num_inference_steps=steps, guidance_scale=guidance)
     grid_prompts = prompts[: cfg.grid_prompts]
     row_prompts, row_seeds, _ = grid_rows(grid_prompts, cfg.seeds)
-    ours = generate_images(pipe, row_prompts, row_seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size)
-    theirs = generate_images(teacher, row_prompts, row_seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size)
+    ours, theirs = (generate_images(p, row_prompts, row_seeds, cfg.num_inference_steps, cfg.guidance_scale,
+                                    cfg.batch_size, cfg.height, cfg.width) for p in (pipe, teacher))
     generation = {"sampler": sampler_description(pipe), "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale,
-                  "prompt_source": cfg.prompts}
+                  "prompt_source": cfg.prompts, "conditioning": conditioning_of(teacher).kind,
+                  "size": f"{ours.shape[-2]}x{ours.shape[-1]}"}
     size, measured = denoiser_bytes(pipe, out_dir / "model" if (out_dir / "model").is_dir() else None)
     tsize, tmeasured = denoiser_bytes(teacher)
     metrics["size"] = {"denoiser_bytes": size, "measured": measured}
@@ -90,7 +92,8 @@ def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[di
         job = EvalJob(model=str(out_dir / "model"), reference=cfg.reference, num_images=cfg.num_images,
                       batch_size=cfg.batch_size, prompts=cfg.prompts, num_inference_steps=cfg.num_inference_steps,
                       guidance_scale=cfg.guidance_scale, baseline="original", clip_model=cfg.clip_model,
-                      fid_backend=cfg.fid_backend, save_images=cfg.save_images, features=cfg.features)
+                      fid_backend=cfg.fid_backend, save_images=cfg.save_images, features=cfg.features,
+                      height=cfg.height, width=cfg.width)
         extractor = load_feature_net(cfg.features, device=device, resize="clean")
         job_metrics = run_eval_job(job, out_dir / "eval", pipe=pipe, baseline_pipe=teacher, extractor=extractor, clip=clip,
                                    device=device, dtype=_dtype_name(pipe), overwrite=True)
@@ -109,6 +112,8 @@ def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[di
                                      **clip.provenance(), **grid_scope}
             base["clip_score"] = {"value": aggregate(clip.cosine_x100(theirs, row_prompts)), "n": len(row_prompts)}
         metrics["fid"] = {"value": None, "note": "FID/KID skipped: eval.num_images is 0"}
+    if cfg.clip_model and not text:
+        metrics["clip_score"] = {"value": None, "note": clip_not_applicable(teacher)}
     metrics["baseline_scores"] = base
     metrics["stages"] = [dict(h) for h in history]
     if cfg.score_stages and len(history) > 1:
@@ -148,7 +153,8 @@ def _score_stages(stages: list[dict], teacher, cfg: EvalConfig, out_dir: Path, p
         except DiffsqueezeError as exc:
             st["scores_note"] = f"checkpoint unreadable: {exc}"
             continue
-        images = generate_images(model, prompts, seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size)
+        images = generate_images(model, prompts, seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size,
+                                 cfg.height, cfg.width)
         weights = folder / f"{name}.safetensors"
         size = (weights.stat().st_size, "disk (stage checkpoint, unpacked)") if weights.is_file() else denoiser_bytes(model)
         st["size"] = {"denoiser_bytes": size[0], "measured": size[1]}

@@ -26,6 +26,7 @@ from diffsqueeze.pipelines.checkpoint import (
 )
 from diffsqueeze.pipelines.context import StageContext
 from diffsqueeze.pipelines.faults import maybe_kill
+from diffsqueeze.pipelines.generation_check import check_generates
 from diffsqueeze.pipelines.manifest import (
     check_output_dir,
     check_run_dir,
@@ -233,10 +234,11 @@ def _run_stage(pipe, stage, i: int, ctx: StageContext, manifest: dict) -> None:
     t0 = time.perf_counter()
     try:
         summary = stage.apply(pipe, ctx)
+        wall = time.perf_counter() - t0  # the stage's own work, without the check below
+        check_generates(pipe, ctx.recipe.calibration, ctx.recipe.seed, f"stage {i} ({entry['name']})")
     except BaseException as exc:
         entry.update(status="failed", error=error_text(exc), traceback=traceback.format_exc(limit=5))
         raise  # run_recipe records the run as failed and writes the manifest
-    wall = time.perf_counter() - t0
     ctx.state.history.append({"index": i, "name": entry["name"], "summary": summary})
     write_checkpoint(pipe, ctx.state, ctx.changed, ctx.run_dir / entry["checkpoint"])
     entry.update(status="done", finished=now(), wall_time_s=round(wall, 3), peak_rss_mb=round(peak_rss_mb(), 1), summary=summary)

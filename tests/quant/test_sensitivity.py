@@ -60,7 +60,7 @@ def test_ranking_measures_one_layer_at_a_time(tmp_path, capsys):
 def test_calibration_subset_spreads_over_uncond_and_cond(tmp_path):
     from safetensors.torch import save_file
 
-    from diffsqueeze.pipelines.calibration import CalibrationData
+    from diffsqueeze.pipelines.calibration import CalibrationData, record_arguments
     from diffsqueeze.quant.quest.sensitivity import calibration_subset
 
     files = []
@@ -68,11 +68,12 @@ def test_calibration_subset_spreads_over_uncond_and_cond(tmp_path):
         for j in range(2):  # two recorded calls of [uncond x2, cond x2]
             name = f"s{k}_b{j}.safetensors"
             ids = torch.arange(4.0) + 4 * j
-            save_file({"sample": ids.reshape(4, 1), "timestep": torch.full((4,), t),
-                       "encoder_hidden_states": ids.reshape(4, 1, 1).clone()}, str(tmp_path / name))
-            files.append({"file": name, "step": k, "step_index": k, "timestep": t, "n": 4})
-    (tmp_path / "meta.json").write_text(json.dumps({"steps": [0, 1], "timesteps": [900.0, 100.0], "files": files,
-                                                    "static": {}}), encoding="utf-8")
+            tensors, structure, n = record_arguments({"sample": ids.reshape(4, 1), "timestep": torch.full((4,), t),
+                                                      "encoder_hidden_states": ids.reshape(4, 1, 1).clone()}, "sample")
+            save_file(tensors, str(tmp_path / name))
+            files.append({"file": name, "step": k, "step_index": k, "timestep": t, "n": n, "structure": structure})
+    (tmp_path / "meta.json").write_text(json.dumps({"format": 2, "steps": [0, 1], "timesteps": [900.0, 100.0],
+                                                    "files": files}), encoding="utf-8")
     batches = list(calibration_subset(CalibrationData(tmp_path), 4, 3, "cpu"))
     assert [b.step for b in batches] == [0, 0, 1, 1] and [b.size for b in batches] == [3, 1, 3, 1]
     picked = torch.cat([b.kwargs["sample"] for b in batches[:2]]).flatten().tolist()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from diffsqueeze.errors import DiffsqueezeError
 
-from .clip import CLIP_DIR, WEIGHTS_DIR, image_processor, load_fashion_clip  # noqa: F401
+from .clip import CLIP_DIR, WEIGHTS_DIR, image_processor, load_fashion_clip
 from .data import (
     CLASS_NAMES,
     FashionMNISTMissingError,
@@ -26,9 +26,23 @@ from .tokenizer import load_tokenizer
 PIPELINE_DIR = WEIGHTS_DIR / "pipeline"
 
 __all__ = [
-    "CLASS_NAMES", "FashionDiffusionPipeline", "FashionPipelineOutput", "FashionMNISTMissingError",
-    "PIPELINE_DIR", "CLIP_DIR", "WEIGHTS_DIR", "build_fashion_pipeline", "build_fashion_clip", "build_fashion_clip_processor",
-    "BuiltinWeightsMissingError", "caption", "class_prompt", "load_fashion_mnist", "load_reference_subset", "load_tokenizer", "pad_to_32",
+    "CLASS_NAMES",
+    "CLIP_DIR",
+    "PIPELINE_DIR",
+    "WEIGHTS_DIR",
+    "BuiltinWeightsMissingError",
+    "FashionDiffusionPipeline",
+    "FashionMNISTMissingError",
+    "FashionPipelineOutput",
+    "build_fashion_clip",
+    "build_fashion_clip_processor",
+    "build_fashion_pipeline",
+    "caption",
+    "class_prompt",
+    "load_fashion_mnist",
+    "load_reference_subset",
+    "load_tokenizer",
+    "pad_to_32",
 ]
 
 

@@ -11,8 +11,8 @@ import gzip
 import os
 import random
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -20,14 +20,14 @@ from diffsqueeze.errors import DiffsqueezeError
 
 __all__ = [
     "CLASS_NAMES",
-    "TEMPLATES",
     "DEFAULT_DIR",
+    "TEMPLATES",
     "FashionMNISTMissingError",
+    "caption",
+    "class_prompt",
     "load_fashion_mnist",
     "load_reference_subset",
     "pad_to_32",
-    "caption",
-    "class_prompt",
 ]
 
 #: Fashion-MNIST label order (label i -> CLASS_NAMES[i]).
@@ -149,6 +149,6 @@ def make_reference_subset(per_class: int = 200, seed: int = 0, out: Path = REFER
     return out
 
 
-def to_model_range(images_u8: np.ndarray | Sequence) -> "np.ndarray":
+def to_model_range(images_u8: np.ndarray | Sequence) -> np.ndarray:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return np.asarray(images_u8, dtype=np.float32) / 127.5 - 1.0

@@ -7,8 +7,8 @@ directly on 1x32x32 pixels in [-1, 1]. The call follows ``StableDiffusionPipelin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import PIL.Image
@@ -18,7 +18,7 @@ from diffusers.utils import BaseOutput
 
 from .tokenizer import MAX_LENGTH
 
-__all__ = ["FashionDiffusionPipeline", "FashionPipelineOutput", "unet_config", "scheduler_config"]
+__all__ = ["FashionDiffusionPipeline", "FashionPipelineOutput", "scheduler_config", "unet_config"]
 
 
 def unet_config() -> dict:

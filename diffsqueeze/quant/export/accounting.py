@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from diffsqueeze.quant.nn.attention import is_attention
+from diffsqueeze.quant.nn.attention import is_attention, sdpa_arguments
 from diffsqueeze.quant.nn.binary_layers import (
     AttentionActQuant,
     BinaryMixin,
@@ -69,7 +69,8 @@ class _CountSDPA(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            q, k = args[0], args[1]
+            bound = sdpa_arguments(args, kwargs)
+            q, k = bound["query"], bound["key"]
             n, s, d = q.shape[-2], k.shape[-2], q.shape[-1]
             heads = math.prod(q.shape[:-2])
             name = self.current[-1] if self.current else "?"

@@ -9,6 +9,7 @@ diffusers' files; the setting is stateless, so its record rebuilds it exactly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable
@@ -59,8 +60,18 @@ def explicit_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = No
     return probs.to(v.dtype) @ v
 
 
+SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def sdpa_arguments(args: tuple, kwargs: dict) -> dict:
+    """The arguments of an ``F.scaled_dot_product_attention`` call by name, however passed."""
+    return {**dict(zip(SDPA_ARGUMENTS, args)), **kwargs}
+
+
 class RouteSDPA(TorchFunctionMode):
-    """While active, every ``F.scaled_dot_product_attention`` call goes to ``fn`` (same arguments)."""
+    """While active, every ``F.scaled_dot_product_attention`` call goes to ``fn(q, k, v, **rest)``
+    (callers pass q, k, v by position or as ``query=``/``key=``/``value=``: diffusers'
+    attention dispatcher does the latter)."""
 
     def __init__(self, fn: Callable[..., Tensor]):
         super().__init__()
@@ -69,21 +80,43 @@ class RouteSDPA(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            return self.fn(*args, **kwargs)
+            bound = sdpa_arguments(args, kwargs)
+            return self.fn(bound.pop("query"), bound.pop("key"), bound.pop("value"), **bound)
         return func(*args, **kwargs)
 
 
-class QuantSoftmaxProcessor:
+class ProcessorWrapper:
+    """An attention processor that runs another one (``inner``) with every argument it is given
+    (positional or keyword: rotary embeddings, masks, joint-attention inputs) while
+    :meth:`route` is active.
+
+    diffusers' attention modules drop keyword arguments that their processor's ``__call__`` does
+    not name (they read ``inspect.signature(processor.__call__)``), so the instance's
+    ``__call__`` attribute shows the wrapped processor's signature; calls still go through the
+    class's ``__call__``.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.__call__ = functools.wraps(inner.__call__)(functools.partial(type(self).__call__, self))
+
+    def route(self) -> contextlib.AbstractContextManager:
+        raise NotImplementedError
+
+    def __call__(self, attn, *args, **kwargs):
+        with self.route():
+            return self.inner(attn, *args, **kwargs)
+
+
+class QuantSoftmaxProcessor(ProcessorWrapper):
     """Wraps an attention processor; its attention probabilities are quantized to ``bits``."""
 
     def __init__(self, inner, bits: int):
-        self.inner = inner
+        super().__init__(inner)
         self.bits = bits
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        with RouteSDPA(functools.partial(explicit_sdpa, bits=self.bits)):
-            return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                              attention_mask=attention_mask, **kwargs)
+    def route(self) -> contextlib.AbstractContextManager:
+        return RouteSDPA(functools.partial(explicit_sdpa, bits=self.bits))
 
 
 def is_attention(module: torch.nn.Module) -> bool:

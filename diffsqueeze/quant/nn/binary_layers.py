@@ -23,13 +23,14 @@ to zero, which erases attention over more than ~30 tokens.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from diffsqueeze.quant.nn.attention import RouteSDPA, explicit_sdpa
+from diffsqueeze.quant.nn.attention import ProcessorWrapper, RouteSDPA, explicit_sdpa
 from diffsqueeze.quant.nn.layers import QuantConv2d, QuantLinear, QuantMixin, from_float
 from diffsqueeze.quant.nn.quantizers import ActQuantizer
 from diffsqueeze.quant.primitives.binary import binarize, init_scales
@@ -172,7 +173,7 @@ class AttentionActQuant(nn.Module):
         return f"bits={self.bits}, prob_bits={self.prob_bits}"
 
 
-class QKVQuantProcessor:
+class QKVQuantProcessor(ProcessorWrapper):
     """Wraps an attention processor: its SDPA runs with :class:`AttentionActQuant` quantizers.
 
     The quantizers live on the attention module (``binarydm_act_quant``), so they are in its
@@ -181,16 +182,13 @@ class QKVQuantProcessor:
     """
 
     def __init__(self, inner, quant: AttentionActQuant):
-        self.inner = inner
+        super().__init__(inner)
         self.quant = quant
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+    def route(self) -> contextlib.AbstractContextManager:
         if not self.quant.observe and not any(q.enabled for q in self.quant.quantizers()):
-            return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                              attention_mask=attention_mask, **kwargs)
-        with RouteSDPA(self.quant.attention):
-            return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                              attention_mask=attention_mask, **kwargs)
+            return contextlib.nullcontext()
+        return RouteSDPA(self.quant.attention)
 
 
 def install_attention_quant(module: nn.Module, bits: int, prob_bits: int) -> AttentionActQuant:

@@ -31,24 +31,6 @@ log = logging.getLogger(__name__)
 SENSITIVITY_FILE = "sensitivity.json"
 
 
-def _cat(values: list):
-    first = values[0]
-    if torch.is_tensor(first) and first.dim() > 0:
-        return torch.cat(values)
-    if isinstance(first, dict):
-        return {k: _cat([v[k] for v in values]) for k in first}
-    return first
-
-
-def _rows_on(value, idx: torch.Tensor, n: int, device):
-    """Rows ``idx`` of the batched tensors in ``value`` (nested dicts too), every tensor on ``device``."""
-    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
-        return value[idx].to(device)
-    if isinstance(value, dict):
-        return {k: _rows_on(v, idx, n, device) for k, v in value.items()}
-    return value.to(device) if torch.is_tensor(value) else value
-
-
 def calibration_subset(data: CalibrationData, samples: int, batch_size: int, device,
                        steps: Iterable[int] | None = None) -> Iterator[CalibBatch]:
     """Per calibration timestep, ``samples`` recorded inputs spread evenly over all recorded ones.
@@ -58,16 +40,13 @@ def calibration_subset(data: CalibrationData, samples: int, batch_size: int, dev
     One timestep's recording is read (on the CPU) at a time; batches go to ``device``.
     """
     for k in (range(len(data.timesteps)) if steps is None else steps):
-        parts = list(data.batches(None, "cpu", steps=[k]))
-        if not parts:
+        n = sum(e["n"] for e in data.files if e["step_index"] == k)
+        if not n:
             continue
-        kwargs = _cat([b.kwargs for b in parts])
-        n = sum(b.size for b in parts)
         m = min(samples, n)
         idx = torch.linspace(0, n - 1, m).round().long() if m > 1 else torch.tensor([n // 2])
         for start in range(0, m, batch_size):
-            sel = idx[start:start + batch_size]
-            yield CalibBatch(_rows_on(kwargs, sel, n, device), parts[0].timestep, k)
+            yield data.step_rows(k, idx[start:start + batch_size], device)
 
 
 def quantized_layers(denoiser: torch.nn.Module) -> dict[str, QuantMixin]:
