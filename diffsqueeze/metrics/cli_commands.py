@@ -74,7 +74,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     info["prompt_source"] = args.prompts
-    print(f"sampling: {info['num_inference_steps']} steps, guidance {info['guidance_scale']:g}"
+    guidance = "none" if info["guidance_scale"] is None else f"{info['guidance_scale']:g}"
+    print(f"sampling: {info['num_inference_steps']} steps, guidance {guidance}"
           + ("" if args.steps is not None and args.guidance is not None else " (the model's own defaults where not given)"))
     out.with_suffix(".json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     print(f"grid: {out} ({len(info['prompts']) * len(args.seeds)} rows x {len(args.models)} models; provenance in {out.with_suffix('.json')})")
@@ -151,13 +152,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     line = (f"FID {f['value']:.4f}" + (f"  KID {f['kid_mean']:.5f} +- {f['kid_std']:.5f}" if f.get("kid_mean") is not None else "")
             + f"  [{f['backend']}, {f['weights']} sha256 {f['weights_sha256'][:12]}, resize {f['resize']}, "
             f"{f['num_generated']} generated vs {f['num_reference']} reference ({f['reference']}), "
-            f"{f['sampler'].split('(')[0]} {f['steps']} steps, guidance {f['guidance']}, seeds 0..{job.num_images - 1}, "
+            f"{f['sampler'].split('(')[0]} {f['steps']} steps, guidance {'none' if f['guidance'] is None else f['guidance']}, seeds 0..{job.num_images - 1}, "
             f"prompts {job.prompts}]")
     print(line)
     if min(f["num_generated"], f["num_reference"]) < MIN_FID_IMAGES:
         print(f"  (not meaningful: a Frechet distance needs >= {MIN_FID_IMAGES} images on each side; "
               f"use --num-images {MIN_FID_IMAGES} or more)")
-    if "clip_score" in metrics:
+    if "clip_score" in metrics and metrics["clip_score"]["value"] is None:
+        print(metrics["clip_score"]["note"])
+    elif "clip_score" in metrics:
         print(f"CLIP score {metrics['clip_score']['value']:.3f}  [{metrics['clip_score']['clip_model']}]")
     if "fidelity" in metrics:
         fd = metrics["fidelity"]

@@ -276,7 +276,7 @@ def run_eval_job(
     check_size(pipe, job.height, job.width, "eval")
     steps, guidance = resolve_sampling(pipe, job.num_inference_steps, job.guidance_scale)
     if (steps, guidance) != (job.num_inference_steps, job.guidance_scale):
-        log.info("sampling with the model's own defaults: %d steps, guidance %g", steps, guidance)
+        log.info("sampling with the model's own defaults: %d steps, guidance %s", steps, guidance)
         job = dataclasses.replace(job, num_inference_steps=steps, guidance_scale=guidance)
     if baseline_pipe is None and job.baseline is not None:
         baseline_pipe = load_pipeline(job.baseline, device=device, dtype=dtype)

@@ -64,21 +64,29 @@ def denoiser_bytes(pipe, folder: Path | None = None) -> tuple[int, str]:
     return sum(t.numel() * t.element_size() for t in tensors), "memory"
 
 
-def sampling_defaults(pipe) -> tuple[int, float]:
+def sampling_defaults(pipe) -> tuple[int, float | None]:
     """The sampler steps and guidance scale the pipeline itself uses when a caller gives none:
     the defaults of its ``__call__`` (``builtin:fashion``: its model card's DDIM 10 steps,
-    guidance 2; Stable Diffusion: 50 steps, guidance 7.5)."""
+    guidance 2; Stable Diffusion: 50 steps, guidance 7.5). Guidance is ``None`` for a pipeline
+    that takes none (unconditional DDPM)."""
     params = inspect.signature(pipe.__call__).parameters
-
-    def default(name, fallback):
-        p = params.get(name)
-        value = p.default if p is not None else None
-        return fallback if value is None or value is inspect.Parameter.empty else value
-
-    return int(default("num_inference_steps", FALLBACK_STEPS)), float(default("guidance_scale", FALLBACK_GUIDANCE))
+    if "guidance_scale" not in params:
+        return int(default_of(params, "num_inference_steps", FALLBACK_STEPS)), None
+    return (int(default_of(params, "num_inference_steps", FALLBACK_STEPS)),
+            float(default_of(params, "guidance_scale", FALLBACK_GUIDANCE)))
 
 
-def resolve_sampling(pipe, steps: int | None, guidance: float | None) -> tuple[int, float]:
-    """``steps`` and ``guidance`` where given, else the pipeline's own (:func:`sampling_defaults`)."""
+def default_of(params, name: str, fallback):
+    """The default of parameter ``name`` in a signature's ``params``; ``fallback`` if it has none."""
+    p = params.get(name)
+    value = p.default if p is not None else None
+    return fallback if value is None or value is inspect.Parameter.empty else value
+
+
+def resolve_sampling(pipe, steps: int | None, guidance: float | None) -> tuple[int, float | None]:
+    """``steps`` and ``guidance`` where given, else the pipeline's own (:func:`sampling_defaults`);
+    guidance is ``None`` for a pipeline that takes none."""
     own_steps, own_guidance = sampling_defaults(pipe)
+    if own_guidance is None:
+        return (own_steps if steps is None else steps), None
     return (own_steps if steps is None else steps), (own_guidance if guidance is None else guidance)

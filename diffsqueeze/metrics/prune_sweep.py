@@ -160,7 +160,7 @@ def sweep_markdown(result: dict, command: str | None = None) -> str:
     """The sweep as a Markdown table, its provenance and the knee of each series."""
     prov = result["provenance"]
     lines = [f"{prov['num_images']} images per row (image i: prompt i mod {prov['prompts']}, seed i), "
-             f"{prov['sampler'].split('(')[0]} {prov['steps']} steps, guidance {prov['guidance']:g}. {prov['text']}", ""]
+             f"{prov['sampler'].split('(')[0]} {prov['steps']} steps, guidance {'none' if prov['guidance'] is None else format(prov['guidance'], 'g')}. {prov['text']}", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += ["| series | sparsity | achieved | FID vs FP | FID vs real | PSNR vs FP (dB) | SSIM vs FP | CLIP score |",

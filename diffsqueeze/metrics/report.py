@@ -226,6 +226,8 @@ def verdict(metrics: dict) -> tuple[str, list[tuple[str, str, str, str]]]:
         change = "–" if drop is None else (f"{-drop:+.2f} (kept: drop <= {KEPT_CLIP_DROP:g})" if drop <= KEPT_CLIP_DROP
                                            else f"{-drop:+.2f} (lost: drop > {KEPT_CLIP_DROP:g})")
         rows.append(("CLIP score", _fmt(base_clip), f"{clip:.2f}", change))
+    elif (metrics.get("clip_score") or {}).get("note"):
+        rows.append(("CLIP score", "–", "–", metrics["clip_score"]["note"]))
     fid = metrics.get("fid") or {}
     fid_cell, kid_cell = _fid_verdict(fid)
     reference = fid.get("reference")
