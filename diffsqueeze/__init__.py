@@ -5,9 +5,13 @@ from diffsqueeze.version import __version__
 __all__ = ["__version__", "load"]
 
 
-def load(path: str, device: str = "cpu", dtype: str = "float32"):
+def load(path: str, device: str = "cpu", dtype: str = "float32", kernels: str = "simulated", decode: str = "forward"):
     """Load a runnable diffusers pipeline: a run directory, its ``model/``, a diffusers folder,
-    ``builtin:NAME`` or a hub id (same as :func:`diffsqueeze.loading.load_pipeline`)."""
+    ``builtin:NAME`` or a hub id (same as :func:`diffsqueeze.loading.load_pipeline`).
+
+    ``kernels="real"`` runs every layer that has a real low-bit kernel for its format on it
+    (CPU: W8A8 INT on oneDNN); ``decode="once"`` keeps the other packed layers' weights
+    decoded (speed of float, memory of float)."""
     from diffsqueeze.loading import load_pipeline
 
-    return load_pipeline(path, device=device, dtype=dtype)
+    return load_pipeline(path, device=device, dtype=dtype, kernels=kernels, decode=decode)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from diffusers import DiffusionPipeline
 
+from diffsqueeze.errors import ModelLoadError
 from diffsqueeze.models import io
 from diffsqueeze.models.state import CompressionState
+from diffsqueeze.quant.export.kernels import decode_weights_once, use_real_kernels
 from diffsqueeze.quant.export.load import ARTIFACT_FORMATS
 
 
@@ -29,6 +31,32 @@ def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32") -> t
     return io.load_with_state(spec, device, dtype, formats=ARTIFACT_FORMATS)
 
 
-def load_pipeline(spec: str, device: str = "cpu", dtype: str = "float32") -> DiffusionPipeline:
-    """A runnable pipeline (see :func:`load_with_state`)."""
-    return load_with_state(spec, device, dtype)[0]
+KERNEL_MODES = ("simulated", "real")
+DECODE_MODES = ("forward", "once")
+
+
+def load_pipeline(spec: str, device: str = "cpu", dtype: str = "float32", kernels: str = "simulated",
+                  decode: str = "forward") -> DiffusionPipeline:
+    """A runnable pipeline (see :func:`load_with_state`).
+
+    Args:
+        kernels: ``simulated`` (every packed layer decodes its codes and computes in float: the
+            reference, bit-identical to the run) or ``real`` (layers with a real low-bit kernel
+            for their exact format use it: :mod:`diffsqueeze.quant.export.kernels`; ``inspect``
+            lists which).
+        decode: ``forward`` (packed layers computing in float decode their weight on every
+            forward: low memory) or ``once`` (decoded once at load and kept dense: the float
+            layer's speed and memory).
+
+    Raises:
+        ModelLoadError: nothing loadable at ``spec``; an unknown ``kernels``/``decode`` mode.
+    """
+    if kernels not in KERNEL_MODES or decode not in DECODE_MODES:
+        raise ModelLoadError(f"kernels must be one of {', '.join(KERNEL_MODES)} and decode one of "
+                             f"{', '.join(DECODE_MODES)}; got kernels={kernels!r}, decode={decode!r}")
+    pipe, state = load_with_state(spec, device, dtype)
+    if kernels == "real":
+        use_real_kernels(pipe, state, device)
+    if decode == "once":
+        decode_weights_once(pipe)
+    return pipe

@@ -24,6 +24,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's own, e.g. 2 for builtin:fashion, 7.5 for SD)")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
+    p.add_argument("--kernels", default="simulated", choices=["simulated", "real"],
+                   help="simulated (default: decode + float math, the reference) or real (low-bit kernels where the "
+                        "layer's format has one; `diffsqueeze inspect` lists them)")
+    p.add_argument("--decode", default="forward", choices=["forward", "once"],
+                   help="packed layers without a kernel decode their weight every forward (default) or once at load")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's own)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's own)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -70,7 +75,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     image, info = grid_for_models(args.models, None, args.seeds, args.steps, args.guidance, device=device,
                                   dtype=dtype, names=args.names, batch_size=args.batch_size, cell=args.cell,
                                   prompt_set=args.prompts, max_prompts=args.max_prompts, height=args.height,
-                                  width=args.width)
+                                  width=args.width, kernels=args.kernels, decode=args.decode)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     info["prompt_source"] = args.prompts
@@ -138,7 +143,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   prompts=args.prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   baseline=args.baseline, clip_model=args.clip_model, fid_backend=args.fid_backend,
                   features=args.features, resize=args.resize, save_images=args.save_images,
-                  kid_subset_size=args.kid_subset_size, height=args.height, width=args.width)
+                  kid_subset_size=args.kid_subset_size, height=args.height, width=args.width,
+                  kernels=args.kernels, decode=args.decode)
     if args.clip_model is not None and not args.clip_model.strip():
         raise DiffsqueezeError("--clip-model is empty")
     quiet_libraries()

@@ -84,6 +84,8 @@ class EvalJob:
     kid_subset_size: int = 1000
     height: Optional[int] = None  # None: the pipeline's own image size
     width: Optional[int] = None
+    kernels: str = "simulated"  # how the evaluated model computes (diffsqueeze.loading.load_pipeline)
+    decode: str = "forward"
 
     def __post_init__(self) -> None:
         if self.num_images < 2:
@@ -218,6 +220,7 @@ def _job_key(job: EvalJob, pipe, baseline_pipe, extractor, clip: ClipScorer | No
         "steps": job.num_inference_steps,
         "guidance": job.guidance_scale,
         "size": [job.height, job.width],
+        "kernels": [job.kernels, job.decode],
         "sampler": sampler_description(pipe),
         "features": f"{extractor.weights_sha256}:{extractor.resize}:{job.fid_backend}",
         "clip": clip.weights_hash if clip is not None else None,
@@ -271,7 +274,7 @@ def run_eval_job(
     device = device or str(state.device)
     out_dir = Path(out_dir)
     if pipe is None:
-        pipe = load_pipeline(job.model, device=device, dtype=dtype)
+        pipe = load_pipeline(job.model, device=device, dtype=dtype, kernels=job.kernels, decode=job.decode)
     prompts = pipeline_prompts(pipe, job.prompts)
     check_size(pipe, job.height, job.width, "eval")
     steps, guidance = resolve_sampling(pipe, job.num_inference_steps, job.guidance_scale)
@@ -397,7 +400,7 @@ def _final_metrics(job: EvalJob, per_image: dict, pipe, baseline_pipe, extractor
     n = job.num_images
     generation = {
         "sampler": sampler_description(pipe), "steps": job.num_inference_steps, "guidance": job.guidance_scale,
-        "conditioning": conditioning_of(pipe).kind,
+        "conditioning": conditioning_of(pipe).kind, "kernels": job.kernels, "decode": job.decode,
         "seeds": f"image i uses seed i, i = 0..{n - 1}", "prompts": f"image i uses prompt i mod {len(prompts)}",
         "prompt_source": job.prompts, "num_images": n, "batch_size": job.batch_size, "dtype": dtype,
         "device": torch.device(device).type, "num_processes": world,

@@ -221,6 +221,8 @@ def grid_for_models(
     max_prompts: int = 0,
     height: int | None = None,
     width: int | None = None,
+    kernels: str = "simulated",
+    decode: str = "forward",
 ) -> tuple[PIL.Image.Image, dict]:
     """Load each model in turn, generate the rows, draw the grid.
 
@@ -240,7 +242,7 @@ def grid_for_models(
     columns, info_cols = [], []
     for k, spec in enumerate(specs):
         name = names[k] if names else Path(spec).name if Path(spec).exists() else spec
-        pipe = load_pipeline(spec, device=device, dtype=dtype)
+        pipe = load_pipeline(spec, device=device, dtype=dtype, kernels=kernels, decode=decode)
         if prompts is None:
             prompts = pipeline_prompts(pipe, prompt_set)
             prompts = prompts[:max_prompts] if max_prompts else prompts
@@ -259,5 +261,5 @@ def grid_for_models(
     if len(samplers) > 1:
         log.warning("grid columns use different samplers: %s", "; ".join(sorted(samplers)))
     info = {"prompts": list(prompts), "seeds": [int(s) for s in seeds], "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale, "columns": info_cols, "same_sampler": len(samplers) == 1}
+            "guidance_scale": guidance_scale, "kernels": kernels, "decode": decode, "columns": info_cols, "same_sampler": len(samplers) == 1}
     return make_grid(columns, labels, cell=cell), info

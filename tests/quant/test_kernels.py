@@ -1,5 +1,6 @@
 """Real kernels: bitsandbytes int8/fp4/nf4 for weight-only packed Linear layers (CPU), shapes that
-bitsandbytes rejects stay simulated with a reason, float8 storage, GPU paths behind ``gpu``."""
+bitsandbytes rejects stay simulated with a reason, float8 storage, GPU paths behind ``gpu``
+(W8A8 INT on oneDNN: test_cpu_int8.py)."""
 
 from __future__ import annotations
 
@@ -72,8 +73,10 @@ def test_fp8_storage_binary_and_acts_are_simulated_with_reasons():
     assert fp8.qweight0.dtype == torch.float8_e4m3fn
     plan = layer_plan(fp8, torch.device("cpu"), None)
     assert plan["compute"] == "simulated" and plan["kernel"].startswith("float8 storage")
-    w8a8 = packed_linear("int8_sym", 64, 64, act={"format": "int8", "shape": [1]})
-    assert "activations" in layer_plan(w8a8, torch.device("cpu"), None)["reason"]
+    w8a8_fp8 = packed_linear("fp8_e4m3_hw", 64, 64, act={"format": "fp8_e4m3_hw", "shape": [1]})
+    assert "activations" in layer_plan(w8a8_fp8, torch.device("cpu"), None)["reason"]
+    w8a8_int = packed_linear("int8_sym", 64, 64, act={"format": "int8", "shape": [1]})
+    assert layer_plan(w8a8_int, torch.device("cpu"), None)["compute"] == "real"  # oneDNN int8 (test_cpu_int8.py)
     b = make_binary_module(nn.Linear(64, 64), {"order": 2})
     b.weight_quant.init_from(b.weight)
     pb, _ = pack_layer(b)

@@ -5,6 +5,9 @@ its codes to float and running a float matmul/conv: bit-identical to the run's f
 model, low-bit *storage* but simulated low-bit *math*. :func:`use_real_kernels` swaps the layers
 for which a real kernel exists:
 
+* CPU: W8A8 INT conv and Linear layers (8-bit INT weights per channel, 8-bit INT activations per
+  tensor, per timestep group) -> oneDNN's int8 kernels with float32 output, on the run's own
+  scales and codes (:mod:`diffsqueeze.quant.export.cpu_int8`).
 * CPU and GPU: weight-only ``int8`` Linear layers -> bitsandbytes ``Linear8bitLt``; weight-only
   4-bit Linear layers -> bitsandbytes ``Linear4bit`` (``fp4`` for FP4 E2M1, ``nf4`` for INT4).
   bitsandbytes re-quantizes the decoded weight on its own grid (per-row absmax int8,
@@ -26,13 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from diffsqueeze.models.roles import module_components
+from diffsqueeze.quant.export.cpu_int8 import KERNEL_NAME as CPU_W8A8
+from diffsqueeze.quant.export.cpu_int8 import OneDNNW8A8, onednn_w8a8, w8a8_int_problem
 from diffsqueeze.quant.nn.packed import PackedBinaryMixin, PackedMixin
 from diffsqueeze.quant.nn.swaps import swap_module
 from diffsqueeze.quant.primitives.formats import FPFormat, parse_format
 
 log = logging.getLogger(__name__)
 
-__all__ = ["kernel_plan", "use_real_kernels", "ScaledMMLinear", "is_two_four"]
+__all__ = ["kernel_plan", "use_real_kernels", "decode_weights_once", "ScaledMMLinear", "is_two_four"]
 
 
 def _weight_only_part(m: PackedMixin) -> dict | None:
@@ -79,10 +84,16 @@ def is_two_four(mask: Tensor) -> bool:
 
 
 def layer_plan(m: nn.Module, device: torch.device, mask: Tensor | None) -> dict[str, str]:
+    once = getattr(m, "decoded_once", False)
+    if isinstance(m, OneDNNW8A8):
+        return {"compute": "real", "kernel": CPU_W8A8}
     if isinstance(m, PackedBinaryMixin):
-        return {"compute": "simulated", "kernel": "packed sign bits -> fp32 weight per forward",
+        return {"compute": "simulated", "kernel": "packed sign bits -> fp32 weight " + ("decoded once" if once else "per forward"),
                 "reason": "no 1-bit kernel in torch/bitsandbytes"}
     if isinstance(m, PackedMixin):
+        w8a8_problem = w8a8_int_problem(m) if device.type == "cpu" else "CPU only"
+        if w8a8_problem is None:
+            return {"compute": "real", "kernel": CPU_W8A8}
         target = _bnb_target(m)
         if target in ("fp4", "nf4") and device.type == "cpu" and (m.in_features % 64 or m.out_features % 32):
             return {"compute": "simulated", "kernel": "decode per forward + fp32 matmul",
@@ -94,8 +105,10 @@ def layer_plan(m: nn.Module, device: torch.device, mask: Tensor | None) -> dict[
             return {"compute": "real", "kernel": "torch._scaled_mm fp8 e4m3 W8A8"}
         part = (m.packed_spec.get("parts") or [{}])[0]
         storage = "float8 storage, " if part.get("storage") == "float8" else ""
-        why = "activations fake-quantized" if m.quant_acts else "no kernel for this format/layer type"
-        return {"compute": "simulated", "kernel": f"{storage}decode per forward + fp32 {'conv' if isinstance(m, nn.Conv2d) else 'matmul'}",
+        why = (f"activations fake-quantized: {w8a8_problem}" if m.quant_acts
+               else "no kernel for this format/layer type")
+        decode = "decoded once (dense fp32 cache)" if once else "decode per forward"
+        return {"compute": "simulated", "kernel": f"{storage}{decode} + fp32 {'conv' if isinstance(m, nn.Conv2d) else 'matmul'}",
                 "reason": why}
     if mask is not None and isinstance(m, nn.Linear) and is_two_four(mask):
         if device.type == "cuda":
@@ -166,6 +179,18 @@ class ScaledMMLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
+def decode_weights_once(pipe) -> int:
+    """``decode: once``: every packed layer still computing in float decodes its weight now and
+    keeps it dense (no per-forward decode; memory of the float weight). Returns the layer count."""
+    n = 0
+    for module in module_components(pipe).values():
+        for m in module.modules():
+            if isinstance(m, PackedMixin) and not m.decoded_once:
+                m.decode_once()
+                n += 1
+    return n
+
+
 def use_real_kernels(pipe, state=None, device: str | torch.device | None = None) -> dict[str, dict[str, str]]:
     """Swap every layer that has a real kernel (see the module docstring); return the final plan.
 
@@ -182,7 +207,9 @@ def use_real_kernels(pipe, state=None, device: str | torch.device | None = None)
         comp, _, name = key.partition("/")
         m = comps[comp].get_submodule(name)
         try:
-            if entry["kernel"].startswith("bitsandbytes"):
+            if entry["kernel"] == CPU_W8A8:
+                new = onednn_w8a8(m)
+            elif entry["kernel"].startswith("bitsandbytes"):
                 new = _bnb_linear(m, _bnb_target(m), device)
             elif entry["kernel"].startswith("torch._scaled_mm"):
                 new = ScaledMMLinear(m)

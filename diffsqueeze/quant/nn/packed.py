@@ -70,13 +70,25 @@ class PackedMixin:
     """Decode-on-forward replacement of the float weight (see the module docstring)."""
 
     packed_spec: dict[str, Any]
+    decoded_once: bool = False
 
     @property
     def weight(self) -> Tensor:  # noqa: D401 - diffusers and describe.py read ``layer.weight``
-        """The decoded (on-grid) weight; computed on every access, never stored."""
+        """The decoded (on-grid) weight; computed on every access unless :meth:`decode_once`."""
         return self.quantized_weight()
 
+    def decode_once(self) -> None:
+        """Decode the weight now and keep it dense: later forwards skip the decode (speed of the
+        float layer, memory of the float weight; the packed codes stay, for ``inspect`` and
+        saving)."""
+        self._dense_weight = None
+        self._dense_weight = self.quantized_weight().detach()
+        self.decoded_once = True
+
     def quantized_weight(self) -> Tensor:
+        dense = self.__dict__.get("_dense_weight")
+        if dense is not None:
+            return dense
         spec = self.packed_spec
         parts = [self._decode_part(i, p) for i, p in enumerate(spec["parts"])]
         w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

@@ -1,0 +1,155 @@
+"""W8A8 INT on the CPU: oneDNN's int8 convolution and matmul with float32 output, computing with
+the run's calibrated scales and codes.
+
+A packed W8A8 INT layer (8-bit INT weights per output channel, 8-bit INT activations with one
+scale per tensor, per timestep group) becomes :class:`OneDNNW8A8Conv2d` / :class:`OneDNNW8A8Linear`:
+
+* the input is quantized exactly as the simulated layer does it (``clamp(round(x / s) + z)``,
+  the timestep group's ``s``, ``z`` chosen by the timestep router) into uint8 codes;
+* the weight codes are the exported ones, shifted to int8 (``q - 128`` for asymmetric codes);
+  the kernel accumulates in int32 and scales by ``s_x * s_w`` into float32 (no requantization of
+  the output);
+* oneDNN takes symmetric weights only, so an asymmetric weight's zero point ``z_w`` enters as a
+  correction ``- s_w z_w * sum(x_hat over the kernel window)``: exact, one output channel of float
+  work against the layer's ``C_out``.
+
+The result equals the simulated layer up to float32 summation order. Measured on an AVX2 CPU
+without VNNI (docs/BENCHMARKS.md): a 320->320 3x3 conv 3.3x, a 1280x1280 linear on 2048 tokens
+1.7x faster than float32, quantization of the input included.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffsqueeze.quant.nn.packed import PackedBinaryMixin, PackedMixin
+from diffsqueeze.quant.primitives.formats import int_code_range, parse_format
+from diffsqueeze.quant.primitives.pack import unpack_codes
+
+KERNEL_NAME = "oneDNN int8 W8A8 (fp32 out)"
+
+
+def onednn_int8_available() -> bool:
+    """Whether this torch build has oneDNN's int8 conv/linear ops (x86 CPUs)."""
+    ops = torch.ops.onednn
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(ops, name) for name in ("qconv_prepack", "qconv2d_pointwise", "qlinear_prepack", "qlinear_pointwise"))
+
+
+def w8a8_int_problem(m: nn.Module) -> str | None:
+    """Why a packed layer cannot run :data:`KERNEL_NAME` (``None``: it can)."""
+    if not isinstance(m, PackedMixin) or isinstance(m, PackedBinaryMixin) or not isinstance(m, (nn.Linear, nn.Conv2d)):
+        return "not a packed INT layer"
+    parts = m.packed_spec.get("parts") or []
+    if len(parts) != 1:
+        return "split weight (shortcut splitting): two weight parts"
+    part = parts[0]
+    fmt = parse_format(part["format"])
+    if fmt.kind != "int" or fmt.bits != 8:
+        return f"weights {part['format']}: the int8 kernel takes 8-bit INT weights"
+    if part["n_groups"] != 1:
+        return "group-wise weight scales: the int8 kernel takes one scale per output channel"
+    if not m.quant_acts:
+        return "weight-only (activations in float): W8A8 kernel needs 8-bit activations"
+    act = m.config.get("act") or {}
+    afmt = parse_format(act.get("format", "int8"))
+    if afmt.kind != "int" or afmt.bits != 8:
+        return f"activations {act.get('format')}: the int8 kernel takes 8-bit INT activations"
+    if list(act.get("shape", [1])) != [1]:
+        return "per-channel activation scales: the int8 kernel takes one activation scale per tensor"
+    if getattr(m, "compute_dtype", torch.float32) != torch.float32:
+        return "half-precision pipeline: the CPU int8 kernel is used from float32"
+    if isinstance(m, nn.Conv2d):
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return f"conv padding {m.padding!r} / {m.padding_mode}: the int8 kernel takes explicit zero padding"
+        if not fmt.symmetric and m.groups != 1:
+            return "grouped conv with asymmetric weights"
+    if not onednn_int8_available():
+        return "this torch build has no oneDNN int8 ops"
+    return None
+
+
+class OneDNNW8A8(nn.Module):
+    """Shared state: int8 weight codes, per-channel weight scales, the activation quantizer."""
+
+    def __init__(self, m: PackedMixin):
+        super().__init__()
+        part = m.packed_spec["parts"][0]
+        fmt = parse_format(part["format"])
+        shape = tuple(part["shape"])
+        lo, _ = int_code_range(8, fmt.symmetric)
+        codes = unpack_codes(m.qweight0, part["numel"], 8).reshape(shape).to(torch.int32) + lo
+        if fmt.symmetric:
+            self.w8 = codes.to(torch.int8)
+            w_zero = torch.zeros(shape[0])
+        else:  # uint8 codes with zero points -> int8 codes, zero points shifted alike
+            self.w8 = (codes - 128).to(torch.int8)
+            w_zero = m.wzero0.reshape(-1).to(torch.float32) - 128
+        self.w_scale = m.wscale0.reshape(-1).to(torch.float32).contiguous()
+        self.w_zero_ids = torch.zeros(shape[0], dtype=torch.long)  # the kernel's (symmetric) weight zero points
+        correction = self.w_scale * w_zero
+        self.correction = correction if bool(correction.ne(0).any()) else None
+        self.bias = None if m.bias is None else m.bias.detach().to(torch.float32)
+        self.act_quant = m.act_quant  # keeps its routing to the timestep (timestep-group scales)
+        aq = m.act_quant
+        shift = 128 if aq.fmt.symmetric else 0  # symmetric int8 codes -> uint8 with zero point 128
+        zeros = aq.zero_point.reshape(aq.groups) if aq.is_int else torch.zeros(aq.groups)
+        scales = aq.scale.detach().reshape(aq.groups)
+        self.qparams = [(float(scales[g]), int(zeros[g]) + shift) for g in range(aq.groups)]
+
+    def _quantize(self, x: Tensor) -> tuple[Tensor, float, int]:
+        """uint8 codes of ``x`` with the current timestep group's scale (as the simulated layer)."""
+        s, z = self.qparams[self.act_quant.current_group()]
+        q = torch.div(x.to(torch.float32), s)
+        q.round_().add_(z).clamp_(0, 255)
+        return q.to(torch.uint8), s, z
+
+
+class OneDNNW8A8Conv2d(OneDNNW8A8):
+    """W8A8 INT ``Conv2d`` on oneDNN (see the module docstring)."""
+
+    def __init__(self, m: PackedMixin):
+        super().__init__(m)
+        self.stride, self.padding, self.dilation = list(m.stride), list(m.padding), list(m.dilation)
+        self.groups, self.kernel_size, self.in_channels = m.groups, tuple(m.kernel_size), m.in_channels
+        s, z = self.qparams[0]
+        self.packed = torch.ops.onednn.qconv_prepack(self.w8, self.w_scale, s, z, self.stride, self.padding,
+                                                     self.dilation, self.groups, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        qx, s, z = self._quantize(x)
+        y = torch.ops.onednn.qconv2d_pointwise(qx, s, z, self.packed, self.w_scale, self.w_zero_ids, self.bias,
+                                               self.stride, self.padding, self.dilation, self.groups, 1.0, 0,
+                                               torch.float32, "none", [], "")
+        if self.correction is not None:  # - s_w z_w * (window sums of the dequantized input)
+            x_hat = (qx.to(torch.float32) - z) * s
+            ones = torch.ones(1, self.in_channels, *self.kernel_size, dtype=torch.float32, device=x.device)
+            window = F.conv2d(x_hat, ones, None, self.stride, self.padding, self.dilation)
+            y = y - self.correction.reshape(1, -1, 1, 1) * window
+        return y.to(x.dtype)
+
+
+class OneDNNW8A8Linear(OneDNNW8A8):
+    """W8A8 INT ``Linear`` on oneDNN (see the module docstring)."""
+
+    def __init__(self, m: PackedMixin):
+        super().__init__(m)
+        self.in_features, self.out_features = m.in_features, m.out_features
+        self.packed = torch.ops.onednn.qlinear_prepack(self.w8, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        qx, s, z = self._quantize(x.reshape(-1, self.in_features))
+        y = torch.ops.onednn.qlinear_pointwise(qx, s, z, self.packed, self.w_scale, self.w_zero_ids, self.bias,
+                                               1.0, 0, torch.float32, "none", [], "")
+        if self.correction is not None:
+            x_hat_sum = (qx.to(torch.float32) - z).sum(-1, keepdim=True) * s
+            y = y - self.correction * x_hat_sum
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def onednn_w8a8(m: PackedMixin) -> nn.Module:
+    """The real-kernel module of an eligible packed layer (:func:`w8a8_int_problem` is ``None``)."""
+    return OneDNNW8A8Conv2d(m) if isinstance(m, nn.Conv2d) else OneDNNW8A8Linear(m)
