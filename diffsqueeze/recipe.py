@@ -101,9 +101,21 @@ class ExportConfig:
             in-memory weight as a float weight (the model is then not compressed there). Off by
             default: such a layer fails the export with its name, so a run never says
             ``complete`` for a model that was not compressed.
+        kernels: how the end-of-run evaluation computes with the exported model: ``simulated``
+            (the in-memory model, bit-identical to the export) or ``real`` (the export reloaded
+            with real low-bit kernels where its layers' formats have one: the numbers are then
+            those of the deployed model; docs/artifacts.md).
+        decode: ``forward`` or ``once`` (the export reloaded with its other packed layers'
+            weights decoded once at load).
     """
 
     allow_unpacked: bool = False
+    kernels: Literal["simulated", "real"] = "simulated"
+    decode: Literal["forward", "once"] = "forward"
+
+    @property
+    def reload_for_eval(self) -> bool:
+        return self.kernels != "simulated" or self.decode != "forward"
 
 
 @dataclass(frozen=True)

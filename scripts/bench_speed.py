@@ -13,7 +13,7 @@ Two models:
   32x32 latents, batch 2. ``--small`` uses a narrow UNet of the same layout (a dry run, seconds).
 
 Usage:
-    python scripts/bench_speed.py --run runs/w8a8_int --sd15 --repeats 3 --out docs/BENCHMARKS.md
+    python scripts/bench_speed.py --run runs/w8a8_int --run runs/w8a8_int_sym --sd15 --out docs/BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def bench_run(run: str, repeats: int, num_images: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=None, help="a W8A8 INT run (or model folder) of builtin:fashion")
+    p.add_argument("--run", action="append", default=[], help="a W8A8 INT run (or model folder) of builtin:fashion (repeatable)")
     p.add_argument("--sd15", action="store_true", help="the SD-1.5 UNet architecture rows")
     p.add_argument("--small", action="store_true", help="a narrow UNet instead of SD-1.5 (dry run)")
     p.add_argument("--repeats", type=int, default=3)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     lines = ["| model | compute | seconds | speed vs FP32 | agreement | note |", "|---|---|---:|---:|---|---|"]
     comments = []
-    for chunk in ([bench_run(args.run, args.repeats, args.num_images)] if args.run else []) + \
+    for chunk in [bench_run(run, args.repeats, args.num_images) for run in args.run] + \
                  ([bench_sd15(args.small, args.repeats)] if args.sd15 or args.small else []):
         comments.append(chunk[0].strip("<!-> "))
         lines += chunk[1:]

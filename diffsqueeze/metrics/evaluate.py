@@ -82,7 +82,7 @@ class EvalJob:
     save_images: bool = False
     kid_subsets: int = 100
     kid_subset_size: int = 1000
-    height: Optional[int] = None  # None: the pipeline's own image size
+    height: Optional[int] = None  # None (both): the pipeline's own image size
     width: Optional[int] = None
     kernels: str = "simulated"  # how the evaluated model computes (diffsqueeze.loading.load_pipeline)
     decode: str = "forward"
@@ -219,8 +219,7 @@ def _job_key(job: EvalJob, pipe, baseline_pipe, extractor, clip: ClipScorer | No
         "batch_size": job.batch_size,
         "steps": job.num_inference_steps,
         "guidance": job.guidance_scale,
-        "size": [job.height, job.width],
-        "kernels": [job.kernels, job.decode],
+        "size": [job.height, job.width], "kernels": [job.kernels, job.decode],
         "sampler": sampler_description(pipe),
         "features": f"{extractor.weights_sha256}:{extractor.resize}:{job.fid_backend}",
         "clip": clip.weights_hash if clip is not None else None,

@@ -42,7 +42,8 @@ from diffsqueeze.metrics.pipeline_info import (
 __all__ = ["evaluate_run"]
 
 
-def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[dict]) -> dict:
+def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[dict],
+                 compute: str = "simulated: the in-memory model, bit-identical to model/") -> dict:
     """Score a compressed pipeline against the original at the end of ``diffsqueeze run``.
 
     Writes ``grids/compressed-vs-original.png``, ``metrics.json``, ``report.md`` and
@@ -54,6 +55,7 @@ def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[di
         cfg: the recipe's ``eval:`` section.
         out_dir: the run directory.
         history: the stages' summaries (``CompressionState.history``).
+        compute: how ``pipe`` computes (recorded in ``metrics.json``).
     """
     from diffsqueeze.metrics.report import write_report
 
@@ -63,7 +65,7 @@ def evaluate_run(pipe, teacher, cfg: EvalConfig, out_dir: Path, history: list[di
     text = conditioning_of(teacher).has_text
     clip = ClipScorer.from_spec(cfg.clip_model, device=device) if cfg.clip_model and text else None
     metrics: dict[str, Any] = {"format": METRICS_FORMAT, "kind": "run", "model": str(out_dir / "model"),
-                               "baseline": "original (FP) pipeline"}
+                               "baseline": "original (FP) pipeline", "compute": compute}
 
     steps, guidance = resolve_sampling(teacher, cfg.num_inference_steps, cfg.guidance_scale)
     cfg = dataclasses.replace(cfg, num_inference_steps=steps, guidance_scale=guidance)

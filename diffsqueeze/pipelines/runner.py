@@ -169,7 +169,12 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
             manifest["eval"] = {"status": "running"}
             write_manifest(run_dir, manifest)
             try:
-                metrics = evaluate_run(pipe, ctx.teacher(), recipe.eval, run_dir, ctx.state.history)
+                scored, compute = pipe, "simulated: the in-memory model, bit-identical to model/"
+                if recipe.export.reload_for_eval:  # score the model as it will be deployed
+                    scored = load_pipeline(str(run_dir / MODEL_DIR), str(device), recipe.dtype,
+                                           kernels=recipe.export.kernels, decode=recipe.export.decode)
+                    compute = f"model/ reloaded with kernels={recipe.export.kernels}, decode={recipe.export.decode}"
+                metrics = evaluate_run(scored, ctx.teacher(), recipe.eval, run_dir, ctx.state.history, compute)
             except BaseException as exc:
                 manifest["eval"] = {"status": "failed", "error": error_text(exc)}
                 raise

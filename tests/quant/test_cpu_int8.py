@@ -4,6 +4,8 @@ W8A8 INT run loaded with real kernels against the same run simulated (images).""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -33,20 +35,23 @@ class Holder(nn.Module):
         return {"net": self.net}
 
 
-def packed(layer: nn.Module, wfmt: str, afmt: str, groups: int = 1, act_shape=(1,), group_size: int = 0):
+def packed(layer: nn.Module, wfmt: str, afmt: str, groups: int = 1, act_shape=(1,), group_size: int = 0,
+           split: int = 0):
     torch.manual_seed(0)
     act = {"format": afmt, "shape": list(act_shape), "groups": groups, "n_timesteps": groups}
-    q = make_quant_module(layer, {"weight_format": wfmt, "group_size": group_size, "act": act})
-    wq = q.weight_quant
-    g = wq.grouped(q.weight.detach())
-    s, z = int_qparams(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), wq.fmt.bits, wq.fmt.symmetric)
-    wq.set_params(scale=s, zero_point=z)
-    for k in range(groups):
-        zero = None if q.act_quant.fmt.symmetric else torch.full(tuple(act_shape), 5.0 + 60 * k)
-        q.act_quant.set_params(k, torch.full(tuple(act_shape), 0.02 * (k + 1)), zero)
-    if groups > 1:
-        q.act_quant.set_routing([900.0, 100.0], [0, 1])
-        q.act_quant.tctx = TimestepContext()
+    q = make_quant_module(layer, {"weight_format": wfmt, "group_size": group_size, "act": act, "split": split})
+    for wq, sl in q.weight_parts():
+        g = wq.grouped(q.weight.detach()[:, sl])
+        s, z = int_qparams(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), wq.fmt.bits, wq.fmt.symmetric)
+        wq.set_params(scale=s, zero_point=z)
+    tctx = TimestepContext()
+    for j, aq in enumerate(q.act_quantizers()):
+        for k in range(groups):
+            zero = None if aq.fmt.symmetric else torch.full(aq.param_shape, 5.0 + 60 * k + j)
+            aq.set_params(k, torch.full(aq.param_shape, 0.02 * (k + 1) + 0.01 * j), zero)
+        if groups > 1:
+            aq.set_routing([900.0, 100.0], [0, 1])
+            aq.tctx = tctx
     layer_packed, entry = pack_layer(q)
     assert layer_packed is not None, entry
     return layer_packed
@@ -57,19 +62,21 @@ LAYERS = {"linear": (lambda: nn.Linear(64, 48), (2, 5, 64)),
           "conv1x1": (lambda: nn.Conv2d(32, 16, 1), (2, 32, 6, 6))}
 
 
+@pytest.mark.parametrize("split", [0, 24])
 @pytest.mark.parametrize("afmt", ["int8", "int8_sym"])
 @pytest.mark.parametrize("wfmt", ["int8", "int8_sym"])
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_real_layer_equals_simulated_and_float64(kind, wfmt, afmt):
+def test_real_layer_equals_simulated_and_float64(kind, wfmt, afmt, split):
+    """Whole weights and shortcut-split ones (two input-channel ranges, two scales each)."""
     make, shape = LAYERS[kind]
-    m = packed(make(), wfmt, afmt)
+    m = packed(make(), wfmt, afmt, split=split)
     assert w8a8_int_problem(m) is None
     x = torch.randn(*shape) * 3
     real = onednn_w8a8(m)
     with torch.no_grad():
         ref, y = m(x), real(x)
         # float64: the simulated layer's quantized input and decoded weight, summed exactly
-        x_hat = m.act_quant(x).double()
+        x_hat = m.quantized_input(x).double()
         w = m.quantized_weight().double()
         b = m.bias.double()
         exact = (nn.functional.linear(x_hat, w, b) if kind == "linear"
@@ -87,7 +94,7 @@ def test_timestep_groups_switch_the_scale():
         m.act_quant.tctx.t = t
         with torch.no_grad():
             torch.testing.assert_close(real(x), m(x), rtol=0, atol=1e-5)
-    assert real.qparams[0] != real.qparams[1]
+    assert real.parts[0].qparams[0] != real.parts[0].qparams[1]
 
 
 @pytest.mark.parametrize("case,reason", [
@@ -139,8 +146,12 @@ def test_fashion_w8a8_real_kernels_against_simulated(tmp_path):
               "calibration": {"prompts": "builtin:fashion", "num_samples": 4, "timesteps": 2, "num_inference_steps": 10,
                               "guidance_scale": 2.0, "batch_size": 4},
               "stages": [{"ptq": {"weights": {"bits": 8, "format": "int"},
-                                  "activations": {"bits": 8, "format": "int", "timestep_groups": 2}}}]}
+                                  "activations": {"bits": 8, "format": "int", "timestep_groups": 2}}}],
+              "export": {"kernels": "real"},
+              "eval": {"prompts": "builtin:fashion", "seeds": [0], "grid_prompts": 2, "num_images": 0}}
     run = run_recipe(recipe_from_dict(recipe))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "kernels=real" in metrics["compute"] and metrics["fidelity"]["psnr"] > 20
     prompts = load_prompts("builtin:fashion")[:4]
     seeds = [0, 1, 2, 3]
     sim = diffsqueeze.load(str(run))

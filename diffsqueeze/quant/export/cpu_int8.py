@@ -43,68 +43,83 @@ def w8a8_int_problem(m: nn.Module) -> str | None:
     if not isinstance(m, PackedMixin) or isinstance(m, PackedBinaryMixin) or not isinstance(m, (nn.Linear, nn.Conv2d)):
         return "not a packed INT layer"
     parts = m.packed_spec.get("parts") or []
-    if len(parts) != 1:
-        return "split weight (shortcut splitting): two weight parts"
-    part = parts[0]
-    fmt = parse_format(part["format"])
-    if fmt.kind != "int" or fmt.bits != 8:
-        return f"weights {part['format']}: the int8 kernel takes 8-bit INT weights"
-    if part["n_groups"] != 1:
-        return "group-wise weight scales: the int8 kernel takes one scale per output channel"
-    if not m.quant_acts:
+    if not parts:
+        return "no weight parts"
+    asymmetric = False
+    for part in parts:
+        fmt = parse_format(part["format"])
+        if fmt.kind != "int" or fmt.bits != 8:
+            return f"weights {part['format']}: the int8 kernel takes 8-bit INT weights"
+        if part["n_groups"] != 1:
+            return "group-wise weight scales: the int8 kernel takes one scale per output channel"
+        asymmetric |= not fmt.symmetric
+    if not m.quant_acts or not m.act_quantizers():
         return "weight-only (activations in float): W8A8 kernel needs 8-bit activations"
-    act = m.config.get("act") or {}
-    afmt = parse_format(act.get("format", "int8"))
-    if afmt.kind != "int" or afmt.bits != 8:
-        return f"activations {act.get('format')}: the int8 kernel takes 8-bit INT activations"
-    if list(act.get("shape", [1])) != [1]:
-        return "per-channel activation scales: the int8 kernel takes one activation scale per tensor"
+    for aq in m.act_quantizers():
+        if not aq.is_int or aq.fmt.bits != 8:
+            return f"activations {aq.fmt.name}: the int8 kernel takes 8-bit INT activations"
+        if tuple(aq.param_shape) != (1,):
+            return "per-channel activation scales: the int8 kernel takes one activation scale per tensor"
     if getattr(m, "compute_dtype", torch.float32) != torch.float32:
         return "half-precision pipeline: the CPU int8 kernel is used from float32"
     if isinstance(m, nn.Conv2d):
         if m.padding_mode != "zeros" or isinstance(m.padding, str):
             return f"conv padding {m.padding!r} / {m.padding_mode}: the int8 kernel takes explicit zero padding"
-        if not fmt.symmetric and m.groups != 1:
-            return "grouped conv with asymmetric weights"
+        if m.groups != 1 and (asymmetric or len(parts) > 1):
+            return "grouped conv with asymmetric or split weights"
     if not onednn_int8_available():
         return "this torch build has no oneDNN int8 ops"
     return None
 
 
-class OneDNNW8A8(nn.Module):
-    """Shared state: int8 weight codes, per-channel weight scales, the activation quantizer."""
+class _Int8Part:
+    """One weight part (the whole weight, or one side of a shortcut split) and its activation
+    quantizer: int8 weight codes, per-channel weight scales, the zero-point correction."""
 
-    def __init__(self, m: PackedMixin):
-        super().__init__()
-        part = m.packed_spec["parts"][0]
+    def __init__(self, m: PackedMixin, i: int, act_quant):
+        part = m.packed_spec["parts"][i]
         fmt = parse_format(part["format"])
         shape = tuple(part["shape"])
         lo, _ = int_code_range(8, fmt.symmetric)
-        codes = unpack_codes(m.qweight0, part["numel"], 8).reshape(shape).to(torch.int32) + lo
+        codes = unpack_codes(getattr(m, f"qweight{i}"), part["numel"], 8).reshape(shape).to(torch.int32) + lo
         if fmt.symmetric:
             self.w8 = codes.to(torch.int8)
             w_zero = torch.zeros(shape[0])
         else:  # uint8 codes with zero points -> int8 codes, zero points shifted alike
             self.w8 = (codes - 128).to(torch.int8)
-            w_zero = m.wzero0.reshape(-1).to(torch.float32) - 128
-        self.w_scale = m.wscale0.reshape(-1).to(torch.float32).contiguous()
+            w_zero = getattr(m, f"wzero{i}").reshape(-1).to(torch.float32) - 128
+        self.in_channels = shape[1]
+        self.w_scale = getattr(m, f"wscale{i}").reshape(-1).to(torch.float32).contiguous()
         self.w_zero_ids = torch.zeros(shape[0], dtype=torch.long)  # the kernel's (symmetric) weight zero points
         correction = self.w_scale * w_zero
         self.correction = correction if bool(correction.ne(0).any()) else None
-        self.bias = None if m.bias is None else m.bias.detach().to(torch.float32)
-        self.act_quant = m.act_quant  # keeps its routing to the timestep (timestep-group scales)
-        aq = m.act_quant
-        shift = 128 if aq.fmt.symmetric else 0  # symmetric int8 codes -> uint8 with zero point 128
-        zeros = aq.zero_point.reshape(aq.groups) if aq.is_int else torch.zeros(aq.groups)
-        scales = aq.scale.detach().reshape(aq.groups)
-        self.qparams = [(float(scales[g]), int(zeros[g]) + shift) for g in range(aq.groups)]
+        self.act_quant = act_quant
+        shift = 128 if act_quant.fmt.symmetric else 0  # symmetric int8 codes -> uint8 with zero point 128
+        scales = act_quant.scale.detach().reshape(act_quant.groups)
+        zeros = act_quant.zero_point.reshape(act_quant.groups)
+        self.qparams = [(float(scales[g]), int(zeros[g]) + shift) for g in range(act_quant.groups)]
 
-    def _quantize(self, x: Tensor) -> tuple[Tensor, float, int]:
+    def quantize(self, x: Tensor) -> tuple[Tensor, float, int]:
         """uint8 codes of ``x`` with the current timestep group's scale (as the simulated layer)."""
         s, z = self.qparams[self.act_quant.current_group()]
         q = torch.div(x.to(torch.float32), s)
         q.round_().add_(z).clamp_(0, 255)
         return q.to(torch.uint8), s, z
+
+
+class OneDNNW8A8(nn.Module):
+    """A W8A8 INT layer on oneDNN: one int8 kernel per weight part, outputs summed (a shortcut
+    split layer quantizes the two input-channel ranges with their own scales)."""
+
+    def __init__(self, m: PackedMixin):
+        super().__init__()
+        self.act_quants = nn.ModuleList(m.act_quantizers())  # they keep their routing to the timestep
+        self.parts = [_Int8Part(m, i, aq) for i, aq in enumerate(m.act_quantizers())]
+        self.bias = None if m.bias is None else m.bias.detach().to(torch.float32)
+        self.sizes = [p.in_channels for p in self.parts]
+
+    def _part_inputs(self, x: Tensor, dim: int) -> list[Tensor]:
+        return [x] if len(self.parts) == 1 else list(x.split(self.sizes, dim=dim))
 
 
 class OneDNNW8A8Conv2d(OneDNNW8A8):
@@ -113,22 +128,39 @@ class OneDNNW8A8Conv2d(OneDNNW8A8):
     def __init__(self, m: PackedMixin):
         super().__init__(m)
         self.stride, self.padding, self.dilation = list(m.stride), list(m.padding), list(m.dilation)
-        self.groups, self.kernel_size, self.in_channels = m.groups, tuple(m.kernel_size), m.in_channels
-        s, z = self.qparams[0]
-        self.packed = torch.ops.onednn.qconv_prepack(self.w8, self.w_scale, s, z, self.stride, self.padding,
-                                                     self.dilation, self.groups, None)
+        self.groups, self.kernel_size = m.groups, tuple(m.kernel_size)
+        for p in self.parts:
+            s, z = p.qparams[0]
+            p.packed = torch.ops.onednn.qconv_prepack(p.w8, p.w_scale, s, z, self.stride, self.padding,
+                                                      self.dilation, self.groups, None)
 
     def forward(self, x: Tensor) -> Tensor:
-        qx, s, z = self._quantize(x)
-        y = torch.ops.onednn.qconv2d_pointwise(qx, s, z, self.packed, self.w_scale, self.w_zero_ids, self.bias,
-                                               self.stride, self.padding, self.dilation, self.groups, 1.0, 0,
-                                               torch.float32, "none", [], "")
-        if self.correction is not None:  # - s_w z_w * (window sums of the dequantized input)
-            x_hat = (qx.to(torch.float32) - z) * s
-            ones = torch.ones(1, self.in_channels, *self.kernel_size, dtype=torch.float32, device=x.device)
-            window = F.conv2d(x_hat, ones, None, self.stride, self.padding, self.dilation)
-            y = y - self.correction.reshape(1, -1, 1, 1) * window
+        y = None
+        for k, (p, xp) in enumerate(zip(self.parts, self._part_inputs(x, 1), strict=True)):
+            qx, s, z = p.quantize(xp)
+            out = torch.ops.onednn.qconv2d_pointwise(qx, s, z, p.packed, p.w_scale, p.w_zero_ids,
+                                                     self.bias if k == 0 else None, self.stride, self.padding,
+                                                     self.dilation, self.groups, 1.0, 0, torch.float32, "none", [], "")
+            if p.correction is not None:  # - s_w z_w * (window sums of the dequantized input)
+                # the all-ones kernel is the same for every input channel: sum the channels first,
+                # then one 1->1 channel box filter (a full-width ones conv costs as much as the layer)
+                channel_sum = qx.sum(1, keepdim=True, dtype=torch.int32).to(torch.float32)
+                x_hat_sum = (channel_sum - z * p.in_channels) * s
+                out = out - p.correction.reshape(1, -1, 1, 1) * self._window_sums(x_hat_sum)
+            y = out if y is None else y + out
         return y.to(x.dtype)
+
+
+    def _window_sums(self, x: Tensor) -> Tensor:
+        """Sums of the one-channel ``x`` over each output position's kernel window (zero padding)."""
+        k = self.kernel_size
+        if k == (1, 1):
+            return x[..., :: self.stride[0], :: self.stride[1]]
+        if self.dilation == [1, 1] and self.padding[0] <= k[0] // 2 and self.padding[1] <= k[1] // 2:
+            # average pooling counting the zero padding, times the window size: cheaper than a conv
+            return F.avg_pool2d(x, k, self.stride, self.padding, count_include_pad=True) * (k[0] * k[1])
+        ones = torch.ones(1, 1, *k, dtype=x.dtype, device=x.device)
+        return F.conv2d(x, ones, None, self.stride, self.padding, self.dilation)
 
 
 class OneDNNW8A8Linear(OneDNNW8A8):
@@ -137,16 +169,22 @@ class OneDNNW8A8Linear(OneDNNW8A8):
     def __init__(self, m: PackedMixin):
         super().__init__(m)
         self.in_features, self.out_features = m.in_features, m.out_features
-        self.packed = torch.ops.onednn.qlinear_prepack(self.w8, None)
+        for p in self.parts:
+            p.packed = torch.ops.onednn.qlinear_prepack(p.w8, None)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        qx, s, z = self._quantize(x.reshape(-1, self.in_features))
-        y = torch.ops.onednn.qlinear_pointwise(qx, s, z, self.packed, self.w_scale, self.w_zero_ids, self.bias,
-                                               1.0, 0, torch.float32, "none", [], "")
-        if self.correction is not None:
-            x_hat_sum = (qx.to(torch.float32) - z).sum(-1, keepdim=True) * s
-            y = y - self.correction * x_hat_sum
+        y = None
+        for k, (p, xp) in enumerate(zip(self.parts, self._part_inputs(x.reshape(-1, self.in_features), -1),
+                                        strict=True)):
+            qx, s, z = p.quantize(xp)
+            out = torch.ops.onednn.qlinear_pointwise(qx, s, z, p.packed, p.w_scale, p.w_zero_ids,
+                                                     self.bias if k == 0 else None, 1.0, 0, torch.float32,
+                                                     "none", [], "")
+            if p.correction is not None:
+                x_hat_sum = (qx.sum(-1, keepdim=True, dtype=torch.int32).to(torch.float32) - z * p.in_channels) * s
+                out = out - p.correction * x_hat_sum
+            y = out if y is None else y + out
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
