@@ -106,8 +106,8 @@ def format_description(desc: dict, manifest: dict | None = None, layers: bool = 
         if computes:
             packed = sum(r.get("packed_bytes", 0) for r in c["layers"].values())
             lines.append(f"{'':<16} packed layers {sum('packed_bytes' in r for r in c['layers'].values())} "
-                         f"({packed / 2**20:.3f} MiB real bytes); with use_real_kernels: {computes.count('real')} real kernel, "
-                         f"{computes.count('simulated')} simulated (--layers says which; a plain load decodes "
+                         f"({packed / 2**20:.3f} MiB real bytes); loaded with kernels='real': {computes.count('real')} real kernel, "
+                         f"{computes.count('simulated')} simulated (--layers says which; the default load decodes "
                          f"every packed layer, bit-identical to the run)")
     if manifest:
         lines.append("")
