@@ -45,6 +45,8 @@ def w8a8_int_problem(m: nn.Module) -> str | None:
     parts = m.packed_spec.get("parts") or []
     if not parts:
         return "no weight parts"
+    if getattr(m, "lowrank_rank", 0):
+        return "low-rank branch: no fused int8 kernel for the 16-bit branch"
     asymmetric = False
     for part in parts:
         fmt = parse_format(part["format"])

@@ -180,6 +180,10 @@ def finish_packed_load(pipe, dtype: torch.dtype) -> None:
         for m in module.modules():
             if isinstance(m, PackedMixin):
                 m.compute_dtype = dtype
+                for name in ("lowrank_up", "lowrank_down"):  # stored float16; computed in the pipeline's dtype
+                    p = m._parameters.get(name)
+                    if p is not None and p.dtype != dtype:
+                        m._parameters[name] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
     finalize_modules(pipe)
 
 

@@ -164,6 +164,8 @@ def pack_layer(layer: nn.Module, scale_dtype: str = "float32") -> tuple[nn.Modul
         entry = {"kind": kind, "weight_shape": list(w.shape), "storage": "float",
                  "reason": f"packed decode differs from the fake-quantized weight by {diff:.3g}"}
         return None, entry
+    if getattr(layer, "lowrank_rank", 0):
+        entry["lowrank"] = layer.lowrank_rank
     entry["packed_bytes"] = packed.packed_nbytes()
     entry["float32_bytes"] = w.numel() * 4
     return packed, entry
@@ -179,7 +181,9 @@ def _component_state(module: nn.Module, packs: dict[str, nn.Module]) -> dict[str
     finally:
         for name, orig in originals.items():
             swap_module(module, name, orig)
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    # the low-rank branches hold float16 values (init_lowrank rounds them): stored as float16
+    return {k: (v.to(torch.float16) if k.endswith((".lowrank_up", ".lowrank_down")) else v).detach().contiguous().cpu()
+            for k, v in sd.items()}
 
 
 def export_pipeline(pipe, state: CompressionState, folder: Path, scale_dtype: str = "float32",

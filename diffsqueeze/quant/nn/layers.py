@@ -71,6 +71,40 @@ class QuantMixin:
                 self.act_quant = ActQuantizer(act["format"], shape, groups, n_t)
         self.quant_weights = bool(wfmt)
         self.quant_acts = bool(act)
+        self.lowrank_rank = int(config.get("lowrank") or 0)
+        if self.lowrank_rank:  # filled by init_lowrank (a new swap) or load_state_dict (a rebuild)
+            rows, r = w.shape[0], self.lowrank_rank
+            self.lowrank_down = nn.Parameter(torch.zeros(r, w[0].numel(), device=w.device, dtype=w.dtype),
+                                             requires_grad=False)
+            self.lowrank_up = nn.Parameter(torch.zeros(rows, r, device=w.device, dtype=w.dtype), requires_grad=False)
+
+    @torch.no_grad()
+    def init_lowrank(self) -> None:
+        """Split the weight into its top-``r`` singular directions (the 16-bit branch
+        ``up @ down``, METHODS §10) and the residual, which stays in ``weight`` and is quantized.
+
+        The factors are rounded to float16 values (what export stores), and the residual is
+        computed from the rounded factors, so branch + residual equals the original weight to
+        float32 rounding.
+        """
+        w = self.weight
+        w2 = w.reshape(w.shape[0], -1).double()
+        u, s, vh = torch.linalg.svd(w2, full_matrices=False)
+        r = self.lowrank_rank
+        up = (u[:, :r] * s[:r]).to(torch.float16)
+        down = vh[:r].to(torch.float16)
+        self.lowrank_up.copy_(up.to(w.dtype))
+        self.lowrank_down.copy_(down.to(w.dtype))
+        w.copy_((w2 - up.double() @ down.double()).reshape(w.shape).to(w.dtype))
+
+    def lowrank_output(self, x: Tensor) -> Tensor | None:
+        """The low-rank branch on the (unquantized) input, or ``None`` without one."""
+        if not self.lowrank_rank:
+            return None
+        if isinstance(self, nn.Conv2d):  # a conv of rank r (the layer's geometry), then a 1x1 conv
+            down = self.lowrank_down.reshape(self.lowrank_rank, self.in_channels, *self.kernel_size)
+            return F.conv2d(self._conv_forward(x, down, None), self.lowrank_up[:, :, None, None])
+        return F.linear(F.linear(x, self.lowrank_down), self.lowrank_up)
 
     def _in_dim(self) -> int:
         return self.in_channels if isinstance(self, nn.Conv2d) else self.in_features
@@ -119,14 +153,18 @@ class QuantLinear(QuantMixin, nn.Linear):
     """``nn.Linear`` with a weight quantizer and an input (activation) quantizer."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        y = F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        branch = self.lowrank_output(x)
+        return y if branch is None else y + branch
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` with a weight quantizer and an input (activation) quantizer."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        y = self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        branch = self.lowrank_output(x)
+        return y if branch is None else y + branch
 
 
 QUANT_SWAPS: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

@@ -118,9 +118,10 @@ class PackedMixin:
         return (fp_decode(codes, fmt, None, torch.float32) * scale).reshape(shape)
 
     def packed_nbytes(self) -> int:
-        """Bytes of the packed weight state (codes, scales, masks) of this layer."""
-        return sum(b.numel() * b.element_size() for n, b in self._buffers.items()
-                   if b is not None and n.startswith(("qweight", "wscale", "wzero", "codes", "keep", "a1", "a2")))
+        """Bytes of the packed weight state (codes, scales, masks, the float16 low-rank branch) of this layer."""
+        branch = sum(2 * p.numel() for n, p in self._parameters.items() if p is not None and n.startswith("lowrank_"))
+        return branch + sum(b.numel() * b.element_size() for n, b in self._buffers.items()
+                            if b is not None and n.startswith(("qweight", "wscale", "wzero", "codes", "keep", "a1", "a2")))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, packed={self.packed_spec.get('summary', '')}"

@@ -195,6 +195,36 @@ class RoundingConfig:
 
 
 @dataclass(frozen=True)
+class LowRankConfig:
+    """The 16-bit low-rank branch (SVDQuant, METHODS §10): each layer's weight becomes
+    ``up @ down`` (its top singular directions, kept in float16) plus a residual that is
+    quantized with the layer's format and rounding. Off by default.
+
+    Attributes:
+        rank: the branch's rank in every layer (0: off unless ``fraction``).
+        fraction: the rank as a fraction of each layer's full rank ``min(out, in * k * k)``
+            (rounded, at least 1), for models whose layers differ much in width.
+    """
+
+    rank: int = 0
+    fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise RecipeError("rank", f"must be >= 0, got {self.rank}")
+        if not 0 <= self.fraction < 1:
+            raise RecipeError("fraction", f"must be in [0, 1), got {self.fraction}")
+        if self.rank and self.fraction:
+            raise RecipeError("rank", "give rank or fraction, not both")
+
+    def rank_for(self, out: int, row: int) -> int:
+        """The branch rank of a layer with weight rows ``out`` x ``row`` (0: no branch)."""
+        full = min(out, row)
+        r = self.rank or (max(1, round(self.fraction * full)) if self.fraction else 0)
+        return min(r, full - 1) if full > 1 else 0
+
+
+@dataclass(frozen=True)
 class PTQConfig:
     """Config of the ``ptq`` stage (METHODS §1-5).
 
@@ -212,6 +242,7 @@ class PTQConfig:
             inputs (METHODS §5).
         batch_size: batch of streamed calibration data for statistics.
         samples_per_timestep: calibration samples used per timestep (0 = all recorded).
+        lowrank: the 16-bit low-rank branch beside each quantized weight (off by default).
     """
 
     weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
@@ -226,6 +257,7 @@ class PTQConfig:
     shortcut_split: bool = True
     batch_size: int = 16
     samples_per_timestep: int = 0
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
 
     def __post_init__(self) -> None:
         if self.softmax_bits and not 2 <= self.softmax_bits <= 16:

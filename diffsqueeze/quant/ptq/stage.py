@@ -107,7 +107,12 @@ class PTQStage:
         for plan in ctx.progress(plans, desc="ptq: weights", total=len(plans)):
             layer = modules[plan.name]
             record = self._record(layer, plan, groups, len(data.timesteps))
+            rank = self._lowrank_rank(layer, plan, f"{comp}/{plan.name}.weight" in ctx.state.masks)
+            if rank:
+                record["lowrank"] = rank
             qlayer = make_quant_module(layer, record)
+            if rank:
+                qlayer.init_lowrank()  # before the scale search: the residual is what is quantized
             for q in qlayer.act_quantizers():
                 q.set_routing(data.timesteps, group_of)
             try:
@@ -167,6 +172,17 @@ class PTQStage:
                 plan.act_format, plan.act_search_bits = aname, (abits if aname is None else None)
             plans.append(plan)
         return plans
+
+    def _lowrank_rank(self, layer: torch.nn.Module, plan: LayerPlan, pruned: bool) -> int:
+        """The low-rank branch's rank for ``layer`` (0: none; pruned and grouped layers get none:
+        the residual would fill the pruned zeros, the branch conv does not take groups)."""
+        cfg = self.config.lowrank
+        if not (cfg.rank or cfg.fraction) or not plan.weight_format and not plan.weight_search_bits:
+            return 0
+        if pruned or getattr(layer, "groups", 1) != 1:
+            plan.notes.append("no low-rank branch: " + ("pruned layer" if pruned else "grouped conv"))
+            return 0
+        return cfg.rank_for(layer.weight.shape[0], layer.weight[0].numel())
 
     def _record(self, layer: torch.nn.Module, plan: LayerPlan, groups: int, n_t: int) -> dict:
         cfg = self.config
@@ -341,9 +357,16 @@ class PTQStage:
                 "weights": [q.fmt.name for q in lay.weight_quantizers()] or "fp",
                 "activations": [q.fmt.name for q in lay.act_quantizers()] or "fp",
                 **({"split": lay.split} if lay.split else {}),
+                **({"lowrank": lay.lowrank_rank} if getattr(lay, "lowrank_rank", 0) else {}),
                 **({"notes": p.notes} if p.notes else {}),
             }
-        return {"quantized_layers": len(plans), "layers": layers}
+        branch = sum(lay.lowrank_up.numel() + lay.lowrank_down.numel() for p in plans
+                     if getattr(lay := denoiser.get_submodule(p.name), "lowrank_rank", 0))
+        out = {"quantized_layers": len(plans), "layers": layers}
+        if branch:
+            out["lowrank"] = {"layers": sum("lowrank" in v for v in layers.values()), "params": branch,
+                              "float16_bytes": 2 * branch}
+        return out
 
 
 __all__ = ["PTQStage", "PTQConfig"]
