@@ -73,6 +73,13 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
         Row("w4a4-quest", "W4A4 INT PTQ + QuEST", "w4a4_quest", (), resume_from="w4a4-ptq"),
         Row("w4a8-quest", "W4A8 INT PTQ + QuEST", "w4a4_quest", ("stages.0.ptq.activations.bits=8",)),
     ]),
+    "svd": ("W4A4 with a low-rank branch (`ptq.lowrank`, SVDQuant)", [
+        FP,
+        Row("w4a4-ptq", "W4A4 INT PTQ (learned rounding + LSQ)", "w4a4_quest", NO_QUEST),
+        Row("w4a4-ptq-lowrank", "W4A4 INT PTQ + low-rank branch (3% rank)", "w4a4_svd", NO_QUEST),
+        Row("w4a4-quest-lowrank", "W4A4 INT PTQ + low-rank branch + QuEST", "w4a4_svd", (),
+            resume_from="w4a4-ptq-lowrank"),
+    ]),
     "binarydm": ("BinaryDM binarization (`binarize` stage)", [
         FP,
         Row("w1a32-baseline", "W1A32 baseline (order-1 sign, mean scale)", "w1a4_binarydm", (A32, *BASELINE_BIN)),
