@@ -95,3 +95,25 @@ def test_run_exports_the_branch_in_float16_and_reloads_pixel_identical(tmp_path)
     images = generate_images(pipe, ["a photo of a cat", "a red car on a street"], [0, 1], 3, 2.0)
     saved = [np.asarray(PIL.Image.open(run / "eval" / "images" / f"{i:06d}.png").convert("RGB")) for i in range(2)]
     assert torch.equal(images, torch.from_numpy(np.stack(saved)).permute(0, 3, 1, 2))
+
+
+def test_quest_trains_the_branch_and_leaves_float16_values():
+    from diffsqueeze.quant.quest.training import branch_params, grid_weights
+
+    torch.manual_seed(3)
+    q = make_quant_module(nn.Linear(32, 16), {"weight_format": "int4", "lowrank": 2})
+    q.init_lowrank()
+    before = [p.detach().clone() for p in branch_params({"l": q})]
+    x, target = torch.randn(64, 32), torch.randn(64, 16)
+    with grid_weights({"l": q}, rounding=False):
+        params = [q.weight, *branch_params({"l": q})]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=1e-2)
+        for _ in range(5):
+            opt.zero_grad()
+            (q(x) - target).pow(2).mean().backward()
+            opt.step()
+    after = branch_params({"l": q})
+    assert all(not torch.equal(a.detach(), b) for a, b in zip(after, before))
+    assert all(torch.equal(a.detach(), a.detach().half().float()) for a in after)

@@ -4,7 +4,9 @@
 MACs * b_w * b_a / 64``, where, as in those papers, the "FLOPs" of an FP layer are its
 multiply-accumulates. Counted: every ``nn.Linear`` / ``nn.Conv2d`` and the two matmuls of each
 attention (``q k^T`` and ``p v``), measured by hooks on one real denoiser call of batch 1.
-Norms, activations, softmax and element-wise ops are not counted (nor in the papers). A binary
+Norms, activations, softmax and element-wise ops are not counted (nor in the papers), except the
+FP work a quantized layer adds beside itself: its low-rank branch and its smoothing multiply
+(``<layer>#lowrank`` / ``<layer>#smoothing``, METHODS §10). A binary
 layer of order ``k`` has ``b_w = k`` (k sign bases); its ``b_a`` is its input quantizer's bits
 (32 when activations stay FP). Attention matmuls with BinaryDM q/k/probs/v quantizers count
 ``b = bits`` on both operands.
@@ -105,6 +107,14 @@ def ops_count(denoiser: nn.Module, kwargs: dict, call) -> dict:
                     bw, ba = _layer_bits(mod)
                     rec = layers.setdefault(name, {"macs": 0, "b_w": bw, "b_a": ba})
                     rec["macs"] += out.numel() * per_out
+                    extra = {}  # the FP work beside a quantized layer (METHODS §10)
+                    if getattr(mod, "lowrank_rank", 0):  # down (the layer's geometry) then up, per output position
+                        n_out = out.shape[1] if isinstance(mod, nn.Conv2d) else out.shape[-1]
+                        extra["lowrank"] = (out.numel() // n_out) * mod.lowrank_rank * (per_out + n_out)
+                    if getattr(mod, "smooth", None) is not None:  # one multiply per input element
+                        extra["smoothing"] = args[0].numel()
+                    for kind, macs in extra.items():
+                        layers.setdefault(f"{name}#{kind}", {"macs": 0, "b_w": FP_BITS, "b_a": FP_BITS})["macs"] += macs
                 handles.append(m.register_forward_hook(hook))
             if is_attention(m):
                 q = getattr(m, "binarydm_act_quant", None)

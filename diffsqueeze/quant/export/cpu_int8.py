@@ -47,6 +47,8 @@ def w8a8_int_problem(m: nn.Module) -> str | None:
         return "no weight parts"
     if getattr(m, "lowrank_rank", 0):
         return "low-rank branch: no fused int8 kernel for the 16-bit branch"
+    if getattr(m, "smooth", None) is not None:
+        return "smoothing scale: not folded into the int8 kernel's input quantization"
     asymmetric = False
     for part in parts:
         fmt = parse_format(part["format"])
@@ -60,6 +62,8 @@ def w8a8_int_problem(m: nn.Module) -> str | None:
     for aq in m.act_quantizers():
         if not aq.is_int or aq.fmt.bits != 8:
             return f"activations {aq.fmt.name}: the int8 kernel takes 8-bit INT activations"
+        if aq.dynamic_group:
+            return "dynamic per-group activation scales: the int8 kernel takes one static scale per tensor"
         if tuple(aq.param_shape) != (1,):
             return "per-channel activation scales: the int8 kernel takes one activation scale per tensor"
     if getattr(m, "compute_dtype", torch.float32) != torch.float32:

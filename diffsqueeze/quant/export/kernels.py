@@ -52,7 +52,7 @@ def _bnb_target(m: nn.Module) -> str | None:
     if not isinstance(m, PackedMixin) or isinstance(m, PackedBinaryMixin) or not isinstance(m, nn.Linear):
         return None
     part = _weight_only_part(m)
-    if part is None or getattr(m, "lowrank_rank", 0):
+    if part is None or getattr(m, "lowrank_rank", 0) or getattr(m, "smooth", None) is not None:
         return None
     fmt = parse_format(part["format"])
     if fmt.kind == "int" and fmt.bits == 8:
@@ -68,12 +68,12 @@ def _fp8_w8a8(m: nn.Module) -> bool:
     if not isinstance(m, PackedMixin) or not isinstance(m, nn.Linear) or isinstance(m, PackedBinaryMixin):
         return False
     parts = m.packed_spec.get("parts") or []
-    if len(parts) != 1 or parts[0]["storage"] != "float8" or not m.quant_acts:
+    if len(parts) != 1 or parts[0]["storage"] != "float8" or not m.quant_acts or getattr(m, "smooth", None) is not None:
         return False
     act = m.config.get("act") or {}
     afmt = parse_format(act.get("format", "int8"))
     return (isinstance(afmt, FPFormat) and afmt.torch_dtype == torch.float8_e4m3fn and list(act.get("shape", [1])) == [1]
-            and int(act.get("groups", 1)) == 1)
+            and int(act.get("groups", 1)) == 1 and not act.get("group_size"))
 
 
 def is_two_four(mask: Tensor) -> bool:

@@ -62,21 +62,40 @@ class QuantMixin:
         if act:
             shape = tuple(act["shape"])
             groups, n_t = int(act.get("groups", 1)), int(act.get("n_timesteps", 1))
+            dyn = {"dynamic_group": int(act.get("group_size") or 0), "channel_dim": self._channel_dim()}
             if split:
                 s1 = self._split_shape(shape, split)
                 s2 = self._split_shape(shape, self._in_dim() - split)
-                self.act_quant = ActQuantizer(act["format"], s1, groups, n_t)
-                self.act_quant_2 = ActQuantizer(act.get("format_2") or act["format"], s2, groups, n_t)
+                self.act_quant = ActQuantizer(act["format"], s1, groups, n_t, **dyn)
+                self.act_quant_2 = ActQuantizer(act.get("format_2") or act["format"], s2, groups, n_t, **dyn)
             else:
-                self.act_quant = ActQuantizer(act["format"], shape, groups, n_t)
+                self.act_quant = ActQuantizer(act["format"], shape, groups, n_t, **dyn)
         self.quant_weights = bool(wfmt)
         self.quant_acts = bool(act)
+        if config.get("smooth"):  # filled by set_smoothing (a new swap) or load_state_dict (a rebuild)
+            self.register_buffer("smooth", torch.ones(self._in_dim(), device=w.device, dtype=w.dtype))
         self.lowrank_rank = int(config.get("lowrank") or 0)
         if self.lowrank_rank:  # filled by init_lowrank (a new swap) or load_state_dict (a rebuild)
             rows, r = w.shape[0], self.lowrank_rank
             self.lowrank_down = nn.Parameter(torch.zeros(r, w[0].numel(), device=w.device, dtype=w.dtype),
                                              requires_grad=False)
             self.lowrank_up = nn.Parameter(torch.zeros(rows, r, device=w.device, dtype=w.dtype), requires_grad=False)
+
+    @torch.no_grad()
+    def set_smoothing(self, scale: Tensor) -> None:
+        """Move per-input-channel difficulty from the activations into the weight (SmoothQuant,
+        METHODS §10): the layer now computes ``(x / s) @ (W * s)``, equal in float; the weight
+        (and so the low-rank branch and the residual) is the smoothed one."""
+        s = scale.detach().to(self.smooth)
+        self.smooth.copy_(s)
+        self.weight.mul_(s.reshape(1, -1, *([1] * (self.weight.dim() - 2))))
+
+    def smoothed_input(self, x: Tensor) -> Tensor:
+        """``x / s`` along the input channels (``x`` itself without smoothing)."""
+        s = getattr(self, "smooth", None)
+        if s is None:
+            return x
+        return x / (s.reshape(-1, 1, 1) if isinstance(self, nn.Conv2d) else s).to(x.dtype)
 
     @torch.no_grad()
     def init_lowrank(self) -> None:
@@ -101,6 +120,7 @@ class QuantMixin:
         """The low-rank branch on the (unquantized) input, or ``None`` without one."""
         if not self.lowrank_rank:
             return None
+        x = self.smoothed_input(x)
         if isinstance(self, nn.Conv2d):  # a conv of rank r (the layer's geometry), then a 1x1 conv
             down = self.lowrank_down.reshape(self.lowrank_rank, self.in_channels, *self.kernel_size)
             return F.conv2d(self._conv_forward(x, down, None), self.lowrank_up[:, :, None, None])
@@ -127,7 +147,8 @@ class QuantMixin:
         return self.weight_quant(w)
 
     def quantized_input(self, x: Tensor) -> Tensor:
-        """The input as the forward uses it (fake-quantized if activations are quantized)."""
+        """The input as the forward uses it (smoothed; fake-quantized if activations are quantized)."""
+        x = self.smoothed_input(x)
         if not (self.quant_acts and hasattr(self, "act_quant")):
             return x
         if self.split:

@@ -4,7 +4,9 @@
   output channel or per group (METHODS §2, §3), round-to-nearest, or learned rounding with
   AdaRound rounding variables on the INT grid or on the FP grid's element-wise step (§4).
 * :class:`ActQuantizer`: INT or FP, per tensor or per channel, one scale set per
-  calibration-timestep group (§5, QuEST), scales learnable with LSQ.
+  calibration-timestep group (§5, QuEST), scales learnable with LSQ; or dynamic: one scale per
+  token and group of input channels computed on the fly (INT/FP groups, or the block-scaled
+  NVFP4/MXFP4/MXFP8 formats, §10), with nothing calibrated.
 
 Calibrate / learn / convert are explicit calls (``set_params``, ``init_rounding``,
 ``finalize_rounding``); nothing initializes itself on a first forward.
@@ -15,8 +17,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS, block_fake_quantize
+from diffsqueeze.quant.primitives.dynamic_groups import dynamic_group_fake_quantize
 from diffsqueeze.quant.primitives.formats import (
     FPFormat,
     IntFormat,
@@ -164,12 +169,21 @@ class ActQuantizer(nn.Module):
             ``(C,)`` per last dim, ``(1, C, 1, 1)`` per conv channel).
         groups: Number of timestep groups G.
         n_timesteps: Calibration timesteps (length of the routing table).
+        dynamic_group: Channels per group of dynamic (on-the-fly, per token) scales; 0 = the
+            static calibrated scales above. A block format name (``nvfp4``, ``mxfp4``,
+            ``mxfp8``) as ``fmt`` is always dynamic, in its own block size and scale encoding.
+        channel_dim: The input's channel dim (1 for a conv, -1 for a linear), for dynamic groups.
     """
 
     def __init__(self, fmt: str | IntFormat | FPFormat, param_shape: tuple[int, ...] = (1,), groups: int = 1,
-                 n_timesteps: int = 1):
+                 n_timesteps: int = 1, dynamic_group: int = 0, channel_dim: int = -1):
         super().__init__()
-        self.fmt = parse_format(fmt)
+        self.block_format = BLOCK_FORMATS.get(fmt.lower()) if isinstance(fmt, str) else None
+        self.fmt = self.block_format.element if self.block_format else parse_format(fmt)
+        self.dynamic_group = self.block_format.block if self.block_format else int(dynamic_group)
+        self.channel_dim = channel_dim
+        if self.dynamic_group and groups != 1:
+            raise ValueError("dynamic activation scales take no timestep groups")
         self.param_shape = tuple(param_shape)
         self.groups = groups
         self.scale = nn.Parameter(torch.ones(groups, *self.param_shape))
@@ -185,6 +199,11 @@ class ActQuantizer(nn.Module):
     @property
     def is_int(self) -> bool:
         return isinstance(self.fmt, IntFormat)
+
+    @property
+    def format_name(self) -> str:
+        """The format as a recipe names it (``nvfp4`` rather than its element grid)."""
+        return self.block_format.name if self.block_format is not None else self.fmt.name
 
     def set_routing(self, timesteps: list[float], group_of: list[int]) -> None:
         """Calibration timesteps (sampling order) and the group of each."""
@@ -230,12 +249,33 @@ class ActQuantizer(nn.Module):
         q = u + (fp_quantize(u.detach(), self.fmt, self.fmt.standard_bias, check=False) - u).detach()
         return q * s
 
+    def dynamic_quant(self, x: Tensor) -> Tensor:
+        """Quantize ``x`` with scales computed from it, per token and channel group (straight-through
+        gradient: the rounding is the identity for backward, and no value is clipped)."""
+        with torch.no_grad():
+            if self.block_format is not None:
+                xt = x.movedim(self.channel_dim, -1)
+                n, pad = xt.shape[-1], (-xt.shape[-1]) % self.block_format.block
+                xq = block_fake_quantize(F.pad(xt, (0, pad)) if pad else xt, self.block_format)
+                xq = xq[..., :n].movedim(-1, self.channel_dim)
+            else:
+                xq = dynamic_group_fake_quantize(x, self.fmt, self.dynamic_group, self.channel_dim)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x + (xq - x).detach()
+        return xq
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
+        if self.dynamic_group:
+            return self.dynamic_quant(x)
         g = self.current_group()
         zp = self.zero_point[g] if self.is_int else None
         return self.fake_quant(x, self.scale[g], zp)
 
     def extra_repr(self) -> str:
+        if self.block_format is not None:
+            return f"{self.block_format.name}, dynamic"
+        if self.dynamic_group:
+            return f"{self.fmt.name}, dynamic groups of {self.dynamic_group}"
         return f"{self.fmt.name}, shape={self.param_shape}, groups={self.groups}"

@@ -213,7 +213,20 @@ def block_fake_quantize(x: Tensor, fmt: BlockFormat) -> Tensor:
     Returns:
         ``x_hat``, same shape and dtype as ``x``.
     """
-    return block_dequantize(block_quantize(x, fmt), fmt, dtype=x.dtype)
+    _check_shape(x.shape, fmt)
+    check_finite(x)
+    el = fmt.element
+    # the same arithmetic as block_quantize -> block_dequantize, without the bit encoding
+    if fmt.scale == "e8m0":
+        g = to_groups(x.to(work_dtype(x)), fmt.block)
+        scale = torch.exp2(_mx_exponents(g.abs().amax(dim=-1), el).to(g.dtype)).unsqueeze(-1)
+        return from_groups(fp_quantize(g / scale, el, el.standard_bias, check=False) * scale).to(x.dtype)
+    s_t = _nvfp4_tensor_scale(x, fmt)
+    g = to_groups(x.to(torch.float64), fmt.block)
+    ratio = g.abs().amax(dim=-1) / maxval(el, el.standard_bias) / s_t.to(torch.float64)
+    d = _nvfp4_divisor(fp_quantize(ratio, E4M3_HW, E4M3_HW.standard_bias, check=False), s_t).unsqueeze(-1)
+    scaled = torch.where(d > 0, g / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(g))
+    return from_groups(fp_quantize(scaled, el, el.standard_bias, check=False) * d).to(x.dtype)
 
 
 def pack_block_codes(codes: BlockCodes, fmt: BlockFormat) -> dict[str, Tensor]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from diffsqueeze.errors import RecipeError
+from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS
 from diffsqueeze.quant.primitives.formats import (
     FPFormat,
     IntFormat,
@@ -59,6 +60,8 @@ def format_spec(fmt: str, bits: int, where: str) -> tuple[str, int, str | None]:
 
 def eight_bit_like(fmt: str | None, kind: str) -> str | None:
     """The 8-bit format of the same kind (first/last layer activations, METHODS §5)."""
+    if kind == "block":
+        return "mxfp8"
     if kind.startswith("int"):
         return "int8" + ("_sym" if kind == "int_sym" else "")
     parsed = parse_format(fmt) if fmt else None
@@ -109,7 +112,13 @@ class ActQuantConfig:
     Attributes:
         bits / format: as for weights.
         granularity: ``tensor`` or ``channel`` (per conv channel / per token feature; use it at
-            4 bits, METHODS §5).
+            4 bits, METHODS §5), static scales calibrated per timestep group; or ``group``: dynamic
+            scales, one per token and group of ``group_size`` input channels, computed from the
+            values as they arrive (SVDQuant, METHODS §10); nothing is calibrated or learned, so
+            ``timestep_groups`` must be 1 and ``lsq_iters`` 0. ``format`` may then also be a
+            block-scaled format (``nvfp4``, ``mxfp4``, ``mxfp8``), in its own block size.
+        group_size: input channels per dynamic group (clipped to the layer's width; a width that
+            is not a multiple gets a shorter last group).
         timestep_groups: scale sets per calibration-timestep group (1 = not timestep-aware);
             at most ``calibration.timesteps``.
         init: scale initialization: ``mse`` (range-shrink search, METHODS §2) or ``percentile``.
@@ -122,7 +131,8 @@ class ActQuantConfig:
 
     bits: int = 8
     format: str = "int"
-    granularity: Literal["tensor", "channel"] = "tensor"
+    granularity: Literal["tensor", "channel", "group"] = "tensor"
+    group_size: int = 64
     timestep_groups: int = 1
     init: Literal["mse", "percentile"] = "mse"
     lsq_iters: int = 0
@@ -131,7 +141,26 @@ class ActQuantConfig:
     search_values: int = 2**20
 
     def __post_init__(self) -> None:
-        format_spec(self.format, self.bits, "")
+        block = BLOCK_FORMATS.get(self.format.strip().lower())
+        if block is not None:
+            if self.granularity != "group":
+                raise RecipeError("granularity", f"format {block.name} has dynamic block scales: "
+                                  "set granularity: group")
+            if block.element.bits != self.bits:
+                raise RecipeError("bits", f"format {block.name} has {block.element.bits}-bit elements "
+                                  f"but bits is {self.bits}")
+        else:
+            format_spec(self.format, self.bits, "")
+        if self.granularity == "group":
+            if self.format.strip().lower() == "fp":
+                raise RecipeError("format", "granularity group has no calibration to search an FP format "
+                                  "on: name one (fp4_e2m1_hw, nvfp4, mxfp4, ...)")
+            if self.group_size < 1:
+                raise RecipeError("group_size", f"must be >= 1, got {self.group_size}")
+            for key in ("timestep_groups", "lsq_iters"):
+                if getattr(self, key) != (1 if key == "timestep_groups" else 0):
+                    raise RecipeError(key, "granularity group computes its scales per token on the fly: "
+                                      "set timestep_groups: 1 and lsq_iters: 0")
         if self.search_values < 1024:
             raise RecipeError("search_values", f"must be >= 1024, got {self.search_values}")
         if self.timestep_groups < 1:
@@ -143,7 +172,15 @@ class ActQuantConfig:
 
     @property
     def spec(self) -> tuple[str, int, str | None]:
+        block = BLOCK_FORMATS.get(self.format.strip().lower())
+        if block is not None:
+            return "block", self.bits, block.name
         return format_spec(self.format, self.bits, "")
+
+    @property
+    def dynamic_group(self) -> int:
+        """Channels per dynamic group (0: static calibrated scales)."""
+        return self.group_size if self.granularity == "group" else 0
 
 
 @dataclass(frozen=True)
@@ -225,6 +262,33 @@ class LowRankConfig:
 
 
 @dataclass(frozen=True)
+class SmoothingConfig:
+    """Per-input-channel smoothing (SmoothQuant, METHODS §10): activation outliers moved into
+    the weights by ``s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)``. Off by default.
+
+    Attributes:
+        alpha: migration strength in [0, 1] (SmoothQuant's default 0.5), the same for every layer.
+        search: candidate alphas tried per layer on calibration inputs (instead of ``alpha``):
+            the one with the smallest quantized output error is kept, none if none beats the
+            unsmoothed layer (docs/quantization.md, "Smoothing").
+    """
+
+    alpha: Optional[float] = None
+    search: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.alpha is not None and self.search:
+            raise RecipeError("alpha", "give alpha or search, not both")
+        for a in ((self.alpha,) if self.alpha is not None else ()) + tuple(self.search):
+            if not 0.0 <= float(a) <= 1.0:
+                raise RecipeError("search" if self.search else "alpha", f"alpha must be in [0, 1], got {a}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.alpha is not None or bool(self.search)
+
+
+@dataclass(frozen=True)
 class PTQConfig:
     """Config of the ``ptq`` stage (METHODS §1-5).
 
@@ -243,6 +307,8 @@ class PTQConfig:
         batch_size: batch of streamed calibration data for statistics.
         samples_per_timestep: calibration samples used per timestep (0 = all recorded).
         lowrank: the 16-bit low-rank branch beside each quantized weight (off by default).
+        smoothing: per-input-channel smoothing before quantization (off by default); needs
+            ``activations``.
     """
 
     weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
@@ -258,8 +324,12 @@ class PTQConfig:
     batch_size: int = 16
     samples_per_timestep: int = 0
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
 
     def __post_init__(self) -> None:
+        if self.smoothing.enabled and self.activations is None:
+            raise RecipeError("smoothing", "smoothing moves activation outliers into the weights: it needs "
+                              "activations (weight-only quantization has none)")
         if self.softmax_bits and not 2 <= self.softmax_bits <= 16:
             raise RecipeError("softmax_bits", f"0 (off) or 2..16, got {self.softmax_bits}")
         if self.batch_size < 1:

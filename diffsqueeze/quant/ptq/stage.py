@@ -40,7 +40,8 @@ from diffsqueeze.quant.nn.routing import (
     timestep_routing,
 )
 from diffsqueeze.quant.nn.swaps import swap_module
-from diffsqueeze.quant.primitives.formats import bias_to_scale, formats_for_bits
+from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS
+from diffsqueeze.quant.primitives.formats import bias_to_scale, formats_for_bits, parse_format
 from diffsqueeze.quant.primitives.search import (
     fp_bias_search,
     fp_format_search,
@@ -50,6 +51,7 @@ from diffsqueeze.quant.primitives.search import (
 )
 from diffsqueeze.quant.ptq.config import PTQConfig, eight_bit_like
 from diffsqueeze.quant.ptq.reconstruct import reconstruct
+from diffsqueeze.quant.ptq.smoothing import channel_absmax, choose_scale
 from diffsqueeze.quant.ptq.tracing import (
     LayerPlan,
     act_rows,
@@ -99,9 +101,13 @@ class PTQStage:
         plans = self._plan(order, splits, first_layer)
         summary: dict = {"component": comp, "calibration": {"timesteps": data.timesteps, "steps": data.steps,
                                                              "samples": data.num_samples}}
-        need_inputs = cfg.weights.search == "output"
+        need_inputs = cfg.weights.search == "output" or bool(cfg.smoothing.search)
         inputs = self._collect(denoiser, names, data, device, limit, sample_only=True) if need_inputs else {}
         modules = dict(denoiser.named_modules())
+        smooth = self._smoothing(denoiser, plans, data, device, limit, inputs, ctx) if cfg.smoothing.enabled else {}
+        if smooth:
+            alphas = [a for _, a in smooth.values()]
+            summary["smoothing"] = {"layers": len(smooth), "alphas": {f"{a:g}": alphas.count(a) for a in sorted(set(alphas))}}
         groups = cfg.activations.timestep_groups if cfg.activations else 1
         group_of = group_assignment(len(data.timesteps), groups)
         for plan in ctx.progress(plans, desc="ptq: weights", total=len(plans)):
@@ -110,13 +116,17 @@ class PTQStage:
             rank = self._lowrank_rank(layer, plan, f"{comp}/{plan.name}.weight" in ctx.state.masks)
             if rank:
                 record["lowrank"] = rank
+            if plan.name in smooth:
+                record["smooth"] = True
             qlayer = make_quant_module(layer, record)
+            if plan.name in smooth:  # before the branch and the scale search: both see the smoothed weight
+                qlayer.set_smoothing(smooth[plan.name][0])
             if rank:
                 qlayer.init_lowrank()  # before the scale search: the residual is what is quantized
             for q in qlayer.act_quantizers():
                 q.set_routing(data.timesteps, group_of)
             try:
-                self._init_weights(qlayer, plan, inputs.get(plan.name))
+                self._init_weights(qlayer, plan, inputs.get(plan.name) if cfg.weights.search == "output" else None)
             except ValueError as exc:  # NaN/Inf weights: name the layer
                 raise CalibrationError(f"cannot quantize the weight of layer '{plan.name}': {exc}") from None
             if hasattr(qlayer, "weight_quant"):
@@ -127,7 +137,7 @@ class PTQStage:
             swap_module(denoiser, plan.name, qlayer)
             ctx.state.modules[f"{comp}/{plan.name}"] = {"kind": type(qlayer).__name__, **record}
         del inputs
-        if cfg.activations is not None:
+        if cfg.activations is not None and not cfg.activations.dynamic_group:  # dynamic: nothing to calibrate
             self._init_acts(denoiser, plans, data, device, limit, group_of, ctx)
         if cfg.rounding.method == "adaround" or (cfg.activations and cfg.activations.lsq_iters):
             summary["reconstruction"] = reconstruct(denoiser, ctx.teacher(), comp, cfg, data, device, limit,
@@ -173,6 +183,37 @@ class PTQStage:
             plans.append(plan)
         return plans
 
+    def _smoothing(self, denoiser, plans, data, device, limit, inputs, ctx) -> dict[str, tuple[torch.Tensor, float]]:
+        """Smoothing scale and alpha of each layer that gets one (METHODS §10; quant/ptq/smoothing.py)."""
+        cfg = self.config
+        eligible = []
+        for p in plans:
+            if not (p.weight_format or p.weight_search_bits):
+                continue
+            if getattr(denoiser.get_submodule(p.name), "groups", 1) != 1:
+                p.notes.append("not smoothed: grouped conv")
+                continue
+            eligible.append(p)
+        batches = ctx.progress(data.batches(cfg.batch_size, device, limit=limit), "ptq: smoothing statistics", None)
+        with torch.no_grad(), timestep_routing(denoiser):
+            act_max = channel_absmax(denoiser, [p.name for p in eligible], batches)
+        acts = cfg.activations
+        out = {}
+        for p in eligible:
+            wbits = parse_format(p.weight_format).bits if p.weight_format else p.weight_search_bits
+            aname = p.act_format or formats_for_bits(p.act_search_bits)[0].name
+            block = BLOCK_FORMATS.get(aname)
+            afmt = block.element if block else parse_format(aname)
+            gs = block.block if block else acts.group_size
+            s, alpha = choose_scale(denoiser.get_submodule(p.name), act_max[p.name], inputs.get(p.name),
+                                    cfg.smoothing.alpha, tuple(cfg.smoothing.search), wbits, afmt, acts.granularity, gs)
+            if s is None:
+                p.notes.append("not smoothed: no alpha beat the unsmoothed layer")
+                continue
+            p.notes.append(f"smoothed (alpha {alpha:g})")
+            out[p.name] = (s, alpha)
+        return out
+
     def _lowrank_rank(self, layer: torch.nn.Module, plan: LayerPlan, pruned: bool) -> int:
         """The low-rank branch's rank for ``layer`` (0: none; pruned and grouped layers get none:
         the residual would fill the pruned zeros, the branch conv does not take groups)."""
@@ -199,6 +240,8 @@ class PTQStage:
             per_channel = cfg.activations.granularity == "channel"
             act = {"format": afmt, "shape": list(act_param_shape(layer, per_channel)), "groups": groups,
                    "n_timesteps": n_t}
+            if cfg.activations.dynamic_group:
+                act["group_size"] = cfg.activations.dynamic_group
         if plan.split and gs:
             gs = 0
         return {"weight_format": wfmt, "group_size": gs, "act": act, "split": plan.split}
@@ -229,6 +272,7 @@ class PTQStage:
 
     def _output_loss(self, qlayer: QuantMixin, x: torch.Tensor, q: WeightQuantizer):
         shape = qlayer.weight.shape
+        x = qlayer.smoothed_input(x)  # the smoothed weight multiplies the smoothed input
         if isinstance(qlayer, torch.nn.Conv2d):
             ref = qlayer._conv_forward(x, qlayer.weight, qlayer.bias)
             return output_l2_loss(lambda wg: qlayer._conv_forward(x, wg.reshape(shape), qlayer.bias), ref, 1)
@@ -255,6 +299,8 @@ class PTQStage:
 
             def hook(module, args):
                 x = args[0].detach()
+                if isinstance(module, QuantMixin):  # the statistics of what the quantizer sees
+                    x = module.smoothed_input(x)
                 if sample_only:  # two rows spread over the batch, per chosen timestep
                     idx = torch.linspace(0, x.shape[0] - 1, min(OUTPUT_SEARCH_ROWS_PER_STEP, x.shape[0]))
                     rows = x[idx.round().long().unique()].clone()
@@ -355,7 +401,7 @@ class PTQStage:
             lay = denoiser.get_submodule(p.name)
             layers[p.name] = {
                 "weights": [q.fmt.name for q in lay.weight_quantizers()] or "fp",
-                "activations": [q.fmt.name for q in lay.act_quantizers()] or "fp",
+                "activations": [q.format_name for q in lay.act_quantizers()] or "fp",
                 **({"split": lay.split} if lay.split else {}),
                 **({"lowrank": lay.lowrank_rank} if getattr(lay, "lowrank_rank", 0) else {}),
                 **({"notes": p.notes} if p.notes else {}),

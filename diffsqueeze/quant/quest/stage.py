@@ -69,6 +69,7 @@ from diffsqueeze.quant.quest.sensitivity import (
 from diffsqueeze.quant.quest.time_layers import detect_time_layers
 from diffsqueeze.quant.quest.training import (
     GroupScales,
+    branch_params,
     denoiser_error,
     enforce_masks_of,
     grid_weights,
@@ -204,6 +205,7 @@ class QuestStage:
         scales = GroupScales([q for lay in layers.values() for q in lay.act_quantizers() if lay.quant_acts])
         report: dict = {"layers": len(names), "epochs_per_timestep": cfg.epochs, "timesteps": {}}
         weights = [p for lay in layers.values() for p in (lay.weight, lay.bias) if p is not None]
+        weights += branch_params(layers)
         t0 = time.perf_counter()
         steps = 0
         with grid_weights(layers, cfg.learn_rounding) as alphas:
@@ -249,7 +251,7 @@ class QuestStage:
         report: dict = {"layers": len(names), "epochs": cfg.epochs, "epoch_losses": [], "epoch_times_s": []}
         steps = 0
         with grid_weights(layers, rounding=False):
-            weights = [lay.weight for lay in layers.values()]
+            weights = [lay.weight for lay in layers.values()] + branch_params(layers)
             for p in (*weights, *scales.params):
                 p.requires_grad_(True)
             groups = [{"params": weights, "lr": cfg.lr}, {"params": scales.params, "lr": cfg.act_lr}]

@@ -53,7 +53,8 @@ def grid_weights(layers: dict[str, QuantMixin], rounding: bool) -> Iterator[list
     """Wrap the layers' weight quantizers (STE), optionally with rounding variables; yields V.
 
     On exit the weights are re-quantized onto their grid (hard rounding or RTN with the PTQ
-    scales) and the quantizers restored.
+    scales), low-rank branches (trained as :func:`branch_params`) are rounded to the float16
+    values export stores, and the quantizers restored.
     """
     swapped = []
     for lay in layers.values():
@@ -81,6 +82,13 @@ def grid_weights(layers: dict[str, QuantMixin], rounding: bool) -> Iterator[list
                 parts = [(q.finalize_rounding(w[:, sl]) if q.alpha is not None else q.quantize_rtn(w[:, sl]))
                          for q, sl in lay.weight_parts()]
                 w.copy_(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+            for p in branch_params(layers):
+                p.copy_(p.to(torch.float16).to(p.dtype))
+
+
+def branch_params(layers: dict[str, QuantMixin]) -> list[nn.Parameter]:
+    """The 16-bit low-rank branches of ``layers`` (METHODS §10): trained beside the weights."""
+    return [p for lay in layers.values() if getattr(lay, "lowrank_rank", 0) for p in (lay.lowrank_up, lay.lowrank_down)]
 
 
 class GroupScales:
@@ -160,4 +168,4 @@ def denoiser_error(student: nn.Module, teacher: nn.Module, data: CalibrationData
 
 
 __all__ = ["GridWeight", "grid_weights", "GroupScales", "quest_loss", "enforce_masks_of",
-           "peak_memory_mb", "denoiser_error"]
+           "peak_memory_mb", "denoiser_error", "branch_params"]
