@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 
@@ -18,6 +16,7 @@ from diffsqueeze.quant.primitives.block_formats import NVFP4, block_fake_quantiz
 from diffsqueeze.quant.primitives.dynamic_groups import dynamic_group_fake_quantize
 from diffsqueeze.quant.primitives.formats import parse_format
 from diffsqueeze.quant.ptq.config import ActQuantConfig
+from tests.quant.tiny_ptq_runs import reload_and_check_pixels, run_tiny_ptq
 
 
 def reference_group(values: list[float], fmt) -> list[float]:
@@ -114,25 +113,11 @@ def test_config_accepts_groups_and_block_formats():
 
 
 def test_run_with_dynamic_groups_exports_and_reloads_pixel_identical(tmp_path):
-    from diffsqueeze.loading import load_pipeline
-    from diffsqueeze.metrics.grid import generate_images
-    from diffsqueeze.pipelines.runner import run_recipe
-    from diffsqueeze.recipe import recipe_from_dict
-
-    recipe = {"model": "builtin:tiny-sd", "output_dir": str(tmp_path / "run"),
-              "calibration": {"num_samples": 2, "timesteps": 2, "num_inference_steps": 4, "batch_size": 2,
-                              "guidance_scale": 2.0},
-              "stages": [{"ptq": {"weights": {"bits": 4, "format": "int"},
+    run = run_tiny_ptq(tmp_path, {"weights": {"bits": 4, "format": "int"},
                                   "activations": {"bits": 4, "format": "int", "granularity": "group", "group_size": 16},
-                                  "rounding": {"method": "adaround", "iters": 2, "batch_size": 2}}}],
-              "eval": {"num_images": 2, "batch_size": 2, "seeds": [0], "grid_prompts": 1, "num_inference_steps": 3,
-                       "guidance_scale": 2.0, "features": "tiny-random", "save_images": True}}
-    run = run_recipe(recipe_from_dict(recipe))
+                                  "rounding": {"method": "adaround", "iters": 2, "batch_size": 2}})
     layers = json.loads((run / "manifest.json").read_text())["stages"][0]["summary"]["layers"]
     assert {a for v in layers.values() for a in v["activations"]} == {"int4", "int8"}  # first/last at 8 bits
-    pipe = load_pipeline(str(run / "model"))
+    pipe = reload_and_check_pixels(run)
     dyn = [m for m in pipe.unet.modules() if isinstance(m, ActQuantizer) and m.dynamic_group]
     assert dyn and all(m.dynamic_group == 16 for m in dyn)
-    images = generate_images(pipe, ["a photo of a cat", "a red car on a street"], [0, 1], 3, 2.0)
-    saved = [np.asarray(PIL.Image.open(run / "eval" / "images" / f"{i:06d}.png").convert("RGB")) for i in range(2)]
-    assert torch.equal(images, torch.from_numpy(np.stack(saved)).permute(0, 3, 1, 2))

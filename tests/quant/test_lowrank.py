@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from safetensors import safe_open
@@ -17,6 +16,7 @@ from diffsqueeze.errors import RecipeError
 from diffsqueeze.quant.nn.layers import make_quant_module
 from diffsqueeze.quant.primitives.formats import int_qparams
 from diffsqueeze.quant.ptq.config import LowRankConfig
+from tests.quant.tiny_ptq_runs import reload_and_check_pixels, run_tiny_ptq
 
 
 @pytest.mark.parametrize("layer,x", [(nn.Linear(64, 48), torch.randn(3, 64)),
@@ -68,20 +68,9 @@ def test_config():
 
 
 def test_run_exports_the_branch_in_float16_and_reloads_pixel_identical(tmp_path):
-    from diffsqueeze.loading import load_pipeline
-    from diffsqueeze.metrics.grid import generate_images
-    from diffsqueeze.pipelines.runner import run_recipe
-    from diffsqueeze.recipe import recipe_from_dict
-
-    recipe = {"model": "builtin:tiny-sd", "output_dir": str(tmp_path / "run"),
-              "calibration": {"num_samples": 2, "timesteps": 2, "num_inference_steps": 4, "batch_size": 2,
-                              "guidance_scale": 2.0},
-              "stages": [{"ptq": {"weights": {"bits": 4, "format": "int"}, "activations": {"bits": 8, "format": "int"},
+    run = run_tiny_ptq(tmp_path, {"weights": {"bits": 4, "format": "int"}, "activations": {"bits": 8, "format": "int"},
                                   "rounding": {"method": "adaround", "iters": 2, "batch_size": 2},
-                                  "lowrank": {"rank": 2}}}],
-              "eval": {"num_images": 2, "batch_size": 2, "seeds": [0], "grid_prompts": 1, "num_inference_steps": 3,
-                       "guidance_scale": 2.0, "features": "tiny-random", "save_images": True}}
-    run = run_recipe(recipe_from_dict(recipe))
+                                  "lowrank": {"rank": 2}})
     summary = json.loads((run / "manifest.json").read_text())["stages"][0]["summary"]
     assert summary["lowrank"]["layers"] > 0
     qmap = json.loads((run / "model" / "diffsqueeze.json").read_text())["quantization"]
@@ -91,10 +80,7 @@ def test_run_exports_the_branch_in_float16_and_reloads_pixel_identical(tmp_path)
     assert entry["packed_bytes"] >= 2 * 2 * (out + row)  # the float16 branch is counted
     with safe_open(str(run / "model" / qmap["components"]["unet"]["file"]), "pt") as f:
         assert f.get_tensor(f"{name}.lowrank_up").dtype == torch.float16
-    pipe = load_pipeline(str(run / "model"))
-    images = generate_images(pipe, ["a photo of a cat", "a red car on a street"], [0, 1], 3, 2.0)
-    saved = [np.asarray(PIL.Image.open(run / "eval" / "images" / f"{i:06d}.png").convert("RGB")) for i in range(2)]
-    assert torch.equal(images, torch.from_numpy(np.stack(saved)).permute(0, 3, 1, 2))
+    reload_and_check_pixels(run)
 
 
 def test_quest_trains_the_branch_and_leaves_float16_values():

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 from torch import nn
@@ -22,6 +20,7 @@ from diffsqueeze.quant.ptq.smoothing import (
     smoothing_scale,
     weight_column_absmax,
 )
+from tests.quant.tiny_ptq_runs import reload_and_check_pixels, run_tiny_ptq
 
 
 def test_scale_equals_the_float64_formula():
@@ -85,30 +84,17 @@ def test_config_errors():
 
 
 def test_run_with_smoothing_search_lowrank_and_groups_reloads_pixel_identical(tmp_path):
-    from diffsqueeze.loading import load_pipeline
-    from diffsqueeze.metrics.grid import generate_images
-    from diffsqueeze.pipelines.runner import run_recipe
     from diffsqueeze.quant.export.kernels import kernel_plan
-    from diffsqueeze.recipe import recipe_from_dict
 
-    recipe = {"model": "builtin:tiny-sd", "output_dir": str(tmp_path / "run"),
-              "calibration": {"num_samples": 2, "timesteps": 2, "num_inference_steps": 4, "batch_size": 2,
-                              "guidance_scale": 2.0},
-              "stages": [{"ptq": {"weights": {"bits": 4, "format": "int"},
+    run = run_tiny_ptq(tmp_path, {"weights": {"bits": 4, "format": "int"},
                                   "activations": {"bits": 4, "format": "int", "granularity": "group", "group_size": 16},
-                                  "smoothing": {"search": [0.25, 0.5, 0.75]}, "lowrank": {"rank": 2}}}],
-              "eval": {"num_images": 2, "batch_size": 2, "seeds": [0], "grid_prompts": 1, "num_inference_steps": 3,
-                       "guidance_scale": 2.0, "features": "tiny-random", "save_images": True}}
-    run = run_recipe(recipe_from_dict(recipe))
+                                  "smoothing": {"search": [0.25, 0.5, 0.75]}, "lowrank": {"rank": 2}})
     summary = json.loads((run / "manifest.json").read_text())["stages"][0]["summary"]
     assert summary["smoothing"]["layers"] > 0
     assert set(summary["smoothing"]["alphas"]) <= {"0.25", "0.5", "0.75"}
-    pipe = load_pipeline(str(run / "model"))
+    pipe = reload_and_check_pixels(run)
     smoothed = [m for m in pipe.unet.modules() if getattr(m, "smooth", None) is not None]
     assert len(smoothed) == summary["smoothing"]["layers"] and any(not torch.all(m.smooth == 1) for m in smoothed)
-    images = generate_images(pipe, ["a photo of a cat", "a red car on a street"], [0, 1], 3, 2.0)
-    saved = [np.asarray(PIL.Image.open(run / "eval" / "images" / f"{i:06d}.png").convert("RGB")) for i in range(2)]
-    assert torch.equal(images, torch.from_numpy(np.stack(saved)).permute(0, 3, 1, 2))
     plan = kernel_plan(pipe, device="cpu")
     assert all(v["compute"] == "simulated" for v in plan.values() if v)
 
