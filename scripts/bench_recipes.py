@@ -48,6 +48,8 @@ NO_QUEST = ("stages.1.quest.stage1.epochs=0", "stages.1.quest.stage2.epochs=0")
 BASELINE_BIN = ("stages.0.binarize.order2_groups=0", "stages.0.binarize.lrm.weight=0",
                 "stages.0.binarize.progressive=false", "stages.0.binarize.learn_scales=false")
 A32 = "stages.0.binarize.activations=null"
+NO_BRANCH = "stages.0.ptq.lowrank.fraction=0"
+SMOOTH = "stages.0.ptq.smoothing.search=[0.25,0.5,0.75]"
 
 TABLES: dict[str, tuple[str, list[Row]]] = {
     "ptq": ("Post-training quantization (`ptq` stage)", [
@@ -73,12 +75,22 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
         Row("w4a4-quest", "W4A4 INT PTQ + QuEST", "w4a4_quest", (), resume_from="w4a4-ptq"),
         Row("w4a8-quest", "W4A8 INT PTQ + QuEST", "w4a4_quest", ("stages.0.ptq.activations.bits=8",)),
     ]),
-    "svd": ("W4A4 with a low-rank branch (`ptq.lowrank`, SVDQuant)", [
+    "svd": ("W4A4 with dynamic group activations and a low-rank branch (SVDQuant-style, `w4a4_svd`)", [
         FP,
-        Row("w4a4-ptq", "W4A4 INT PTQ (learned rounding + LSQ)", "w4a4_quest", NO_QUEST),
-        Row("w4a4-ptq-lowrank", "W4A4 INT PTQ + low-rank branch (3% rank)", "w4a4_svd", NO_QUEST),
-        Row("w4a4-quest-lowrank", "W4A4 INT PTQ + low-rank branch + QuEST", "w4a4_svd", (),
-            resume_from="w4a4-ptq-lowrank"),
+        Row("w4a4-ptq", "W4A4 INT PTQ, static per-channel activations (the `quest` table's PTQ)", "w4a4_quest",
+            NO_QUEST),
+        Row("svd-rtn", "W4A4: FP4 weights, dynamic INT4 g16 activations, round-to-nearest", "w4a4_svd",
+            (NEAREST, NO_BRANCH, *NO_QUEST)),
+        Row("svd-rtn-smooth", "+ smoothing (alpha searched)", "w4a4_svd", (NEAREST, NO_BRANCH, SMOOTH, *NO_QUEST)),
+        Row("svd-rtn-lowrank", "+ low-rank branch (3% rank)", "w4a4_svd", (NEAREST, *NO_QUEST)),
+        Row("svd-rtn-both", "+ smoothing + low-rank branch", "w4a4_svd", (NEAREST, SMOOTH, *NO_QUEST)),
+        Row("svd-ptq", "low-rank branch + learned rounding", "w4a4_svd", NO_QUEST),
+        Row("svd-quest", "low-rank branch + learned rounding + QuEST (`configs/w4a4_svd.yaml`)", "w4a4_svd", (),
+            resume_from="svd-ptq"),
+        *[Row(f"{b}-w4a4{tag}", f"{b.upper()} weights and activations, round-to-nearest{label}", "w4a4_svd",
+              (f"stages.0.ptq.weights.format={b}", f"stages.0.ptq.activations.format={b}", NEAREST, *branch, *NO_QUEST))
+          for b in ("nvfp4", "mxfp4")
+          for tag, label, branch in (("", "", (NO_BRANCH,)), ("-lowrank", " + low-rank branch", ()))],
     ]),
     "binarydm": ("BinaryDM binarization (`binarize` stage)", [
         FP,

@@ -58,18 +58,19 @@ def test_smoothing_lowers_the_error_of_an_outlier_channel_and_search_keeps_the_b
     act_max = x.abs().amax(0)
     fmt = parse_format("int4")
     w_max = weight_column_absmax(layer.weight)
-    for wbits, alpha, most in ((4, 0.5, 0.85), (8, 0.75, 0.65)):  # measured 0.78 and 0.60 (W8A4: SmoothQuant's case)
-        plain = proxy_output_error(layer, x, torch.ones(64), wbits, fmt, "tensor", 64)
-        smoothed = proxy_output_error(layer, x, smoothing_scale(act_max, w_max, alpha), wbits, fmt, "tensor", 64)
+    for wfmt, alpha, most in (("int4", 0.5, 0.85), ("int8", 0.75, 0.65)):  # measured 0.78, 0.60 (W8A4: SmoothQuant's case)
+        wf = parse_format(wfmt)
+        plain = proxy_output_error(layer, x, torch.ones(64), wf, fmt, "tensor", 64)
+        smoothed = proxy_output_error(layer, x, smoothing_scale(act_max, w_max, alpha), wf, fmt, "tensor", 64)
         assert smoothed < most * plain
     cands = (0.0, 0.25, 0.5, 0.75, 1.0)
-    s, alpha = choose_scale(layer, act_max, x, None, cands, 4, fmt, "tensor", 64)
+    s, alpha = choose_scale(layer, act_max, x, None, cands, fmt, fmt, "tensor", 64)
     errors = {a: proxy_output_error(layer, x, smoothing_scale(act_max, weight_column_absmax(layer.weight), a),
-                                    4, fmt, "tensor", 64) for a in cands}
+                                    fmt, fmt, "tensor", 64) for a in cands}
     assert alpha == min(errors, key=errors.get)
     # a layer whose activations have no outliers: no candidate beats leaving it alone at alpha 1
     flat = torch.ones(256, 64)
-    assert choose_scale(layer, flat.abs().amax(0), flat, None, (1.0,), 4, fmt, "tensor", 64) == (None, None)
+    assert choose_scale(layer, flat.abs().amax(0), flat, None, (1.0,), fmt, fmt, "tensor", 64) == (None, None)
 
 
 def test_config_errors():

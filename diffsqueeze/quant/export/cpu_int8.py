@@ -51,6 +51,8 @@ def w8a8_int_problem(m: nn.Module) -> str | None:
         return "smoothing scale: not folded into the int8 kernel's input quantization"
     asymmetric = False
     for part in parts:
+        if part["storage"] == "block":
+            return f"weights {part['format']}: the int8 kernel takes 8-bit INT weights"
         fmt = parse_format(part["format"])
         if fmt.kind != "int" or fmt.bits != 8:
             return f"weights {part['format']}: the int8 kernel takes 8-bit INT weights"

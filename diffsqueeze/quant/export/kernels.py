@@ -52,7 +52,7 @@ def _bnb_target(m: nn.Module) -> str | None:
     if not isinstance(m, PackedMixin) or isinstance(m, PackedBinaryMixin) or not isinstance(m, nn.Linear):
         return None
     part = _weight_only_part(m)
-    if part is None or getattr(m, "lowrank_rank", 0) or getattr(m, "smooth", None) is not None:
+    if part is None or part["storage"] == "block" or getattr(m, "lowrank_rank", 0) or getattr(m, "smooth", None) is not None:
         return None
     fmt = parse_format(part["format"])
     if fmt.kind == "int" and fmt.bits == 8:

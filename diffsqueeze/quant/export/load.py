@@ -41,6 +41,7 @@ from diffsqueeze.quant.nn.swaps import (
     restore_modules,
     swap_module,
 )
+from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS
 from diffsqueeze.quant.primitives.formats import FPFormat, parse_format
 from diffsqueeze.quant.primitives.pack import packed_nbytes, unpack_bool
 
@@ -91,6 +92,12 @@ def _check_entry(key: str, entry: dict) -> None:
     for part in entry.get("parts") or [None]:
         if not isinstance(part, dict):
             raise ModelLoadError(f"quantization map: layer '{key}' has no weight parts")
+        if part.get("storage") == "block":
+            block = BLOCK_FORMATS.get(part.get("format"))
+            if block is None or part.get("bits") != block.bits or not isinstance(part.get("padded_row"), int):
+                raise ModelLoadError(f"quantization map: layer '{key}': block storage needs a block format "
+                                     f"({', '.join(BLOCK_FORMATS)}), its bits and padded_row; got {part.get('format')!r}")
+            continue
         try:
             fmt = parse_format(part["format"])
         except (ValueError, KeyError) as exc:
@@ -165,6 +172,15 @@ def _check_loaded(module: nn.Module, comp: str, layers: dict) -> None:
         layer = module.get_submodule(name)
         for i, part in enumerate(entry.get("parts", [])):
             q = getattr(layer, f"qweight{i}")
+            if part["storage"] == "block":
+                block = BLOCK_FORMATS[part["format"]]
+                n = part["shape"][0] * part["padded_row"]
+                s = getattr(layer, f"wscale{i}")
+                if q.dtype != torch.uint8 or q.numel() != packed_nbytes(n, block.bits) or s.numel() != n // block.block:
+                    raise ModelLoadError(f"{comp}/{name}: {block.name} codes/scales have {q.numel()}/{s.numel()} "
+                                         f"elements, the map's shape {part['shape']} needs "
+                                         f"{packed_nbytes(n, block.bits)}/{n // block.block}")
+                continue
             fmt = parse_format(part["format"])
             want = packed_nbytes(math.prod(part["shape"]), fmt.bits) if part["storage"] != "float8" else None
             if want is not None and (q.dtype != torch.uint8 or q.numel() != want):

@@ -39,8 +39,10 @@ from diffsqueeze.quant.nn.packed import (
     PackedMixin,
     shell_from,
 )
+from diffsqueeze.quant.nn.quantizers import BlockWeightQuantizer
 from diffsqueeze.quant.nn.swaps import swap_module
 from diffsqueeze.quant.primitives.binary import binary_bases
+from diffsqueeze.quant.primitives.block_formats import block_quantize, pack_block_codes
 from diffsqueeze.quant.primitives.formats import (
     FPFormat,
     bias_to_scale,
@@ -76,6 +78,15 @@ def _part_spec(q, part_w_hat: Tensor, scale_dtype: str) -> tuple[dict, dict[str,
     """Codes and scales of one weight part (``w_hat`` already on the quantizer's grid)."""
     fmt = q.fmt
     shape = tuple(part_w_hat.shape)
+    if isinstance(q, BlockWeightQuantizer):  # element codes and block scales in their real encodings
+        packed = pack_block_codes(block_quantize(q.padded_rows(part_w_hat), fmt), fmt)
+        tensors = {"qweight": packed["elements"], "wscale": packed["scales"]}
+        if "tensor_scale" in packed:
+            tensors["wscale_t"] = packed["tensor_scale"]
+        spec = {"format": fmt.name, "kind": "block", "bits": fmt.bits, "shape": list(shape), "numel": part_w_hat.numel(),
+                "padded_row": q.padded_row, "group_size": fmt.block, "n_groups": q.padded_row // fmt.block,
+                "storage": "block", "scale_dtype": scale_dtype}
+        return spec, tensors
     g = q.grouped(part_w_hat)
     ng = g.shape[1]
     sdt = FLOAT_DTYPES[scale_dtype]

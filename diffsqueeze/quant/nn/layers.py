@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffsqueeze.quant.nn.quantizers import ActQuantizer, WeightQuantizer
+from diffsqueeze.quant.nn.quantizers import ActQuantizer, BlockWeightQuantizer, WeightQuantizer
+from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantMixin", "QUANT_SWAPS", "quant_layer_types", "make_quant_module",
            "from_float", "rebuild_quant"]
@@ -52,12 +53,17 @@ class QuantMixin:
         wfmt = config.get("weight_format")
         gs = int(config.get("group_size") or 0)
         if wfmt:
+            def quantizer(fmt: str, shape: tuple[int, ...]):
+                if isinstance(fmt, str) and fmt.lower() in BLOCK_FORMATS:
+                    return BlockWeightQuantizer(fmt, shape)
+                return WeightQuantizer(fmt, shape, gs)
+
             if split:
-                self.weight_quant = WeightQuantizer(wfmt, (w.shape[0], split, *w.shape[2:]), gs)
-                self.weight_quant_2 = WeightQuantizer(config.get("weight_format_2") or wfmt,
-                                                      (w.shape[0], w.shape[1] - split, *w.shape[2:]), gs)
+                self.weight_quant = quantizer(wfmt, (w.shape[0], split, *w.shape[2:]))
+                self.weight_quant_2 = quantizer(config.get("weight_format_2") or wfmt,
+                                                (w.shape[0], w.shape[1] - split, *w.shape[2:]))
             else:
-                self.weight_quant = WeightQuantizer(wfmt, tuple(w.shape), gs)
+                self.weight_quant = quantizer(wfmt, tuple(w.shape))
         act = config.get("act")
         if act:
             shape = tuple(act["shape"])
@@ -157,13 +163,13 @@ class QuantMixin:
             return torch.cat([self.act_quant(a), self.act_quant_2(b)], dim=d)
         return self.act_quant(x)
 
-    def weight_quantizers(self) -> list[WeightQuantizer]:
+    def weight_quantizers(self) -> list[WeightQuantizer | BlockWeightQuantizer]:
         return [q for q in (getattr(self, "weight_quant", None), getattr(self, "weight_quant_2", None)) if q is not None]
 
     def act_quantizers(self) -> list[ActQuantizer]:
         return [q for q in (getattr(self, "act_quant", None), getattr(self, "act_quant_2", None)) if q is not None]
 
-    def weight_parts(self) -> list[tuple[WeightQuantizer, slice]]:
+    def weight_parts(self) -> list[tuple[WeightQuantizer | BlockWeightQuantizer, slice]]:
         """(quantizer, input-channel slice of the weight) pairs."""
         if self.split:
             return [(self.weight_quant, slice(0, self.split)), (self.weight_quant_2, slice(self.split, None))]

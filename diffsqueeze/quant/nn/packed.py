@@ -16,6 +16,9 @@ Buffers (``i`` = weight part: 0, and 1 for layers with shortcut splitting):
 * FP: ``qweight{i}`` packed ``sign|exponent|mantissa`` codes on the standard-bias grid (or, for
   the hardware FP8 formats, a ``torch.float8_*`` tensor shaped like the weight part);
   ``wscale{i}`` = ``bias_to_scale(bias)``, the searched real bias folded into a scale.
+* Block-scaled (NVFP4, MXFP4, MXFP8): ``qweight{i}`` the packed element codes of the rows
+  zero-padded to whole blocks; ``wscale{i}`` one byte per block (E8M0 or E4M3 bits);
+  ``wscale_t{i}`` NVFP4's FP32 tensor scale.
 * Binary: ``codes1`` (and ``codes2`` for order 2) one bit per weight; ``a1`` (``a2``); ``keep``
   one bit per weight where the layer was pruned (0 is no binary code).
 """
@@ -30,6 +33,7 @@ from torch import Tensor, nn
 
 from diffsqueeze.quant.nn.binary_layers import BinaryConv2d, BinaryLinear
 from diffsqueeze.quant.nn.layers import QuantConv2d, QuantLinear
+from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS, block_dequantize, unpack_block_codes
 from diffsqueeze.quant.primitives.formats import (
     FPFormat,
     fp_decode,
@@ -51,6 +55,14 @@ def _fp8_dtype(fmt: FPFormat) -> torch.dtype | None:
 
 def part_buffers(part: dict, out: int, device: Any = "meta") -> dict[str, Tensor]:
     """Empty buffers (names without the part index) that a weight part of this spec holds."""
+    if part["storage"] == "block":
+        fmt = BLOCK_FORMATS[part["format"]]
+        n = out * part["padded_row"]
+        bufs = {"qweight": torch.empty(packed_nbytes(n, fmt.bits), dtype=torch.uint8, device=device),
+                "wscale": torch.empty(n // fmt.block, dtype=torch.uint8, device=device)}
+        if fmt.scale == "e4m3+fp32":
+            bufs["wscale_t"] = torch.empty((), dtype=torch.float32, device=device)
+        return bufs
     fmt = parse_format(part["format"])
     rows = (out, part["numel"] // out)
     sdt = FLOAT_DTYPES[part["scale_dtype"]]
@@ -100,8 +112,16 @@ class PackedMixin:
         return w if w.dtype == dt else w.to(dt)
 
     def _decode_part(self, i: int, part: dict) -> Tensor:
-        fmt = parse_format(part["format"])
         shape = tuple(part["shape"])
+        if part["storage"] == "block":
+            fmt = BLOCK_FORMATS[part["format"]]
+            stored = {"elements": getattr(self, f"qweight{i}"), "scales": getattr(self, f"wscale{i}")}
+            if fmt.scale == "e4m3+fp32":
+                stored["tensor_scale"] = getattr(self, f"wscale_t{i}")
+            rows = (shape[0], part["padded_row"])
+            w = block_dequantize(unpack_block_codes(stored, fmt, rows), fmt, torch.float32)
+            return w[:, : part["numel"] // shape[0]].reshape(shape)
+        fmt = parse_format(part["format"])
         out = shape[0]
         q = getattr(self, f"qweight{i}")
         scale = getattr(self, f"wscale{i}").to(torch.float32)

@@ -155,6 +155,48 @@ class WeightQuantizer(nn.Module):
         return f"{self.fmt.name}, group_size={self.group_size}"
 
 
+class BlockWeightQuantizer(nn.Module):
+    """Round-to-nearest of a weight in a block-scaled format (NVFP4, MXFP4, MXFP8; METHODS §10).
+
+    Each block of consecutive inputs of an output row shares a scale computed from the block
+    itself (NVFP4: times one FP32 scale per weight tensor), so there is nothing to search or
+    learn; rows are zero-padded to whole blocks (the padding is stored, and cut off on decode).
+    Learned rounding is not built for these formats: :meth:`init_rounding` leaves the quantizer
+    at round-to-nearest (QuEST then trains the weight through it, straight through).
+
+    Args:
+        fmt: ``nvfp4``, ``mxfp4`` or ``mxfp8``.
+        weight_shape: Shape of the weight it quantizes.
+    """
+
+    def __init__(self, fmt: str, weight_shape: tuple[int, ...]):
+        super().__init__()
+        self.fmt = BLOCK_FORMATS[fmt.lower()]
+        self.weight_shape = tuple(weight_shape)
+        self.row = math.prod(self.weight_shape[1:])
+        self.padded_row = -(-self.row // self.fmt.block) * self.fmt.block
+        self.group_size = self.row  # one part per row for the callers that ask (no searched scales)
+        self.alpha = None
+        self.is_int = False
+
+    def padded_rows(self, w: Tensor) -> Tensor:
+        """``w`` as ``(out, padded_row)``, zero-padded to whole blocks."""
+        rows = w.reshape(w.shape[0], -1)
+        return F.pad(rows, (0, self.padded_row - self.row)) if self.padded_row > self.row else rows
+
+    def quantize_rtn(self, w: Tensor) -> Tensor:
+        return block_fake_quantize(self.padded_rows(w), self.fmt)[:, : self.row].reshape(w.shape)
+
+    def init_rounding(self, w: Tensor) -> None:
+        """No rounding variables: block formats stay round-to-nearest (class docstring)."""
+
+    def forward(self, w: Tensor) -> Tensor:
+        return self.quantize_rtn(w)
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt.name}, blocks of {self.fmt.block}"
+
+
 class ActQuantizer(nn.Module):
     """Activation fake quantizer with timestep groups and an LSQ-learnable scale.
 

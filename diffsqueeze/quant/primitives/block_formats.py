@@ -83,6 +83,15 @@ class BlockFormat:
     block: int
     scale: ScaleKind
 
+    @property
+    def bits(self) -> int:
+        """Bits of one element code (the block scales come on top: :func:`block_bytes`)."""
+        return self.element.bits
+
+    @property
+    def kind(self) -> str:
+        return "block"
+
     def __post_init__(self) -> None:
         if self.scale not in ("e8m0", "e4m3+fp32"):
             raise ValueError(f"block format {self.name}: unknown scale kind {self.scale!r}; use 'e8m0' or 'e4m3+fp32'")

@@ -77,7 +77,9 @@ class WeightQuantConfig:
     Attributes:
         bits: bit-width (INT 2..8; FP widths 4, 6, 8).
         format: ``int`` (asymmetric), ``int_sym``, ``fp`` (per-layer search among the FP
-            formats of ``bits``) or a format name (``fp4_e2m1``, ``fp8_e4m3_hw``, ``int4``).
+            formats of ``bits``) or a format name (``fp4_e2m1``, ``fp8_e4m3_hw``, ``int4``), or a
+            block-scaled format (``nvfp4``, ``mxfp4``, ``mxfp8``: scales per block of inputs in
+            their real encodings, round-to-nearest only; ``granularity`` stays ``channel``).
         granularity: ``channel`` (per output channel) or ``group`` (groups of inputs).
         group_size: inputs per group when ``granularity: group``.
         search: scale/bias search loss: ``mse`` of the weight or ``output`` (L2 of the layer
@@ -94,7 +96,15 @@ class WeightQuantConfig:
     search_steps: int = 100
 
     def __post_init__(self) -> None:
-        format_spec(self.format, self.bits, "")
+        block = BLOCK_FORMATS.get(self.format.strip().lower())
+        if block is not None:
+            if block.bits != self.bits:
+                raise RecipeError("bits", f"format {block.name} has {block.bits}-bit elements but bits is {self.bits}")
+            if self.granularity != "channel":
+                raise RecipeError("granularity", f"format {block.name} scales its own blocks of {block.block} inputs: "
+                                  "leave granularity at channel")
+        else:
+            format_spec(self.format, self.bits, "")
         if self.search_steps < 1:
             raise RecipeError("search_steps", f"must be >= 1, got {self.search_steps}")
         if self.granularity == "group" and self.group_size < 1:
@@ -102,6 +112,9 @@ class WeightQuantConfig:
 
     @property
     def spec(self) -> tuple[str, int, str | None]:
+        block = BLOCK_FORMATS.get(self.format.strip().lower())
+        if block is not None:
+            return "block", self.bits, block.name
         return format_spec(self.format, self.bits, "")
 
 
@@ -327,6 +340,9 @@ class PTQConfig:
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
 
     def __post_init__(self) -> None:
+        if self.weights.spec[0] == "block" and self.rounding.method != "nearest":
+            raise RecipeError("rounding.method", f"weights {self.weights.format} are round-to-nearest only (learned "
+                              "rounding is not built for block-scaled formats): set rounding.method: nearest")
         if self.smoothing.enabled and self.activations is None:
             raise RecipeError("smoothing", "smoothing moves activation outliers into the weights: it needs "
                               "activations (weight-only quantization has none)")

@@ -9,9 +9,9 @@ fed by GroupNorm/SiLU/attention outputs, where folding it into the previous op w
 per-architecture graph rewrite.
 
 ``alpha`` is fixed, or searched per layer among candidates by a proxy of the quantized output
-error on calibration inputs: weights round-to-nearest per output channel on a min-max range at
-the layer's weight bits (INT grid for every weight format), activations as the recipe quantizes
-them (dynamic groups, or a min-max range per tensor / per channel). A layer for which no
+error on calibration inputs: weights round-to-nearest per output channel in the layer's format
+on its min-max (INT) or absmax (FP) range, without the stage's scale search; activations as the
+recipe quantizes them (dynamic groups, or a min-max range per tensor / per channel). A layer for which no
 candidate beats the unsmoothed layer on the proxy is left unsmoothed.
 """
 
@@ -84,7 +84,7 @@ def _minmax_fake(x: Tensor, fmt: IntFormat | FPFormat, dims: tuple[int, ...] | N
     return fp_quantize(x / s, fmt, fmt.standard_bias, check=False) * s
 
 
-def proxy_output_error(layer: nn.Module, x: Tensor, s: Tensor, weight_bits: int,
+def proxy_output_error(layer: nn.Module, x: Tensor, s: Tensor, weight_fmt: IntFormat | FPFormat,
                        act_fmt: IntFormat | FPFormat, granularity: str, group_size: int) -> float:
     """Squared output error of the smoothed layer under the proxy quantization (module docstring)."""
     conv = isinstance(layer, nn.Conv2d)
@@ -92,9 +92,7 @@ def proxy_output_error(layer: nn.Module, x: Tensor, s: Tensor, weight_bits: int,
     cdim = 1 if conv else -1
     shape = (1, -1, 1, 1) if conv else (-1,)
     ws = w * s.reshape(1, -1, *([1] * (w.dim() - 2)))
-    rows = ws.reshape(ws.shape[0], -1)
-    sc, z = int_qparams(rows.amin(1, keepdim=True), rows.amax(1, keepdim=True), weight_bits, False)
-    wq = int_fake_quantize(rows, sc, z, bits=weight_bits, symmetric=False, check=False).reshape(w.shape)
+    wq = _minmax_fake(ws.reshape(ws.shape[0], -1), weight_fmt, (1,)).reshape(w.shape)
     xs = x.float() / s.reshape(shape)
     if granularity == "group":
         xq = dynamic_group_fake_quantize(xs, act_fmt, group_size, dim=cdim)
@@ -111,7 +109,7 @@ def proxy_output_error(layer: nn.Module, x: Tensor, s: Tensor, weight_bits: int,
 
 
 def choose_scale(layer: nn.Module, act_max: Tensor, x: Tensor | None, alpha: float | None,
-                 candidates: tuple[float, ...], weight_bits: int, act_fmt: IntFormat | FPFormat,
+                 candidates: tuple[float, ...], weight_fmt: IntFormat | FPFormat, act_fmt: IntFormat | FPFormat,
                  granularity: str, group_size: int) -> tuple[Tensor | None, float | None]:
     """The smoothing scale of ``layer`` and its alpha; ``(None, None)``: leave it unsmoothed."""
     w_max = weight_column_absmax(layer.weight).to(act_max.device)
@@ -121,7 +119,7 @@ def choose_scale(layer: nn.Module, act_max: Tensor, x: Tensor | None, alpha: flo
         return None, None
 
     def err(s: Tensor) -> float:
-        return proxy_output_error(layer, x, s, weight_bits, act_fmt, granularity, group_size)
+        return proxy_output_error(layer, x, s, weight_fmt, act_fmt, granularity, group_size)
 
     best_alpha, best = None, err(torch.ones_like(act_max))
     for a in candidates:

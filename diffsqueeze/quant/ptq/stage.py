@@ -33,7 +33,7 @@ from diffsqueeze.pipelines.stage_helpers import call_denoiser, stage_component
 from diffsqueeze.prune.masks import enforce_masks
 from diffsqueeze.quant.nn.attention import is_attention, quantize_softmax
 from diffsqueeze.quant.nn.layers import QuantMixin, act_param_shape, make_quant_module
-from diffsqueeze.quant.nn.quantizers import ActQuantizer, WeightQuantizer
+from diffsqueeze.quant.nn.quantizers import ActQuantizer, BlockWeightQuantizer, WeightQuantizer
 from diffsqueeze.quant.nn.routing import (
     attach_timestep_routing,
     group_assignment,
@@ -200,13 +200,14 @@ class PTQStage:
         acts = cfg.activations
         out = {}
         for p in eligible:
-            wbits = parse_format(p.weight_format).bits if p.weight_format else p.weight_search_bits
+            wname = p.weight_format or formats_for_bits(p.weight_search_bits)[0].name
+            wfmt = BLOCK_FORMATS[wname].element if wname in BLOCK_FORMATS else parse_format(wname)
             aname = p.act_format or formats_for_bits(p.act_search_bits)[0].name
             block = BLOCK_FORMATS.get(aname)
             afmt = block.element if block else parse_format(aname)
             gs = block.block if block else acts.group_size
             s, alpha = choose_scale(denoiser.get_submodule(p.name), act_max[p.name], inputs.get(p.name),
-                                    cfg.smoothing.alpha, tuple(cfg.smoothing.search), wbits, afmt, acts.granularity, gs)
+                                    cfg.smoothing.alpha, tuple(cfg.smoothing.search), wfmt, afmt, acts.granularity, gs)
             if s is None:
                 p.notes.append("not smoothed: no alpha beat the unsmoothed layer")
                 continue
@@ -253,6 +254,8 @@ class PTQStage:
         w = qlayer.weight.detach()
         steps = self.config.weights.search_steps
         for q, sl in qlayer.weight_parts():
+            if isinstance(q, BlockWeightQuantizer):  # block scales come from the blocks: nothing to search
+                continue
             part = w[:, sl]
             g = q.grouped(part)
             loss_fn = None

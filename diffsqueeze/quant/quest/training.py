@@ -18,7 +18,7 @@ from diffsqueeze.pipelines.calibration import CalibrationData
 from diffsqueeze.pipelines.stage_helpers import call_denoiser
 from diffsqueeze.process_memory import peak_rss_mb
 from diffsqueeze.quant.nn.layers import QuantMixin
-from diffsqueeze.quant.nn.quantizers import ActQuantizer, WeightQuantizer
+from diffsqueeze.quant.nn.quantizers import ActQuantizer, BlockWeightQuantizer, WeightQuantizer
 from diffsqueeze.quant.nn.routing import timestep_routing
 from diffsqueeze.quant.nn.swaps import swap_module
 from diffsqueeze.quant.quest.sensitivity import calibration_subset
@@ -31,7 +31,7 @@ class GridWeight(nn.Module):
     gradients: straight-through to W, and the soft-rounding gradient to V.
     """
 
-    def __init__(self, inner: WeightQuantizer):
+    def __init__(self, inner: WeightQuantizer | BlockWeightQuantizer):
         super().__init__()
         self.inner = inner
 
@@ -60,7 +60,7 @@ def grid_weights(layers: dict[str, QuantMixin], rounding: bool) -> Iterator[list
     for lay in layers.values():
         for attr in ("weight_quant", "weight_quant_2"):
             q = getattr(lay, attr, None)
-            if isinstance(q, WeightQuantizer):
+            if isinstance(q, (WeightQuantizer, BlockWeightQuantizer)):
                 swapped.append((lay, attr, q))
     if rounding:
         for lay, attr, q in swapped:
