@@ -132,6 +132,10 @@ def format_description(desc: dict, manifest: dict | None = None, layers: bool = 
             for lname, rec in c["layers"].items():
                 extra = " ".join(f"{k}={v}" for k, v in rec.items()
                                  if k not in ("type", "numel", "zero_fraction", "compute", "compute_reason", "act"))
+                act = rec.get("act") or {}
+                if act:  # static (per tensor / channel, timestep groups) or dynamic per token group
+                    extra += f" acts={act.get('format')}" + (
+                        f" dynamic g{act['group_size']}" if act.get("group_size") else f" {act.get('groups', 1)} timestep groups")
                 if "compute" in rec:
                     extra += f" | {rec['compute']}" + (f": {rec['compute_reason']}" if "compute_reason" in rec else "")
                 lines.append(f"  {lname:<60} {rec['type']:<8} {rec['numel']:>10,} zeros {rec['zero_fraction']:>7.2%} {extra}")
