@@ -64,7 +64,9 @@ class Provenance:
     notes: list[str] = field(default_factory=list)
 
     def text(self) -> str:
-        against = (f"vs {self.reference} ({self.num_reference} images) and " if self.num_reference else "")
+        count = f"{self.num_reference} images"
+        ref = self.reference if count in self.reference else f"{self.reference} ({count})"  # a source may say it
+        against = f"vs {ref} and " if self.num_reference else ""
         parts = [f"FID: {self.fid}; {self.num_images} generated images per row {against}vs the FP row's "
                  f"{self.num_images} images (same prompts and seeds)"]
         parts.append(f"CLIP score: {self.clip}" if self.clip else "CLIP score: not available")
