@@ -32,12 +32,14 @@ def test_adaln_projections_are_the_time_layers():
 
 
 def test_quest_on_tiny_dit(tmp_path):
+    # lr 3e-3: at 1e-2 one epoch on one sample overshoots on some initializations (seen when the
+    # weight scale search changed slightly: the error rose from 0.00207 to 0.00245)
     stages = [{"ptq": {"weights": {"bits": 4, "search_steps": 10},
                        "activations": {"bits": 4, "granularity": "channel", "timestep_groups": 2,
                                        "search_values": 4096}}},
               {"quest": {"sensitive_layers": {"patterns": ["*attn.to_q", "*attn.to_k", "*attn.to_v"]},
-                         "stage1": {"epochs": 1, "samples": 1, "batch_size": 1, "lr": 1e-2, "act_lr": 1e-3},
-                         "stage2": {"epochs": 2, "samples": 2, "batch_size": 2, "lr": 1e-2, "act_lr": 1e-3}}}]
+                         "stage1": {"epochs": 1, "samples": 1, "batch_size": 1, "lr": 3e-3, "act_lr": 1e-3},
+                         "stage2": {"epochs": 2, "samples": 2, "batch_size": 2, "lr": 3e-3, "act_lr": 1e-3}}}]
     recipe, ctx = make_ctx("builtin:tiny-dit", tmp_path, stages, CALIB)
     pipe = load_pipeline("builtin:tiny-dit")
     PTQStage(recipe.stages[0].config).apply(pipe, ctx)

@@ -138,7 +138,7 @@ def test_int_scale_search_loss_fn_and_chunking(monkeypatch):
     per_channel = lambda wh: (wh - w).abs().pow(2.4).mean(1)  # noqa: E731  same as default
     via_fn = S.int_scale_search(w, 4, symmetric=True, axis=0, loss_fn=per_channel)
     assert torch.equal(base[0], via_fn[0])
-    monkeypatch.setattr(S, "MAX_ELEMENTS", 1000)  # 5 candidates per chunk
+    monkeypatch.setattr(S, "BLOCK_ELEMENTS", 400)  # two channels per block
     chunked = S.int_scale_search(w, 4, symmetric=True, axis=0)
     assert torch.equal(base[0], chunked[0])
     # a scalar loss shares one candidate index: every channel shrinks by the same factor
@@ -147,6 +147,23 @@ def test_int_scale_search_loss_fn_and_chunking(monkeypatch):
     assert torch.allclose(ratio, ratio[0].expand(4))
     with pytest.raises(ValueError, match="loss_fn returned 3 values; expected 1 or one per channel \\(4\\)"):
         S.int_scale_search(w, 4, symmetric=True, axis=0, loss_fn=lambda wh: torch.ones(3))
+
+
+@pytest.mark.parametrize("bits,sym", [(8, False), (8, True), (4, False), (4, True), (3, True)])
+def test_int_scale_search_coarse_to_fine_finds_the_exhaustive_optimum(bits, sym):
+    g = _gen(7)
+    w = torch.randn(96, 2000, dtype=torch.float64, generator=g) * 0.02
+    w[:48] *= torch.randn(48, 2000, dtype=torch.float64, generator=g).exp()  # heavy tails (log-normal scale mix)
+    w[::7, :3] *= 10  # outliers in some channels
+    exact = S.int_scale_search(w, bits, sym, axis=0)
+    fast = S.int_scale_search(w, bits, sym, axis=0, coarse_step=8)
+
+    def total_loss(scale, zp):
+        return S.lp_error(w, F.int_fake_quantize(w, scale, zp, bits=bits, symmetric=sym), 2.4, 0).sum()
+
+    same = (exact[0] == fast[0]).double().mean()
+    assert same >= 0.95
+    assert total_loss(*fast) <= total_loss(*exact) * (1 + 1e-4)
 
 
 def test_int_search_errors():

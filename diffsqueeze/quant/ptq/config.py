@@ -86,6 +86,10 @@ class WeightQuantConfig:
             output on calibration inputs, METHODS §3).
         search_steps: FP bias candidates ``beta_0 * i / search_steps`` (paper: 100); INT
             scale candidates shrink the range by 1% each, 80 of them (METHODS §2).
+        scale_search: how the INT candidates are scored under ``search: mse``:
+            ``coarse_to_fine`` (every 8th, then halving steps around each channel's best: 16
+            passes over the weight instead of 80, the exhaustive optimum in almost every
+            channel) or ``exhaustive`` (all 80).
     """
 
     bits: int = 8
@@ -94,6 +98,7 @@ class WeightQuantConfig:
     group_size: int = 128
     search: Literal["mse", "output"] = "mse"
     search_steps: int = 100
+    scale_search: Literal["coarse_to_fine", "exhaustive"] = "coarse_to_fine"
 
     def __post_init__(self) -> None:
         block = BLOCK_FORMATS.get(self.format.strip().lower())
