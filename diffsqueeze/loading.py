@@ -17,18 +17,20 @@ from diffsqueeze.quant.export.kernels import decode_weights_once, use_real_kerne
 from diffsqueeze.quant.export.load import ARTIFACT_FORMATS
 
 
-def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32") -> tuple[DiffusionPipeline, CompressionState]:
+def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32",
+                    shared: dict | None = None) -> tuple[DiffusionPipeline, CompressionState]:
     """A runnable pipeline and its compression state (masks, module records).
 
     Args:
         spec: ``builtin:NAME``, a diffusers folder, a run directory (its ``model/``), or a hub id.
         device: torch device string.
         dtype: ``float32`` | ``float16`` | ``bfloat16``.
+        shared: components taken as given instead of read (see :func:`diffsqueeze.models.io.load_with_state`).
 
     Raises:
         ModelLoadError: nothing loadable at ``spec`` or its files are damaged.
     """
-    return io.load_with_state(spec, device, dtype, formats=ARTIFACT_FORMATS)
+    return io.load_with_state(spec, device, dtype, formats=ARTIFACT_FORMATS, shared=shared)
 
 
 KERNEL_MODES = ("simulated", "real")

@@ -29,3 +29,14 @@ def current_rss_mb() -> float:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process image (``VmHWM``), MiB."""
     return _status_mb("VmHWM:")
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak: ``VmHWM`` drops to the current RSS (Linux ``clear_refs`` value 5), so
+    the next :func:`peak_rss_mb` is the peak of what ran since. False where it cannot be reset
+    (then the peak stays the process's own since it started)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True

@@ -16,8 +16,8 @@ STAGES: dict[str, StageEntry] = {
     entry.name: entry
     for entry in (
         StageEntry("prune", PruneConfig, PruneStage),
-        StageEntry("ptq", PTQConfig, PTQStage),
-        StageEntry("quest", QuestConfig, QuestStage),
-        StageEntry("binarize", BinarizeConfig, BinarizeStage),
+        StageEntry("ptq", PTQConfig, PTQStage, calibrated=True),
+        StageEntry("quest", QuestConfig, QuestStage, calibrated=True),
+        StageEntry("binarize", BinarizeConfig, BinarizeStage, calibrated=True),
     )
 }

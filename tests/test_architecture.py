@@ -16,7 +16,7 @@ MAX_LINES = 450
 # import its own layer and the ones below.
 LAYERS: list[tuple[str, ...]] = [
     ("diffsqueeze.errors", "diffsqueeze.config_parse", "diffsqueeze.console", "diffsqueeze.version",
-     "diffsqueeze.process_memory"),
+     "diffsqueeze.process_memory", "diffsqueeze.bitmask"),
     ("diffsqueeze.models",),
     ("diffsqueeze.pipelines.stage", "diffsqueeze.pipelines.context", "diffsqueeze.pipelines.calibration",
      "diffsqueeze.pipelines.faults", "diffsqueeze.pipelines.manifest", "diffsqueeze.pipelines.stage_helpers",

@@ -27,3 +27,22 @@ assert not math.isnan(current_rss_mb())
 def test_peak_is_at_least_current_and_grows_with_an_allocation():
     result = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+RESET = """
+from diffsqueeze.process_memory import current_rss_mb, peak_rss_mb, reset_peak_rss
+block = bytearray(128 * 2**20)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+high = peak_rss_mb()
+del block
+assert reset_peak_rss()
+assert peak_rss_mb() < high - 100, (high, peak_rss_mb())
+assert peak_rss_mb() >= current_rss_mb() - 1
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/clear_refs is Linux-only")
+def test_reset_starts_a_new_peak():
+    result = subprocess.run([sys.executable, "-c", RESET], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

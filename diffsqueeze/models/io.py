@@ -140,7 +140,8 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: str = "float32",
 
 
 def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32",
-                    formats: Sequence[ArtifactFormat] = ()) -> tuple[DiffusionPipeline, CompressionState]:
+                    formats: Sequence[ArtifactFormat] = (),
+                    shared: dict[str, torch.nn.Module] | None = None) -> tuple[DiffusionPipeline, CompressionState]:
     """Load a pipeline and its compression state.
 
     Args:
@@ -150,6 +151,9 @@ def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32",
         formats: the compressed-artifact formats to recognize (:mod:`diffsqueeze.loading`
             passes every format diffsqueeze writes); a folder none of them claims loads as a
             plain diffusers folder plus its pruning masks.
+        shared: components to use as given instead of reading them (a plain diffusers folder or
+            hub id only: a builtin or compressed artifact loads whole). The run's teacher takes
+            the components no stage changes from the student this way: one copy in memory.
 
     Raises:
         ModelLoadError: nothing loadable at ``spec`` or its files are damaged.
@@ -167,7 +171,7 @@ def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32",
         if fmt is not None:
             pipe, state = fmt.build(folder, state, _from_pretrained)
         else:
-            pipe = _from_pretrained(str(folder) if folder else spec)
+            pipe = _from_pretrained(str(folder) if folder else spec, **(shared or {}))
     for module in pipe.components.values():  # models built from configs are in training mode until told
         if isinstance(module, torch.nn.Module):
             module.eval()

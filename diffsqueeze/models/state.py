@@ -7,12 +7,16 @@ exported model (``diffsqueeze.json`` + ``masks.safetensors`` beside the diffuser
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from diffsqueeze.bitmask import pack_bool, unpack_bool
 from diffsqueeze.errors import ModelLoadError
 
 STATE_FILE = "diffsqueeze.json"
@@ -32,20 +36,81 @@ def without_run_costs(obj):
     return obj
 
 
+PACKED_MASKS = "diffsqueeze-packed-masks"
+
+
+class MaskStore(MutableMapping):
+    """``key -> bool keep-mask``, held at one bit per weight.
+
+    Reading a key unpacks that mask (a fresh bool tensor); assigning packs it. Iterating over
+    ``items()`` unpacks one mask at a time, so a pass over an SDXL UNet's masks never holds more
+    than one of them unpacked (all of them as bool would be a quarter of its FP32 size).
+    """
+
+    def __init__(self, masks: dict | None = None):
+        self._packed: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
+        for key, mask in (masks or {}).items():
+            self[key] = mask
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        packed, shape = self._packed[key]
+        return unpack_bool(packed, shape)
+
+    def __setitem__(self, key: str, mask: torch.Tensor) -> None:
+        self._packed[key] = (pack_bool(mask.detach().cpu().bool()), tuple(mask.shape))
+
+    def __delitem__(self, key: str) -> None:
+        del self._packed[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def packed(self) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+        """``key -> (bits, shape)`` without unpacking."""
+        return dict(self._packed)
+
+
+def _read_masks(path: Path) -> MaskStore:
+    """Masks of ``masks.safetensors``: packed bits with their shapes in the metadata, or (files
+    written before masks were packed) one bool tensor per key."""
+    store = MaskStore()
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        shapes = json.loads(meta["shapes"]) if meta.get("format") == PACKED_MASKS else None
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if shapes is None:
+                store[key] = t
+            else:
+                shape = tuple(shapes[key])
+                if t.dtype != torch.uint8 or t.numel() != -(-math.prod(shape) // 8):
+                    raise ValueError(f"mask '{key}': {t.numel()} {t.dtype} values do not hold a {shape} mask")
+                store._packed[key] = (t, shape)
+    return store
+
+
 @dataclass
 class CompressionState:
     """Masks and per-module records of a compressed pipeline.
 
     Attributes:
-        masks: ``"<component>/<parameter name>"`` -> bool tensor, True where the weight is kept.
+        masks: ``"<component>/<parameter name>"`` -> bool tensor, True where the weight is kept
+            (a :class:`MaskStore`: held at one bit per weight).
         modules: ``"<component>/<module name>"`` -> JSON-able record of how the module was
             changed (quantized module class and its config); later stages add to it.
         history: one summary per applied stage, in order.
     """
 
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: MaskStore = field(default_factory=MaskStore)
     modules: dict[str, dict] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.masks, MaskStore):
+            self.masks = MaskStore(self.masks)
 
     def save(self, folder: Path) -> None:
         """Write ``diffsqueeze.json`` and (if any) ``masks.safetensors`` into ``folder``."""
@@ -53,7 +118,9 @@ class CompressionState:
         meta = {"version": STATE_VERSION, "modules": self.modules, "history": without_run_costs(self.history),
                 "masks": MASKS_FILE if self.masks else None}
         if self.masks:
-            save_file({k: v.to(torch.bool).contiguous().cpu() for k, v in self.masks.items()}, str(folder / MASKS_FILE))
+            packed = self.masks.packed()
+            save_file({k: bits for k, (bits, _) in packed.items()}, str(folder / MASKS_FILE),
+                      metadata={"format": PACKED_MASKS, "shapes": json.dumps({k: list(s) for k, (_, s) in packed.items()})})
         (folder / STATE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
 
     @classmethod
@@ -72,7 +139,7 @@ class CompressionState:
         masks = {}
         if meta.get("masks"):
             try:
-                masks = load_file(str(folder / meta["masks"]))
+                masks = _read_masks(folder / meta["masks"])
             except Exception as exc:  # safetensors raises several types for damaged files
                 raise ModelLoadError(f"cannot read pruning masks {folder / meta['masks']}: {exc}") from exc
         return cls(masks=masks, modules=meta.get("modules", {}), history=meta.get("history", []))

@@ -374,5 +374,8 @@ def collect_calibration(ctx, pipe=None) -> CalibrationData:
     """Record (or reuse) the run's calibration data from the FP teacher: ``run_dir/calibration/<key>``."""
     calib = ctx.recipe.calibration
     key = calibration_key(ctx.recipe.model, calib, ctx.recipe.seed)
+    folder = Path(ctx.run_dir) / CALIB_DIR / key
+    if (folder / META).is_file():  # recorded already: no teacher is loaded for it
+        return CalibrationData(folder)
     teacher = pipe if pipe is not None else ctx.teacher()
-    return record_calibration(teacher, calib, Path(ctx.run_dir) / CALIB_DIR / key, ctx.recipe.seed, ctx.progress)
+    return record_calibration(teacher, calib, folder, ctx.recipe.seed, ctx.progress)

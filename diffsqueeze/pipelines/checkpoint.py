@@ -59,8 +59,15 @@ def write_checkpoint(pipe: DiffusionPipeline, state: CompressionState, changed: 
     modules = module_components(pipe)
     names = sorted(changed)
     for i, name in enumerate(names):
-        # Shared tensors (tied weights) are stored once each by cloning; safetensors refuses aliases.
-        sd = {k: v.clone() for k, v in modules[name].state_dict().items()}
+        # Shared tensors (tied weights) are stored once each by cloning the second and later
+        # names (safetensors refuses aliases); the rest are written as they are: cloning all
+        # would hold a second copy of a 10 GB UNet.
+        sd, seen = {}, set()
+        for k, v in modules[name].state_dict().items():
+            ptr = v.untyped_storage().data_ptr() if v.numel() else None
+            sd[k] = v.clone() if ptr in seen else v
+            if ptr is not None:
+                seen.add(ptr)
         _write_fsync(tmp / f"{name}.safetensors", sd)
         if i == 0:
             maybe_kill("checkpoint")

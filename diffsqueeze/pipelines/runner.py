@@ -6,6 +6,7 @@ import hashlib
 import logging
 import random
 import shutil
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -18,6 +19,7 @@ from diffsqueeze.config_parse import join_path
 from diffsqueeze.errors import DiffsqueezeError, RecipeError, RunDirError, one_line
 from diffsqueeze.loading import load_pipeline, load_with_state
 from diffsqueeze.models import save_pipeline
+from diffsqueeze.pipelines.calibration import collect_calibration
 from diffsqueeze.pipelines.checkpoint import (
     fsync_dir,
     read_checkpoint,
@@ -25,6 +27,7 @@ from diffsqueeze.pipelines.checkpoint import (
     write_checkpoint,
 )
 from diffsqueeze.pipelines.context import StageContext
+from diffsqueeze.pipelines.distributed import barrier, init_from_env, is_main, local_device, rank
 from diffsqueeze.pipelines.faults import maybe_kill
 from diffsqueeze.pipelines.generation_check import check_generates
 from diffsqueeze.pipelines.manifest import (
@@ -39,7 +42,7 @@ from diffsqueeze.pipelines.manifest import (
     write_manifest,
 )
 from diffsqueeze.pipelines.run_evaluation import evaluate_run
-from diffsqueeze.process_memory import peak_rss_mb
+from diffsqueeze.process_memory import peak_rss_mb, reset_peak_rss
 from diffsqueeze.quant.export.save import export_pipeline, needs_packed_export
 from diffsqueeze.recipe import Recipe
 from diffsqueeze.stages import STAGES
@@ -134,9 +137,14 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
     (or Ctrl-C) after that point is recorded in the manifest (status ``failed``, the error).
     """
     stages = [STAGES[s.name].stage_cls(s.config) for s in recipe.stages]
+    device = local_device(resolve_device(recipe.device))
+    if init_from_env(device):
+        if resume:
+            raise RunDirError("--resume is not supported under a multi-process launch yet; resume with one process")
+        if not is_main():
+            return _run_as_follower(recipe, stages, device)
     run_dir = Path(recipe.output_dir)
     work, old, reuse = plan_run(recipe, resume, overwrite)
-    device = resolve_device(recipe.device)
     pipe, state = load_with_state(recipe.model, str(device), recipe.dtype)
     _check_stages(recipe, stages, pipe)
     changed: set[str] = set()
@@ -155,9 +163,12 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
         manifest["stages"][:reuse] = old["stages"][:reuse]
     write_manifest(work, manifest)
 
+    written = set().union(*(stage.writes(pipe) for stage in stages))
     ctx = StageContext(recipe=recipe, index=0, run_dir=work, device=device, seed=recipe.seed, state=state,
-                       teacher_factory=lambda: load_pipeline(recipe.model, str(device), recipe.dtype), changed=changed)
+                       teacher_factory=lambda: _teacher(recipe, pipe, written, device), changed=changed)
     try:
+        if reuse == 0 and any(STAGES[s.name].calibrated for s in recipe.stages):
+            _record_calibration_first(pipe, ctx, manifest)
         for i in range(reuse, len(stages)):
             _run_stage(pipe, stages[i], i, ctx, manifest)
         export_model(pipe, ctx, work, manifest)
@@ -185,7 +196,51 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
     manifest["status"] = "complete"
     manifest["finished"] = now()
     write_manifest(run_dir, manifest)
+    barrier()  # the other processes of a data-parallel launch end with the run
     return run_dir
+
+
+def _run_as_follower(recipe: Recipe, stages: list, device: torch.device) -> Path:
+    """A non-main process of a data-parallel launch (pipelines/distributed.py): the same stages with
+    the same seeds on its own copy of the model, its gradient steps summed with the others'; it
+    writes nothing of the run (calibration and stage caches go to a scratch folder, removed at
+    the end) and returns when the main process has finished the run."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"diffsqueeze-rank{rank()}-"))
+    try:
+        pipe, state = load_with_state(recipe.model, str(device), recipe.dtype)
+        _check_stages(recipe, stages, pipe)
+        written = set().union(*(stage.writes(pipe) for stage in stages))
+        ctx = StageContext(recipe=recipe, index=0, run_dir=scratch, device=device, seed=recipe.seed, state=state,
+                           teacher_factory=lambda: _teacher(recipe, pipe, written, device))
+        if any(STAGES[s.name].calibrated for s in recipe.stages):
+            collect_calibration(ctx, pipe)
+        for i, stage in enumerate(stages):
+            ctx.index, ctx.seed = i, stage_seed(recipe.seed, i)
+            seed_everything(ctx.seed)
+            summary = stage.apply(pipe, ctx)
+            ctx.state.history.append({"index": i, "name": recipe.stages[i].name, "summary": summary})
+        barrier()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return Path(recipe.output_dir)
+
+
+def _teacher(recipe: Recipe, pipe, written: set[str], device: torch.device):
+    """The original pipeline: the components a stage changes are read again from ``recipe.model``,
+    every other module is the student's own (unchanged by construction), so a 2.6B-parameter
+    UNet's teacher does not also copy its text encoders."""
+    shared = {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module) and name not in written}
+    return load_with_state(recipe.model, str(device), recipe.dtype, shared=shared)[0]
+
+
+def _record_calibration_first(pipe, ctx: StageContext, manifest: dict) -> None:
+    """Record the calibration data from the pipeline before any stage changes it: it is still
+    the original, so no teacher copy is loaded for it (stages then find the recording on disk)."""
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    collect_calibration(ctx, pipe)
+    manifest["calibration"] = {"wall_time_s": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    write_manifest(ctx.run_dir, manifest)
 
 
 def error_text(exc: BaseException) -> str:
@@ -236,6 +291,7 @@ def _run_stage(pipe, stage, i: int, ctx: StageContext, manifest: dict) -> None:
     write_manifest(ctx.run_dir, manifest)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
+    reset_peak_rss()  # the entry's peak_rss_mb is this stage's own
     t0 = time.perf_counter()
     try:
         summary = stage.apply(pipe, ctx)
@@ -257,6 +313,8 @@ def export_model(pipe, ctx: StageContext, run_dir: Path, manifest: dict) -> None
     """Save the compressed pipeline to ``model/`` atomically."""
     tmp, final = run_dir / f".tmp-{MODEL_DIR}", run_dir / MODEL_DIR
     shutil.rmtree(tmp, ignore_errors=True)
+    reset_peak_rss()
+    t0 = time.perf_counter()
     allow = ctx.recipe.export.allow_unpacked
     qmap = export_pipeline(pipe, ctx.state, tmp, allow_unpacked=allow) if needs_packed_export(ctx.state) else None
     if qmap is None:  # no quantized layers (e.g. pruning only): plain diffusers folder + masks
@@ -265,7 +323,8 @@ def export_model(pipe, ctx: StageContext, run_dir: Path, manifest: dict) -> None
     maybe_kill("export")  # crash tests: the new model written, not yet in place
     replace_folder(tmp, final, run_dir / f".old-{MODEL_DIR}")
     manifest["model"] = ctx.recipe.model
-    manifest["export"] = {"path": MODEL_DIR, "bytes": sum(f.stat().st_size for f in final.rglob("*") if f.is_file())}
+    manifest["export"] = {"path": MODEL_DIR, "bytes": sum(f.stat().st_size for f in final.rglob("*") if f.is_file()),
+                          "wall_time_s": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
     if qmap is not None:
         manifest["export"]["packed"] = {c: v["bytes"] for c, v in qmap["components"].items()}
     write_manifest(run_dir, manifest)

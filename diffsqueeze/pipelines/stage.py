@@ -23,14 +23,20 @@ class Stage(Protocol):
     def check(self, pipe: "DiffusionPipeline") -> None:
         """Raise a RecipeError if the config cannot apply to this pipeline (runs before any stage)."""
 
+    def writes(self, pipe: "DiffusionPipeline") -> set[str]:
+        """Names of the components ``apply`` changes; the teacher shares every other component
+        with the student instead of holding a second copy."""
+
     def apply(self, pipe: "DiffusionPipeline", ctx: "StageContext") -> dict:
         """Run the stage; return a JSON-able summary for the manifest."""
 
 
 @dataclass(frozen=True)
 class StageEntry:
-    """A registered stage: its config dataclass and the class that runs it."""
+    """A registered stage: its config dataclass, the class that runs it, and whether it reads the
+    calibration recording (the runner then records it before the first stage changes the model)."""
 
     name: str
     config_cls: type
     stage_cls: Callable[[Any], Stage]
+    calibrated: bool = False

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from diffsqueeze.errors import ModelLoadError, RecipeError
 from diffsqueeze.models.roles import module_components, resolve_component
+from diffsqueeze.pipelines.distributed import row_share, sum_gradients, sum_value
 from diffsqueeze.pipelines.faults import maybe_kill
 
 
@@ -107,8 +108,24 @@ def detached(obj: Any) -> Any:
     return obj
 
 
+def own_rows(args: tuple, kwargs: dict, *extra: Any) -> tuple[tuple, dict, list, float]:
+    """This process's rows of a training batch (its call arguments and ``extra`` batched
+    objects, e.g. targets) and their share of the batch; all of it and 1.0 for one process.
+
+    A step multiplies its loss (and its reported value) by the share: :func:`train_loop` then
+    sums the gradients over the processes (:mod:`diffsqueeze.pipelines.distributed`).
+    """
+    n = leading_batch_size(args, kwargs)
+    idx, share = row_share(n)
+    if idx is None:
+        return args, kwargs, list(extra), 1.0
+    idx = idx.to(next((v.device for v in (*args, *kwargs.values()) if torch.is_tensor(v)), torch.device("cpu")))
+    return take_rows(args, idx, n), take_rows(kwargs, idx, n), [take_rows(e, idx, n) for e in extra], share
+
+
 StepLoss = Callable[[int], tuple[torch.Tensor, torch.Tensor, dict[str, str]]]
-"""``fn(iteration) -> (loss to minimize, value to report, progress-bar fields)``."""
+"""``fn(iteration) -> (loss to minimize, value to report, progress-bar fields)``; under several
+processes both are this process's share-weighted part (:func:`own_rows`)."""
 
 
 def train_loop(optimizer: torch.optim.Optimizer, iters: int, step_loss: StepLoss, desc: str,
@@ -116,7 +133,8 @@ def train_loop(optimizer: torch.optim.Optimizer, iters: int, step_loss: StepLoss
                after_step: Callable[[], None] | None = None) -> tuple[float | None, float | None]:
     """The gradient loop every training stage runs (AdaRound, LSQ, QuEST, BinaryDM).
 
-    Per iteration: the loss from ``step_loss``, one optimizer step, the scheduler's step, then
+    Per iteration: the loss from ``step_loss``, the gradients summed over the processes of a
+    data-parallel launch (nothing with one), one optimizer step, the scheduler's step, then
     ``after_step`` (e.g. clamping scales). The progress bar shows the step's fields every 10
     iterations, and the fault-injection point ``tick`` follows every step (crash tests).
 
@@ -130,12 +148,13 @@ def train_loop(optimizer: torch.optim.Optimizer, iters: int, step_loss: StepLoss
             loss, report, fields = step_loss(it)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            sum_gradients(p for group in optimizer.param_groups for p in group["params"])
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             if after_step is not None:
                 after_step()
-            value = float(report.detach())
+            value = sum_value(float(report.detach()))
             first = value if first is None else first
             last = value
             if it % 10 == 0:

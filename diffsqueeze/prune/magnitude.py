@@ -5,6 +5,8 @@ Pure functions on tensors; :mod:`diffsqueeze.prune.stage` applies them to pipeli
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 
@@ -15,33 +17,57 @@ def n_to_prune(numel: int, sparsity: float) -> int:
     return int(round(sparsity * numel))
 
 
-def smallest_k_mask(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+def smallest_k_mask(scores: list[torch.Tensor], k: int, absolute: bool = False) -> list[torch.Tensor]:
+    """:func:`iter_smallest_k_masks` as a list."""
+    return list(iter_smallest_k_masks(scores, k, absolute))
+
+
+def iter_smallest_k_masks(scores: list[torch.Tensor], k: int, absolute: bool = False) -> Iterator[torch.Tensor]:
     """Keep-masks removing exactly the ``k`` smallest scores across all tensors together.
 
     Ties at the threshold are broken by position (tensor order, then flat index), so the count is
-    exact and the result deterministic.
+    exact and the result deterministic. The masks come one at a time, in the order of ``scores``.
+
+    Memory stays at one tensor's size beyond the masks (a 2.6B-weight UNet is never concatenated):
+    the k-th smallest value is found by a two-pass radix select on the float32 bit patterns (for
+    non-negative floats their order is the integers' order): the upper 16 bits' histogram finds
+    the bucket holding the k-th value, the lower 16 bits' histogram inside it the exact value.
 
     Args:
-        scores: non-negative importance tensors (|W|), any shapes.
+        scores: non-negative importance tensors, any shapes; with ``absolute`` the weights
+            themselves, scored by ``|W|`` one tensor at a time.
         k: how many entries to remove in total.
     """
     total = sum(s.numel() for s in scores)
     if not 0 <= k <= total:
         raise ValueError(f"cannot prune {k} of {total} weights")
     if k == 0:
-        return [torch.ones_like(s, dtype=torch.bool) for s in scores]
-    flat = torch.cat([s.detach().reshape(-1).float() for s in scores])
-    threshold = torch.kthvalue(flat, k).values
-    below = flat < threshold
-    ties = (flat == threshold).nonzero().squeeze(1)
-    remove = below.clone()
-    remove[ties[: k - int(below.sum())]] = True
-    keep = ~remove
-    masks, start = [], 0
+        yield from (torch.ones_like(s, dtype=torch.bool) for s in scores)
+        return
+
+    def bits_of(s: torch.Tensor) -> torch.Tensor:
+        v = s.detach().reshape(-1).float()
+        return (v.abs() if absolute else v).view(torch.int32)
+
+    high = sum(torch.bincount((bits_of(s) >> 16).long(), minlength=2**15) for s in scores)
+    bucket = int(torch.searchsorted(high.cumsum(0), k))  # first bucket whose cumulative count reaches k
+    before = int(high[:bucket].sum())
+    low = torch.zeros(2**16, dtype=torch.long)
     for s in scores:
-        masks.append(keep[start : start + s.numel()].reshape(s.shape))
-        start += s.numel()
-    return masks
+        b = bits_of(s)
+        low += torch.bincount((b[(b >> 16) == bucket] & 0xFFFF).long(), minlength=2**16)
+    value = (bucket << 16) | int(torch.searchsorted(low.cumsum(0), k - before))
+    threshold = torch.tensor([value], dtype=torch.int32)
+    below_total = before + int(low[: value & 0xFFFF].sum())
+    ties_left = k - below_total  # ties at the threshold removed first come, first served
+    for s in scores:
+        b = bits_of(s)
+        remove = b < threshold
+        if ties_left:
+            ties = (b == threshold).nonzero().squeeze(1)[:ties_left]
+            remove[ties] = True
+            ties_left -= ties.numel()
+        yield (~remove).reshape(s.shape)
 
 
 def n_m_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -52,9 +52,8 @@ def masked_gradients(pipe: DiffusionPipeline, masks: dict[str, torch.Tensor]) ->
     handles = []
     try:
         for param, mask in masked_parameters(pipe, masks):
-            if param.requires_grad:
-                m = mask.to(param.dtype)
-                handles.append(param.register_hook(lambda g, m=m: g * m))
+            if param.requires_grad:  # the bool mask, not a float copy: a quarter of the weight's bytes
+                handles.append(param.register_hook(lambda g, m=mask: g * m))
         yield
     finally:
         for h in handles:

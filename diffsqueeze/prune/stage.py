@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,7 @@ from diffsqueeze.errors import RecipeError
 from diffsqueeze.models.roles import module_components
 from diffsqueeze.pipelines.context import StageContext
 from diffsqueeze.pipelines.stage_helpers import matches_any, stage_component
-from diffsqueeze.prune.magnitude import n_m_mask, n_to_prune, smallest_k_mask
+from diffsqueeze.prune.magnitude import iter_smallest_k_masks, n_m_mask, n_to_prune, smallest_k_mask
 from diffsqueeze.prune.masks import enforce_masks, mask_key
 
 LAYER_TYPES = {"linear": (torch.nn.Linear,), "conv": (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)}
@@ -97,6 +98,10 @@ class PruneStage:
         """Recipe key -> component name (``denoiser`` resolves to ``unet`` / ``transformer``)."""
         return {key: stage_component(pipe, key, f"targets.{key}") for key in self.config.targets}
 
+    def writes(self, pipe: DiffusionPipeline) -> set[str]:
+        """The components this stage changes (the teacher loads these afresh, shares the rest)."""
+        return set(self.components(pipe).values())
+
     def check(self, pipe: DiffusionPipeline) -> None:
         modules = module_components(pipe)
         for key, comp in self.components(pipe).items():
@@ -112,12 +117,13 @@ class PruneStage:
             weights = prunable_weights(modules[comp], self.config)
             masks = self._masks(weights, self.config.targets[key], ctx, comp)
             layers = {}
-            for name, mask in masks.items():
+            for name, mask in masks:  # one at a time, packed into the state: never all of them as bool
+                mask = mask.cpu()
                 k = mask_key(comp, f"{name}.weight")
                 old = ctx.state.masks.get(k)
-                ctx.state.masks[k] = mask.cpu() if old is None else (old & mask.cpu())
-                kept = int(ctx.state.masks[k].sum())
-                layers[name] = {"numel": mask.numel(), "sparsity": round(1 - kept / mask.numel(), 6)}
+                mask = mask if old is None else (old & mask)
+                ctx.state.masks[k] = mask
+                layers[name] = {"numel": mask.numel(), "sparsity": round(1 - int(mask.sum()) / mask.numel(), 6)}
             total = sum(v["numel"] for v in layers.values())
             pruned = sum(round(v["sparsity"] * v["numel"]) for v in layers.values())
             summary["components"][comp] = {
@@ -131,25 +137,23 @@ class PruneStage:
         enforce_masks(pipe, ctx.state.masks)
         return summary
 
-    def _masks(self, weights: dict[str, torch.nn.Parameter], target: float, ctx: StageContext, comp: str) -> dict[str, torch.Tensor]:
+    def _masks(self, weights: dict[str, torch.nn.Parameter], target: float, ctx: StageContext,
+               comp: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(layer name, keep-mask)`` pairs, one mask computed at a time."""
         cfg = self.config
         names = list(weights)
         # Already-pruned weights are zero, hence the smallest: they stay pruned.
         if cfg.n_m is not None:
             n, m = cfg.n_m
-            out = {}
             for name in ctx.progress(names, desc=f"prune {comp} {cfg.pattern}"):
                 w = weights[name]
                 if w[0].numel() % m:  # row length not a multiple of M: left dense, reported as 0
-                    out[name] = torch.ones_like(w, dtype=torch.bool)
+                    yield name, torch.ones_like(w, dtype=torch.bool)
                 else:
-                    out[name] = n_m_mask(w, n, m)
-            return out
-        if cfg.scope == "layer":
-            return {
-                name: smallest_k_mask([weights[name].abs()], n_to_prune(weights[name].numel(), target))[0]
-                for name in ctx.progress(names, desc=f"prune {comp} per layer")
-            }
-        scores = [weights[n].abs() for n in names]
-        k = n_to_prune(sum(s.numel() for s in scores), target)
-        return dict(zip(names, smallest_k_mask(scores, k)))
+                    yield name, n_m_mask(w, n, m)
+        elif cfg.scope == "layer":
+            for name in ctx.progress(names, desc=f"prune {comp} per layer"):
+                yield name, smallest_k_mask([weights[name]], n_to_prune(weights[name].numel(), target), absolute=True)[0]
+        else:
+            k = n_to_prune(sum(weights[n].numel() for n in names), target)
+            yield from zip(names, iter_smallest_k_masks([weights[n] for n in names], k, absolute=True))

@@ -51,6 +51,7 @@ from diffsqueeze.pipelines.context import StageContext
 from diffsqueeze.pipelines.stage_helpers import (
     call_denoiser,
     capture_outputs,
+    own_rows,
     stage_component,
     train_loop,
 )
@@ -97,6 +98,10 @@ class BinarizeStage:
 
     def __init__(self, config: BinarizeConfig):
         self.config = config
+
+    def writes(self, pipe: DiffusionPipeline) -> set[str]:
+        """The components this stage changes (the teacher loads these afresh, shares the rest)."""
+        return {stage_component(pipe, self.config.component)}
 
     def check(self, pipe: DiffusionPipeline) -> None:
         """Reject, before any work, a config the pipeline cannot run (a :class:`RecipeError`)."""
@@ -267,6 +272,7 @@ class BinarizeStage:
                     for m in layers_of_group[g]:
                         m.weight_quant.enabled = True
             kwargs, target = next(batches)
+            _, kwargs, (target,), share = own_rows((), kwargs, target)  # data-parallel: this process's rows
             if acts_on_at is not None and it == acts_on_at:
                 init_act_scales(denoiser, act_init_batches(data, tc.batch_size, device))
                 for q in act_quantizers_of(denoiser):
@@ -289,7 +295,7 @@ class BinarizeStage:
                     log_lrm.append(float(l_lrm.detach()))
             log_main.append(float(main.detach()))
             fields = {"loss": f"{log_main[-1]:.4g}", **({"lrm": f"{log_lrm[-1]:.4g}"} if log_lrm else {})}
-            return loss, main, fields
+            return loss * share, main * share, fields
 
         def after_step() -> None:
             with torch.no_grad():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -40,7 +40,6 @@ from diffsqueeze.quant.nn.packed import (
     shell_from,
 )
 from diffsqueeze.quant.nn.quantizers import BlockWeightQuantizer
-from diffsqueeze.quant.nn.swaps import swap_module
 from diffsqueeze.quant.primitives.binary import binary_bases
 from diffsqueeze.quant.primitives.block_formats import block_quantize, pack_block_codes
 from diffsqueeze.quant.primitives.formats import (
@@ -50,6 +49,7 @@ from diffsqueeze.quant.primitives.formats import (
     int_code_range,
     int_quantize,
 )
+from diffsqueeze.quant.export.streamed import write_streamed
 from diffsqueeze.quant.primitives.pack import pack_bool, pack_codes
 
 log = logging.getLogger(__name__)
@@ -182,19 +182,40 @@ def pack_layer(layer: nn.Module, scale_dtype: str = "float32") -> tuple[nn.Modul
     return packed, entry
 
 
-def _component_state(module: nn.Module, packs: dict[str, nn.Module]) -> dict[str, Tensor]:
-    """``module.state_dict()`` with the packed layers in place of the in-memory ones."""
-    originals = {name: module.get_submodule(name) for name in packs}
-    try:
-        for name, packed in packs.items():
-            swap_module(module, name, packed)
-        sd = module.state_dict()
-    finally:
-        for name, orig in originals.items():
-            swap_module(module, name, orig)
-    # the low-rank branches hold float16 values (init_lowrank rounds them): stored as float16
-    return {k: (v.to(torch.float16) if k.endswith((".lowrank_up", ".lowrank_down")) else v).detach().contiguous().cpu()
-            for k, v in sd.items()}
+def _packed_state(module: nn.Module, comp: str, scale_dtype: str, allow_unpacked: bool, layers: dict,
+                  implied: set[str]) -> Iterator[tuple[str, Tensor]]:
+    """``module.state_dict()`` with each quantized layer's entries replaced by its packed form,
+    one layer packed at a time (so a UNet's packed codes are never all in memory: they stream
+    into the file). Fills ``layers`` (the map entry of each quantized layer) and ``implied``
+    (masks carried by zero codes) as it goes."""
+    quantized = [name for name, m in module.named_modules()
+                 if type(m).__name__ in PACKED_CLASSES and isinstance(m, QuantMixin) and not isinstance(m, PackedMixin)]
+    prefix_of = {name + ".": name for name in quantized}
+    done: set[str] = set()
+    for key, value in module.state_dict().items():
+        owner = next((name for pre, name in prefix_of.items() if key.startswith(pre)), None)
+        if owner is None:
+            yield key, value
+            continue
+        if owner in done:
+            continue
+        done.add(owner)
+        layer = module.get_submodule(owner)
+        packed, entry = pack_layer(layer, scale_dtype)
+        if packed is None and entry.get("reason", "").startswith("packed decode") and not allow_unpacked:
+            raise ExportError(f"quantized layer {comp}/{owner} cannot be stored packed: {entry['reason']} "
+                              f"(weights of dtype {layer.weight.dtype} are not exactly on the quantization grid; "
+                              f"run with dtype: float32, or set export.allow_unpacked: true to keep such "
+                              f"layers as float weights)")
+        if packed is None and entry.get("reason", "").startswith("packed decode"):
+            log.warning("layer %s/%s kept as float (export.allow_unpacked): %s", comp, owner, entry["reason"])
+        layers[owner] = entry
+        if packed is not None:
+            implied.add(f"{comp}/{owner}.weight")
+        for k, v in (packed if packed is not None else layer).state_dict(prefix=owner + ".").items():
+            # the low-rank branches hold float16 values (init_lowrank rounds them): stored as float16
+            yield k, (v.to(torch.float16) if k.endswith((".lowrank_up", ".lowrank_down")) else v)
+        del packed
 
 
 def export_pipeline(pipe, state: CompressionState, folder: Path, scale_dtype: str = "float32",
@@ -202,8 +223,8 @@ def export_pipeline(pipe, state: CompressionState, folder: Path, scale_dtype: st
     """Save ``pipe`` to ``folder`` with quantized layers packed (see the module docstring).
 
     Components without module swaps go through diffusers' ``save_pretrained``; the others are
-    written as ``config.json`` + :data:`PACKED_FILE`. Returns the quantization map (also
-    written into ``diffsqueeze.json``).
+    written as ``config.json`` + :data:`PACKED_FILE`, streamed one layer at a time. Returns the
+    quantization map (also written into ``diffsqueeze.json``).
 
     Raises:
         ExportError: a quantized layer's packed codes would not decode to its in-memory weight
@@ -213,43 +234,24 @@ def export_pipeline(pipe, state: CompressionState, folder: Path, scale_dtype: st
     components = module_components(pipe)
     swapped = sorted({k.partition("/")[0] for k in state.modules})
     qmap: dict[str, Any] = {"version": MAP_VERSION, "scale_dtype": scale_dtype, "components": {}, "masks": {}}
-    packed_masks: dict[str, Tensor] = {}
-    kept_masks: dict[str, Tensor] = {}
     implied: set[str] = set()
-    packs_of: dict[str, dict[str, nn.Module]] = {}
-    for comp in swapped:
-        layers, packs = {}, {}
-        for name, m in components[comp].named_modules():
-            if type(m).__name__ in PACKED_CLASSES and isinstance(m, QuantMixin) and not isinstance(m, PackedMixin):
-                packed, entry = pack_layer(m, scale_dtype)
-                if packed is None and entry.get("reason", "").startswith("packed decode") and not allow_unpacked:
-                    raise ExportError(f"quantized layer {comp}/{name} cannot be stored packed: {entry['reason']} "
-                                      f"(weights of dtype {m.weight.dtype} are not exactly on the quantization grid; "
-                                      f"run with dtype: float32, or set export.allow_unpacked: true to keep such "
-                                      f"layers as float weights)")
-                if packed is None and entry.get("reason", "").startswith("packed decode"):
-                    log.warning("layer %s/%s kept as float (export.allow_unpacked): %s", comp, name, entry["reason"])
-                layers[name] = entry
-                if packed is not None:
-                    packs[name] = packed
-                    implied.add(f"{comp}/{name}.weight")
-        packs_of[comp] = packs
-        qmap["components"][comp] = {"file": f"{comp}/{PACKED_FILE}", "layers": layers}
-    for key, mask in state.masks.items():
-        if key in implied:
-            continue  # zero codes (INT/FP) or the binary layer's own keep bits carry it
-        packed_masks[key.replace("/", "::")] = pack_bool(mask.cpu())
-        qmap["masks"][key] = list(mask.shape)
-    light = CompressionState(masks=kept_masks, modules=state.modules, history=state.history)
+    light = CompressionState(modules=state.modules, history=state.history)  # masks: in the packed masks file
     save_pipeline(pipe, folder, light)
     for comp in swapped:
         cdir = folder / comp
         for f in list(cdir.glob("*.safetensors")) + list(cdir.glob("*.safetensors.index.json")):
             f.unlink()
-        sd = _component_state(components[comp], packs_of[comp])
+        layers: dict = {}
+        tensors = _packed_state(components[comp], comp, scale_dtype, allow_unpacked, layers, implied)
         # one metadata key: the safetensors writer orders several keys differently in each process
-        save_file(sd, str(cdir / PACKED_FILE), metadata={"format": f"diffsqueeze-packed/{MAP_VERSION}"})
-        qmap["components"][comp]["bytes"] = (cdir / PACKED_FILE).stat().st_size
+        nbytes = write_streamed(cdir / PACKED_FILE, tensors, {"format": f"diffsqueeze-packed/{MAP_VERSION}"})
+        qmap["components"][comp] = {"file": f"{comp}/{PACKED_FILE}", "layers": layers, "bytes": nbytes}
+    packed_masks: dict[str, Tensor] = {}
+    for key, (bits, shape) in state.masks.packed().items():  # held at 1 bit per weight already
+        if key in implied:
+            continue  # zero codes (INT/FP) or the binary layer's own keep bits carry it
+        packed_masks[key.replace("/", "::")] = bits
+        qmap["masks"][key] = list(shape)
     if packed_masks:
         save_file(packed_masks, str(folder / MASKS_PACKED_FILE))
         qmap["masks_file"] = MASKS_PACKED_FILE

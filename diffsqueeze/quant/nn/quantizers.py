@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffsqueeze.pipelines.distributed import step_share
 from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS, block_fake_quantize
 from diffsqueeze.quant.primitives.dynamic_groups import dynamic_group_fake_quantize
 from diffsqueeze.quant.primitives.formats import (
@@ -279,7 +280,8 @@ class ActQuantizer(nn.Module):
                 return int_fake_quantize(x, scale, zero_point, bits=self.fmt.bits, symmetric=self.fmt.symmetric,
                                          check=False)
             return (fp_quantize(x / scale, self.fmt, self.fmt.standard_bias, check=False) * scale).to(x.dtype)
-        n_per_scale = max(x.numel() // max(scale.numel(), 1), 1)
+        # values per scale over the whole training batch (a data-parallel process holds its share)
+        n_per_scale = max(round(x.numel() / step_share()) // max(scale.numel(), 1), 1)
         if self.is_int:
             lo, hi = int_code_range(self.fmt.bits, self.fmt.symmetric)
             s = grad_scale(scale, 1.0 / math.sqrt(n_per_scale * hi))

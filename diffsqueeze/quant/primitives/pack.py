@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from diffsqueeze.bitmask import pack_bool, unpack_bool  # masks: re-exported beside the codes
+
 __all__ = ["packed_nbytes", "pack_codes", "unpack_codes", "pack_bool", "unpack_bool"]
 
 PACK_BITS = range(1, 9)
@@ -85,13 +87,3 @@ def unpack_codes(packed: Tensor, numel: int, bits: int) -> Tensor:
     stream = stream[: numel * bits].reshape(numel, bits)
     weights = (2 ** torch.arange(bits, device=packed.device)).to(torch.uint8)
     return (stream * weights).sum(dim=1, dtype=torch.uint8)
-
-
-def pack_bool(mask: Tensor) -> Tensor:
-    """A boolean tensor as 1 bit per element (True = 1)."""
-    return pack_codes(mask.reshape(-1).to(torch.uint8), 1)
-
-
-def unpack_bool(packed: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
-    """Inverse of :func:`pack_bool` for a mask of ``shape``."""
-    return unpack_codes(packed, math.prod(shape), 1).reshape(tuple(shape)).bool()

@@ -32,6 +32,7 @@ from diffsqueeze.pipelines.stage_helpers import (
     detached,
     first_call_order,
     leading_batch_size,
+    own_rows,
     take_rows,
     train_loop,
 )
@@ -263,12 +264,13 @@ def _optimize_rounding(module, parts, inputs, targets, batches, tctx, rcfg, gen,
     def step(it: int):
         i = gen.randrange(len(inputs))
         args, kwargs, target = _minibatch(inputs, targets, batches, i, rcfg.batch_size, gen)
+        args, kwargs, (target,), share = own_rows(args, kwargs, target)
         tctx.t = batches[i].timestep
         rec = output_loss(_run(module, args, kwargs), target) * weights[float(batches[i].timestep)]
         beta, on = beta_at(it, rcfg.iters, rcfg)
         reg = sum(rounding_regularizer(q.alpha, beta) for _, q, _ in parts) if on else rec.new_zeros(())
         fields = {"rec": f"{float(rec.detach()):.4g}", "reg": f"{float(reg.detach()):.4g}", "beta": f"{beta:.1f}"}
-        return rec + rcfg.reg_weight * reg, rec, fields
+        return (rec + rcfg.reg_weight * reg) * share, rec * share, fields
 
     first, last = train_loop(opt, rcfg.iters, step, desc)
     return {"first_rec_loss": first, "last_rec_loss": last}
@@ -286,9 +288,10 @@ def _lsq(module, layers, inputs, targets, batches, tctx, cfg, gen, desc) -> dict
     def step(it: int):
         i = gen.randrange(len(inputs))
         args, kwargs, target = _minibatch(inputs, targets, batches, i, cfg.rounding.batch_size, gen)
+        args, kwargs, (target,), share = own_rows(args, kwargs, target)
         tctx.t = batches[i].timestep
         loss = output_loss(_run(module, args, kwargs), target)
-        return loss, loss, {"loss": f"{float(loss.detach()):.4g}"}
+        return loss * share, loss * share, {"loss": f"{float(loss.detach()):.4g}"}
 
     @torch.no_grad()
     def clamp_scales():

@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 OUTPUT_SEARCH_STEPS = 4
 """Calibration timesteps (spread over the trajectory) whose inputs the output search uses."""
 OUTPUT_SEARCH_ROWS_PER_STEP = 2
+WEIGHT_COARSE_STEP = 8
+"""``weights.scale_search: coarse_to_fine`` scores every 8th INT candidate, then refines (search.py)."""
 
 
 class PTQStage:
@@ -73,6 +75,10 @@ class PTQStage:
 
     def __init__(self, config: PTQConfig):
         self.config = config
+
+    def writes(self, pipe: DiffusionPipeline) -> set[str]:
+        """The components this stage changes (the teacher loads these afresh, shares the rest)."""
+        return {stage_component(pipe, self.config.component)}
 
     def check(self, pipe: DiffusionPipeline) -> None:
         cfg = self.config
@@ -268,7 +274,9 @@ class PTQStage:
                 new.set_params(bias=bias)
                 setattr(qlayer, "weight_quant" if sl.start in (None, 0) else "weight_quant_2", new)
             elif q.is_int:
-                scale, zp = int_scale_search(g, q.fmt.bits, q.fmt.symmetric, axis=(0, 1), loss_fn=loss_fn)
+                coarse = WEIGHT_COARSE_STEP if self.config.weights.scale_search == "coarse_to_fine" else 0
+                scale, zp = int_scale_search(g, q.fmt.bits, q.fmt.symmetric, axis=(0, 1), loss_fn=loss_fn,
+                                             coarse_step=coarse)
                 q.set_params(scale=scale, zero_point=zp)
             else:
                 q.set_params(bias=fp_bias_search(g, q.fmt, axis=(0, 1), loss_fn=loss_fn, n_steps=steps))

@@ -47,11 +47,13 @@ from diffsqueeze.pipelines.calibration import (
     collect_calibration,
 )
 from diffsqueeze.pipelines.context import StageContext
+from diffsqueeze.pipelines.distributed import sum_gradients, sum_value
 from diffsqueeze.pipelines.faults import maybe_kill
 from diffsqueeze.pipelines.stage_helpers import (
     call_denoiser,
     capture_outputs,
     matches_any,
+    own_rows,
     stage_component,
     train_loop,
 )
@@ -85,6 +87,10 @@ class QuestStage:
 
     def __init__(self, config: QuestConfig):
         self.config = config
+
+    def writes(self, pipe: DiffusionPipeline) -> set[str]:
+        """The components this stage changes (the teacher loads these afresh, shares the rest)."""
+        return {stage_component(pipe, self.config.component)}
 
     def check(self, pipe: DiffusionPipeline) -> None:
         cfg = self.config
@@ -272,10 +278,11 @@ class QuestStage:
                                 loss = self._student_loss(student, b, t_out, store, names, scales)
                                 opt.zero_grad(set_to_none=True)
                                 loss.backward()
+                            sum_gradients(p for g in opt.param_groups for p in g["params"])
                             opt.step()
                             self._after_step(student, names, scales, ctx)
                             maybe_kill("tick")
-                            total += float(loss.detach()) * b.size
+                            total += sum_value(float(loss.detach())) * b.size
                             n += b.size
                             steps += 1
                     report["epoch_losses"].append(total / max(n, 1))
@@ -290,10 +297,11 @@ class QuestStage:
     def _student_loss(self, student, b: CalibBatch, t_out: torch.Tensor, t_layers: dict, names: list[str],
                       scales: GroupScales) -> torch.Tensor:
         """The student's loss against the teacher's outputs on batch ``b``; holds the scales for the step."""
+        _, kwargs, (t_out, t_layers), share = own_rows((), b.kwargs, t_out, t_layers)  # data-parallel: own rows
         store: dict = {}
         with capture_outputs(student, names, store):
-            out = call_denoiser(student, b.kwargs)
-        loss = quest_loss(out, t_out, store, t_layers, self.config.layer_loss_weight)
+            out = call_denoiser(student, kwargs)
+        loss = quest_loss(out, t_out, store, t_layers, self.config.layer_loss_weight) * share
         scales.hold()
         return loss
 

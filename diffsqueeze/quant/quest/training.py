@@ -138,12 +138,12 @@ def quest_loss(student_out, teacher_out, s_layers: dict, t_layers: dict, weight:
 def enforce_masks_of(module: nn.Module, comp: str, masks: dict, names: list[str]) -> None:
     """Re-zero pruned weights of the trained layers after an optimizer step."""
     with torch.no_grad():
-        for key, mask in masks.items():
+        for key in masks:  # keys first: a mask is unpacked only for a trained layer
             c, pname = key.split("/", 1)
             layer, _, attr = pname.rpartition(".")
             if c == comp and layer in names:
                 p = getattr(module.get_submodule(layer), attr)
-                p.mul_(mask.to(device=p.device, dtype=p.dtype))
+                p.mul_(masks[key].to(device=p.device, dtype=p.dtype))
 
 
 def peak_memory_mb(device: torch.device) -> float:
