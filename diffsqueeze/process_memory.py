@@ -40,3 +40,28 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 2**20
+
+
+def return_freed_memory() -> bool:
+    """Make freed tensor memory go back to the system (glibc, Linux; False elsewhere).
+
+    glibc serves allocations below a threshold from its heap and raises that threshold (up to
+    32 MB) each time a larger block is freed; a compression run allocates and frees weight-sized
+    temporaries layer after layer, and the heap then keeps GBs that are free but resident
+    (measured: the PTQ stage of an SDXL-architecture UNet peaked 3.5 GB above the loaded model).
+    Fixing the threshold at 1 MiB puts every tensor of 1 MiB or more in its own mapping, unmapped
+    when freed; ``malloc_trim`` hands back what the heap already holds.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False

@@ -42,7 +42,7 @@ from diffsqueeze.pipelines.manifest import (
     write_manifest,
 )
 from diffsqueeze.pipelines.run_evaluation import evaluate_run
-from diffsqueeze.process_memory import peak_rss_mb, reset_peak_rss
+from diffsqueeze.process_memory import peak_rss_mb, reset_peak_rss, return_freed_memory
 from diffsqueeze.quant.export.save import export_pipeline, needs_packed_export
 from diffsqueeze.recipe import Recipe
 from diffsqueeze.stages import STAGES
@@ -137,6 +137,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
     (or Ctrl-C) after that point is recorded in the manifest (status ``failed``, the error).
     """
     stages = [STAGES[s.name].stage_cls(s.config) for s in recipe.stages]
+    return_freed_memory()  # freed weight-sized temporaries must not stay resident (process_memory.py)
     device = local_device(resolve_device(recipe.device))
     if init_from_env(device):
         if resume:
@@ -291,6 +292,7 @@ def _run_stage(pipe, stage, i: int, ctx: StageContext, manifest: dict) -> None:
     write_manifest(ctx.run_dir, manifest)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
+    return_freed_memory()
     reset_peak_rss()  # the entry's peak_rss_mb is this stage's own
     t0 = time.perf_counter()
     try:
@@ -313,6 +315,7 @@ def export_model(pipe, ctx: StageContext, run_dir: Path, manifest: dict) -> None
     """Save the compressed pipeline to ``model/`` atomically."""
     tmp, final = run_dir / f".tmp-{MODEL_DIR}", run_dir / MODEL_DIR
     shutil.rmtree(tmp, ignore_errors=True)
+    return_freed_memory()
     reset_peak_rss()
     t0 = time.perf_counter()
     allow = ctx.recipe.export.allow_unpacked
