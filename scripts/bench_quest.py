@@ -54,6 +54,9 @@ def sd15_unet(size: str, seed: int = 0):
 
 def write_calibration(folder: Path, unet, n_t: int, samples: int, tokens: int = 77) -> None:
     """Synthetic recording in :class:`~diffsqueeze.pipelines.calibration.CalibrationData` format."""
+    from diffsqueeze.pipelines.calibration import FORMAT as CALIBRATION_FORMAT
+    from diffsqueeze.pipelines.calibration import record_arguments
+
     folder.mkdir(parents=True, exist_ok=True)
     c = unet.config
     steps = list(range(0, 50, 50 // n_t))[:n_t]
@@ -62,12 +65,13 @@ def write_calibration(folder: Path, unet, n_t: int, samples: int, tokens: int = 
     g = torch.Generator().manual_seed(0)
     for k, (s, t) in enumerate(zip(steps, timesteps)):
         name = f"s{s:04d}_b0000.safetensors"
-        save_file({"sample": torch.randn(samples, 4, c.sample_size, c.sample_size, generator=g),
-                   "timestep": torch.full((samples,), t),
-                   "encoder_hidden_states": torch.randn(samples, tokens, c.cross_attention_dim, generator=g)},
-                  str(folder / name))
-        files.append({"file": name, "step": s, "step_index": k, "timestep": t, "n": samples})
-    meta = {"steps": steps, "timesteps": timesteps, "files": files, "static": {}}
+        call = {"sample": torch.randn(samples, 4, c.sample_size, c.sample_size, generator=g),
+                "timestep": torch.full((samples,), t),
+                "encoder_hidden_states": torch.randn(samples, tokens, c.cross_attention_dim, generator=g)}
+        tensors, structure, n = record_arguments(call, "sample")  # the recording's own layout
+        save_file(tensors, str(folder / name))
+        files.append({"file": name, "step": s, "step_index": k, "timestep": t, "n": n, "structure": structure})
+    meta = {"format": CALIBRATION_FORMAT, "steps": steps, "timesteps": timesteps, "files": files}
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
 
 
