@@ -135,7 +135,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
-    res: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    root = Path(__file__).resolve().parents[1]
+    # paths inside the repository are recorded relative to it: no path of the machine in the file
+    res: dict = {"args": {k: str(v.resolve().relative_to(root) if isinstance(v, Path) and v.resolve().is_relative_to(root)
+                              else v) for k, v in vars(args).items()}}
 
     model, tok = build_fashion_clip(args.clip_dir)
     text_single = class_text_embeddings(model, tok, ensemble=False)
