@@ -323,6 +323,8 @@ def main() -> None:
                        "peak_over_fp32": float("nan")}
             print(json.dumps(res), flush=True)
             results.append(res)
+            if args.json:  # after every run, so a run cut short by a time limit keeps what finished
+                args.json.write_text(json.dumps({"infos": infos, "results": results}, indent=1), encoding="utf-8")
             if not args.keep:
                 shutil.rmtree(args.work / f"{arch}-{name.split()[0].lower().replace('->', '')}-run", ignore_errors=True)
         if not args.keep:

@@ -52,19 +52,18 @@ def iter_smallest_k_masks(scores: list[torch.Tensor], k: int, absolute: bool = F
     high = sum(torch.bincount((bits_of(s) >> 16).long(), minlength=2**15) for s in scores)
     bucket = int(torch.searchsorted(high.cumsum(0), k))  # first bucket whose cumulative count reaches k
     before = int(high[:bucket].sum())
-    low = torch.zeros(2**16, dtype=torch.long)
+    low = torch.zeros(2**16, dtype=torch.long, device=scores[0].device)
     for s in scores:
         b = bits_of(s)
         low += torch.bincount((b[(b >> 16) == bucket] & 0xFFFF).long(), minlength=2**16)
     value = (bucket << 16) | int(torch.searchsorted(low.cumsum(0), k - before))
-    threshold = torch.tensor([value], dtype=torch.int32)
     below_total = before + int(low[: value & 0xFFFF].sum())
     ties_left = k - below_total  # ties at the threshold removed first come, first served
     for s in scores:
         b = bits_of(s)
-        remove = b < threshold
+        remove = b < value  # a Python int: compares on the scores' own device
         if ties_left:
-            ties = (b == threshold).nonzero().squeeze(1)[:ties_left]
+            ties = (b == value).nonzero().squeeze(1)[:ties_left]
             remove[ties] = True
             ties_left -= ties.numel()
         yield (~remove).reshape(s.shape)

@@ -68,3 +68,17 @@ def test_n_m_mask_keeps_n_largest_per_group():
     assert n_m_mask(conv, 2, 4).reshape(4, -1, 4).sum(-1).eq(2).all()
     with pytest.raises(ValueError, match="multiple of M=4"):
         n_m_mask(torch.randn(3, 6), 2, 4)
+
+
+@pytest.mark.gpu
+def test_global_mask_on_cuda_equals_the_cpu_mask():
+    """The threshold search keeps its histograms on the scores' device (it once mixed in a CPU tensor)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.randn(64, 32, generator=g).abs(), torch.randn(300, generator=g).abs()]
+    scores[1][:10] = scores[0][0, 0]  # ties at the threshold
+    k = 900
+    cpu = smallest_k_mask(scores, k)
+    cuda = smallest_k_mask([s.cuda() for s in scores], k)
+    assert all(c.device.type == "cuda" and torch.equal(a, c.cpu()) for a, c in zip(cpu, cuda))
