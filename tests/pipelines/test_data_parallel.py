@@ -76,9 +76,15 @@ def test_two_processes_give_the_one_process_model(tmp_path, name):
     a = load_file(str(one / "model" / "unet" / "diffsqueeze_packed.safetensors"))
     b = load_file(str(two / "model" / "unet" / "diffsqueeze_packed.safetensors"))
     assert a.keys() == b.keys()
-    if name == "binarize":  # no rounding boundary in the trained path: the same tensors
-        for key, x in a.items():
-            assert torch.allclose(x.float(), b[key].float(), rtol=1e-5, atol=1e-7), key
+    if name == "binarize":
+        # No rounding boundary in the trained path, but AdamW divides by sqrt(v): an element whose
+        # gradient is within order-of-sum noise of 0 can step by up to lr either way. Measured
+        # (6 steps, lr 2e-5): 0.07% of elements differ by more than lr / 10, none by lr / 4. Without
+        # the gradient sum each process would step on its own rows: most elements off by ~lr.
+        lr, iters = 2e-5, RECIPES[name][0]["binarize"]["train"]["iters"]
+        diff = torch.cat([(x.float() - b[k].float()).abs().flatten() for k, x in a.items() if x.is_floating_point()])
+        assert diff.max() <= iters * lr
+        assert (diff > lr / 10).float().mean() <= 0.005
         return
     # LSQ steps (PTQ, QuEST) move scales by Adam: a gradient within order-of-sum noise of 0 can
     # take the other sign, and the rounding boundaries amplify it (the first step's gradients
