@@ -86,6 +86,7 @@ from diffsqueeze.quant.nn.binary_layers import (
     make_binary_module,
 )
 from diffsqueeze.quant.nn.layers import act_param_shape
+from diffsqueeze.quant.nn.recompute import recomputed_quantized_weights
 from diffsqueeze.quant.nn.swaps import swap_module
 
 __all__ = ["BinarizeConfig", "BinarizeStage"]
@@ -283,8 +284,8 @@ class BinarizeStage:
                 with torch.no_grad(), capture_outputs(teacher, lrm_blocks) as raw:
                     t_out = call_denoiser(teacher, kwargs)
                 t_store = block_outputs(raw)
-            with capture_outputs(denoiser, lrm_blocks) as raw:
-                s_out = call_denoiser(denoiser, kwargs)
+            with capture_outputs(denoiser, lrm_blocks) as raw, recomputed_quantized_weights():
+                s_out = call_denoiser(denoiser, kwargs)  # binarized weights recomputed in the backward
                 s_store = block_outputs(raw)
                 goal = t_out if tc.mode == "distill" else target
                 main = F.mse_loss(s_out.float(), goal.float())

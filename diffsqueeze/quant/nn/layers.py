@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffsqueeze.quant.nn.quantizers import ActQuantizer, BlockWeightQuantizer, WeightQuantizer
+from diffsqueeze.quant.nn.recompute import note_quantized_weight
 from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantMixin", "QUANT_SWAPS", "quant_layer_types", "make_quant_module",
@@ -149,8 +150,11 @@ class QuantMixin:
         if not (self.quant_weights and hasattr(self, "weight_quant")):
             return w
         if self.split:
-            return torch.cat([self.weight_quant(w[:, : self.split]), self.weight_quant_2(w[:, self.split:])], dim=1)
-        return self.weight_quant(w)
+            q = torch.cat([self.weight_quant(w[:, : self.split]), self.weight_quant_2(w[:, self.split:])], dim=1)
+        else:
+            q = self.weight_quant(w)
+        note_quantized_weight(self, q)  # training can recompute it in the backward instead of saving it
+        return q
 
     def quantized_input(self, x: Tensor) -> Tensor:
         """The input as the forward uses it (smoothed; fake-quantized if activations are quantized)."""

@@ -60,6 +60,7 @@ from diffsqueeze.pipelines.stage_helpers import (
 from diffsqueeze.prune.masks import enforce_masks, masked_gradients
 from diffsqueeze.quant.nn.layers import QuantMixin, quant_layer_types
 from diffsqueeze.quant.nn.quantizers import ActQuantizer
+from diffsqueeze.quant.nn.recompute import recomputed_quantized_weights
 from diffsqueeze.quant.nn.routing import attach_timestep_routing, timestep_routing
 from diffsqueeze.quant.quest.config import QuestConfig
 from diffsqueeze.quant.quest.sensitivity import (
@@ -299,8 +300,8 @@ class QuestStage:
         """The student's loss against the teacher's outputs on batch ``b``; holds the scales for the step."""
         _, kwargs, (t_out, t_layers), share = own_rows((), b.kwargs, t_out, t_layers)  # data-parallel: own rows
         store: dict = {}
-        with capture_outputs(student, names, store):
-            out = call_denoiser(student, kwargs)
+        with capture_outputs(student, names, store), recomputed_quantized_weights():
+            out = call_denoiser(student, kwargs)  # on-grid weights recomputed in the backward, not kept
         loss = quest_loss(out, t_out, store, t_layers, self.config.layer_loss_weight) * share
         scales.hold()
         return loss
