@@ -8,6 +8,8 @@ the model layer never imports compression code.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from diffusers import DiffusionPipeline
 
 from diffsqueeze.errors import ModelLoadError
@@ -15,6 +17,18 @@ from diffsqueeze.models import io
 from diffsqueeze.models.state import CompressionState
 from diffsqueeze.quant.export.kernels import decode_weights_once, use_real_kernels
 from diffsqueeze.quant.export.load import ARTIFACT_FORMATS
+
+
+def plain_model_folder(spec: str) -> Path | None:
+    """The local diffusers folder ``spec`` names (a run directory: its ``model/``) when it is a plain
+    one, no compressed-artifact format claiming it; ``None`` for builtins, hub ids and artifacts."""
+    if spec.startswith("builtin:"):
+        return None
+    folder = io.model_folder(spec)
+    if folder is None:
+        return None
+    state = CompressionState.load(folder)
+    return None if any(fmt.detect(folder, state) for fmt in ARTIFACT_FORMATS) else folder
 
 
 def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32",

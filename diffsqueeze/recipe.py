@@ -28,7 +28,7 @@ from diffsqueeze.stages import STAGES
 __all__ = ["CalibrationConfig", "Recipe", "StageSpec", "apply_overrides", "load_recipe", "recipe_from_dict"]
 
 log = logging.getLogger(__name__)
-RECIPE_KEYS = ("model", "output_dir", "seed", "device", "dtype", "calibration", "stages", "export", "eval")
+RECIPE_KEYS = ("model", "output_dir", "seed", "device", "dtype", "teacher", "calibration", "stages", "export", "eval")
 #: Above this many recorded denoiser inputs, validation warns about the calibration's cost.
 CALIBRATION_WARN_INPUTS = 100_000
 #: One recorded input of a Stable Diffusion 1.5 UNet in float32 (latents 4x64x64 + text 77x768), for the estimate.
@@ -138,6 +138,8 @@ class Recipe:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # where the FP teacher's changed components live (models/streamed.py); never changes outputs
+    teacher: Literal["auto", "resident", "stream"] = "auto"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     stages: tuple[StageSpec, ...] = ()
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -167,6 +169,7 @@ class Recipe:
         plain = self.to_plain()
         plain.pop("output_dir")
         plain.pop("device")
+        plain.pop("teacher")
         return _sha(plain)
 
 

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("diffsqueeze.stages", "diffsqueeze.loading"),
     ("diffsqueeze.metrics",),
     ("diffsqueeze.describe", "diffsqueeze.recipe"),
-    ("diffsqueeze.pipelines.runner", "diffsqueeze.pipelines.checkpoint", "diffsqueeze.pipelines.run_evaluation",
+    ("diffsqueeze.pipelines.runner", "diffsqueeze.pipelines.teacher", "diffsqueeze.pipelines.checkpoint", "diffsqueeze.pipelines.run_evaluation",
      "diffsqueeze.pipelines.generation_check"),
     ("diffsqueeze.cli", "diffsqueeze.__main__", "diffsqueeze"),
 ]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from diffsqueeze.errors import DiffsqueezeError
+from diffsqueeze.models.streamed import tensor_value
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ class ProjectedFeatures(nn.Module):
 def module_hash(module: nn.Module) -> str:
     """sha256 (first 16 hex digits) over a module's state dict: names, dtypes, shapes and bytes."""
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
+    state = module.state_dict()
+    for name in sorted(state):
+        t = tensor_value(module, name, state[name]).detach().cpu().contiguous()  # a streamed teacher's from its files
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]

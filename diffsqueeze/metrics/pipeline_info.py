@@ -32,10 +32,17 @@ def denoiser_name(pipe) -> str:
 
 
 def pipeline_device(pipe) -> torch.device:
-    """The device the pipeline's denoiser runs on."""
+    """The device the pipeline's denoiser runs on (a streamed one's parameters are on the meta
+    device between calls: its offload hooks name where it computes)."""
     module = getattr(pipe, denoiser_name(pipe))
     for p in module.parameters():
-        return p.device
+        if p.device.type != "meta":
+            return p.device
+        break
+    for m in module.modules():
+        device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
     return torch.device("cpu")
 
 

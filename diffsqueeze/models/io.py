@@ -16,6 +16,7 @@ from diffusers import DiffusionPipeline
 from diffsqueeze.errors import ModelLoadError
 from diffsqueeze.models.builtin import BUILTINS, build_builtin
 from diffsqueeze.models.state import CompressionState
+from diffsqueeze.models.streamed import is_streamed
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,8 @@ def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32",
             plain diffusers folder plus its pruning masks.
         shared: components to use as given instead of reading them (a plain diffusers folder or
             hub id only: a builtin or compressed artifact loads whole). The run's teacher takes
-            the components no stage changes from the student this way: one copy in memory.
+            the components no stage changes from the student this way: one copy in memory, and
+            the changed ones as :func:`~diffsqueeze.models.streamed.streamed_component` on the CPU.
 
     Raises:
         ModelLoadError: nothing loadable at ``spec`` or its files are damaged.
@@ -176,9 +178,16 @@ def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32",
         if isinstance(module, torch.nn.Module):
             module.eval()
     check_finite_weights(pipe, spec)
-    if any(p.dtype != torch_dtype for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()):
-        pipe.to(dtype=torch_dtype)
-    pipe.to(device)
+    streamed = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module) and is_streamed(c)]
+    if streamed:  # placed by their offload hooks (meta tensors cannot move): the others one by one
+        for c in pipe.components.values():
+            if isinstance(c, torch.nn.Module) and not is_streamed(c):
+                c.to(device=device, dtype=torch_dtype)
+    else:
+        if any(p.dtype != torch_dtype for c in pipe.components.values() if isinstance(c, torch.nn.Module)
+               for p in c.parameters()):
+            pipe.to(dtype=torch_dtype)
+        pipe.to(device)
     if fmt is not None:
         fmt.after_placement(pipe, torch_dtype)
     pipe.set_progress_bar_config(disable=True)

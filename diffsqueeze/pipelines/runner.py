@@ -42,6 +42,7 @@ from diffsqueeze.pipelines.manifest import (
     write_manifest,
 )
 from diffsqueeze.pipelines.run_evaluation import evaluate_run
+from diffsqueeze.pipelines.teacher import load_teacher
 from diffsqueeze.process_memory import peak_rss_mb, reset_peak_rss, return_freed_memory
 from diffsqueeze.quant.export.save import export_pipeline, needs_packed_export
 from diffsqueeze.recipe import Recipe
@@ -166,7 +167,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
 
     written = set().union(*(stage.writes(pipe) for stage in stages))
     ctx = StageContext(recipe=recipe, index=0, run_dir=work, device=device, seed=recipe.seed, state=state,
-                       teacher_factory=lambda: _teacher(recipe, pipe, written, device), changed=changed)
+                       changed=changed, teacher_factory=lambda: load_teacher(recipe, pipe, written, device,
+                                                                             manifest.setdefault("teacher", {})))
     try:
         if reuse == 0 and any(STAGES[s.name].calibrated for s in recipe.stages):
             _record_calibration_first(pipe, ctx, manifest)
@@ -212,7 +214,7 @@ def _run_as_follower(recipe: Recipe, stages: list, device: torch.device) -> Path
         _check_stages(recipe, stages, pipe)
         written = set().union(*(stage.writes(pipe) for stage in stages))
         ctx = StageContext(recipe=recipe, index=0, run_dir=scratch, device=device, seed=recipe.seed, state=state,
-                           teacher_factory=lambda: _teacher(recipe, pipe, written, device))
+                           teacher_factory=lambda: load_teacher(recipe, pipe, written, device))
         if any(STAGES[s.name].calibrated for s in recipe.stages):
             collect_calibration(ctx, pipe)
         for i, stage in enumerate(stages):
@@ -224,14 +226,6 @@ def _run_as_follower(recipe: Recipe, stages: list, device: torch.device) -> Path
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return Path(recipe.output_dir)
-
-
-def _teacher(recipe: Recipe, pipe, written: set[str], device: torch.device):
-    """The original pipeline: the components a stage changes are read again from ``recipe.model``,
-    every other module is the student's own (unchanged by construction), so a 2.6B-parameter
-    UNet's teacher does not also copy its text encoders."""
-    shared = {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module) and name not in written}
-    return load_with_state(recipe.model, str(device), recipe.dtype, shared=shared)[0]
 
 
 def _record_calibration_first(pipe, ctx: StageContext, manifest: dict) -> None:

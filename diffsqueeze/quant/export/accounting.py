@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from diffsqueeze.quant.export.streamed import write_streamed
 from diffsqueeze.quant.nn.attention import is_attention, sdpa_arguments
 from diffsqueeze.quant.nn.binary_layers import (
     AttentionActQuant,
@@ -212,13 +213,17 @@ def write_packed(denoiser: nn.Module, path: Path, metadata: dict[str, str] | Non
 
 
 def fp32_bytes(module: nn.Module, path: Path) -> int:
-    """Real size of ``module``'s state dict saved as FP32 safetensors at ``path`` (file kept)."""
+    """Real size of ``module``'s state dict saved as FP32 safetensors at ``path`` (file kept).
+
+    The size depends on names, shapes and dtypes only, so the file is written from zeros, one
+    tensor at a time: neither a copy of the model in memory nor its values (a streamed teacher's
+    parameters are on the meta device) are needed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous().clone()
-          for k, v in module.state_dict().items()}
-    save_file(sd, str(path))
-    return path.stat().st_size
+    tensors = ((k, torch.zeros(v.shape, dtype=torch.float32 if v.is_floating_point() else v.dtype))
+               for k, v in module.state_dict().items())
+    return write_streamed(path, tensors)
 
 
 @torch.no_grad()

@@ -81,7 +81,7 @@ def measure_sensitivity(
     """
     qlayers = quantized_layers(student)
     names = list(qlayers) if layers is None else [n for n in layers if n in qlayers]
-    device = next(teacher.parameters()).device
+    device = next(student.parameters()).device  # a streamed teacher's parameters are on meta
     sums = {n: 0.0 for n in names}
     ref_energy, count = 0.0, 0
     tctx = TimestepContext()

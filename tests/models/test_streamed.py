@@ -1,0 +1,79 @@
+"""The streamed teacher (models/streamed.py, pipelines/teacher.py): a component whose weights stay
+in its safetensors files computes what the loaded one does, bit for bit, and a run whose teacher
+streams writes the model a run with a resident teacher writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffsqueeze.loading import load_with_state, plain_model_folder
+from diffsqueeze.models import save_pipeline
+from diffsqueeze.models.streamed import is_streamed, streamed_component
+from diffsqueeze.pipelines.runner import run_recipe
+from diffsqueeze.recipe import recipe_from_dict
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    save_pipeline(load_with_state("builtin:tiny-sd")[0], folder)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_unet_is_the_loaded_unet(tiny_folder, dtype):
+    name = str(dtype).removeprefix("torch.")
+    loaded = load_with_state(str(tiny_folder), dtype=name)[0].unet
+    streamed = streamed_component(tiny_folder, "unet", torch.device("cpu"), dtype)
+    assert is_streamed(streamed) and not is_streamed(loaded)
+    assert all(p.device.type == "meta" for p in streamed.parameters())
+    g = torch.Generator().manual_seed(0)
+    cfg = loaded.config
+    x = torch.randn(2, cfg.in_channels, 16, 16, generator=g).to(dtype)
+    c = torch.randn(2, 77, cfg.cross_attention_dim, generator=g).to(dtype)
+    t = torch.tensor([20, 700])
+    with torch.no_grad():
+        want = loaded(x, t, encoder_hidden_states=c).sample
+        got = streamed(x, t, encoder_hidden_states=c).sample
+    assert torch.equal(want, got)
+    assert all(p.device.type == "meta" for p in streamed.parameters()), "weights were kept after the forward"
+
+
+def test_what_cannot_stream_loads_whole(tiny_folder, tmp_path):
+    assert plain_model_folder("builtin:tiny-sd") is None
+    assert plain_model_folder(str(tiny_folder)) == tiny_folder
+    assert streamed_component(tiny_folder, "text_encoder", torch.device("cpu"), torch.float32) is None  # transformers
+    assert streamed_component(tiny_folder, "no_such_component", torch.device("cpu"), torch.float32) is None
+
+
+def _run(tmp_path, model, teacher: str):
+    recipe = recipe_from_dict({
+        "model": str(model), "seed": 0, "device": "cpu", "teacher": teacher, "output_dir": str(tmp_path / teacher),
+        "calibration": {"num_samples": 2, "batch_size": 2, "timesteps": 2, "num_inference_steps": 2},
+        "stages": [{"ptq": {"weights": {"bits": 4, "format": "int"}, "activations": {"bits": 8, "format": "int"},
+                            "rounding": {"method": "adaround", "iters": 4, "batch_size": 2}, "batch_size": 2}},
+                   {"quest": {"time_layers": ["auto"], "sensitive_layers": {"select": "pattern", "patterns": ["*ff.net.*"]},
+                              "stage1": {"epochs": 1, "samples": 2, "batch_size": 2},
+                              "stage2": {"epochs": 1, "samples": 2, "batch_size": 2}}}],
+        "eval": {"num_images": 2, "batch_size": 2, "num_inference_steps": 2}})
+    return run_recipe(recipe)
+
+
+def test_a_run_with_a_streamed_teacher_writes_the_same_model(tiny_folder, tmp_path):
+    resident = _run(tmp_path, tiny_folder, "resident")
+    streamed = _run(tmp_path, tiny_folder, "auto")  # auto streams on the CPU
+    manifest = json.loads((streamed / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["teacher"]["streamed"] == ["unet"] and manifest["teacher"]["resident"] == []
+    assert json.loads((resident / "manifest.json").read_text())["teacher"]["streamed"] == []
+    a = load_file(str(resident / "model" / "unet" / "diffsqueeze_packed.safetensors"))
+    b = load_file(str(streamed / "model" / "unet" / "diffsqueeze_packed.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the evaluation's original-model images come from the teacher: the same images, the same scores
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (resident, streamed))
+    assert ma["fid"]["fid"] == mb["fid"]["fid"]
+    assert ma["fidelity"] == mb["fidelity"]
