@@ -77,3 +77,17 @@ def test_a_run_with_a_streamed_teacher_writes_the_same_model(tiny_folder, tmp_pa
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (resident, streamed))
     assert ma["fid"]["fid"] == mb["fid"]["fid"]
     assert ma["fidelity"] == mb["fidelity"]
+
+
+def test_time_layer_detection_on_a_streamed_teacher(tiny_folder):
+    """QuEST's time-layer detection reads only the autograd graph's shape: the same layers on a
+    streamed teacher, and it keeps none of the weights the forward loaded."""
+    from diffsqueeze.quant.quest.time_layers import detect_time_layers
+
+    loaded = load_with_state(str(tiny_folder))[0].unet
+    streamed = streamed_component(tiny_folder, "unet", torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    kwargs = {"sample": torch.randn(1, loaded.config.in_channels, 16, 16, generator=g), "timestep": torch.tensor([50.0]),
+              "encoder_hidden_states": torch.randn(1, 77, loaded.config.cross_attention_dim, generator=g)}
+    want = detect_time_layers(loaded, kwargs, 700.0)
+    assert want and detect_time_layers(streamed, kwargs, 700.0) == want

@@ -1,6 +1,7 @@
-"""Training through quantized layers recomputes their on-grid weights in the backward instead of
-keeping a copy of each (quant/nn/recompute.py): the same gradients, bit for bit, and no
-weight-sized tensor held by the graph."""
+"""Training without a second copy of the model: quantized layers recompute their on-grid weights
+in the backward instead of autograd keeping a copy of each (quant/nn/recompute.py: the same
+gradients, bit for bit, and no weight-sized tensor held by the graph), and QuEST's weights step
+inside the backward (quest/training.py: the same parameters as one Adam after it)."""
 
 from __future__ import annotations
 
@@ -90,3 +91,29 @@ def test_the_graph_does_not_hold_the_quantized_weights(monkeypatch):
     assert sorted({ptr: n for ptr, n in replaced}.values()) == sorted(4 * m.weight.numel() for m in model)
     assert not set(kept) & set(noted)
     loss.backward()
+
+
+def test_steps_in_backward_equal_one_adam_over_all_parameters():
+    """QuEST stage 2 steps each weight inside the backward (its gradient dropped at once): the
+    same parameters as one Adam stepping all of them after the backward, bit for bit."""
+    from diffsqueeze.quant.quest.training import steps_in_backward
+
+    def train(in_backward: bool):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+        params = list(net.parameters())
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+        if in_backward:
+            with steps_in_backward(params, lr=1e-2):  # one Adam state per parameter across the steps
+                for _ in range(3):
+                    net(x).square().mean().backward()
+                    assert all(p.grad is None for p in params)
+        else:
+            opt = torch.optim.Adam(params, lr=1e-2)
+            for _ in range(3):
+                opt.zero_grad(set_to_none=True)
+                net(x).square().mean().backward()
+                opt.step()
+        return [p.detach().clone() for p in params]
+
+    assert all(torch.equal(a, b) for a, b in zip(train(False), train(True)))

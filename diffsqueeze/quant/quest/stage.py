@@ -78,6 +78,7 @@ from diffsqueeze.quant.quest.training import (
     grid_weights,
     peak_memory_mb,
     quest_loss,
+    steps_in_backward,
 )
 
 log = logging.getLogger(__name__)
@@ -261,9 +262,8 @@ class QuestStage:
             weights = [lay.weight for lay in layers.values()] + branch_params(layers)
             for p in (*weights, *scales.params):
                 p.requires_grad_(True)
-            groups = [{"params": weights, "lr": cfg.lr}, {"params": scales.params, "lr": cfg.act_lr}]
-            opt = torch.optim.Adam([g for g in groups if g["params"]])
-            with masked_gradients(self._pipe, ctx.state.masks):
+            opt = torch.optim.Adam([{"params": scales.params, "lr": cfg.act_lr}]) if scales.params else None
+            with masked_gradients(self._pipe, ctx.state.masks), steps_in_backward(weights, cfg.lr):
                 for _ in ctx.progress(range(cfg.epochs), "quest stage 2 (sensitive layers)", cfg.epochs):
                     t0 = time.perf_counter()
                     order = list(range(len(data.timesteps)))
@@ -274,13 +274,16 @@ class QuestStage:
                             store: dict = {}
                             with torch.no_grad(), capture_outputs(teacher, names, store):
                                 t_out = call_denoiser(teacher, b.kwargs)
-                            # the gradient step of train_loop, on batches streamed from the recording
+                            # the gradient step of train_loop, on batches streamed from the recording;
+                            # the weights step inside the backward, the activation scales after it
                             with torch.enable_grad():
                                 loss = self._student_loss(student, b, t_out, store, names, scales)
-                                opt.zero_grad(set_to_none=True)
+                                if opt is not None:
+                                    opt.zero_grad(set_to_none=True)
                                 loss.backward()
-                            sum_gradients(p for g in opt.param_groups for p in g["params"])
-                            opt.step()
+                            if opt is not None:
+                                sum_gradients(scales.params)
+                                opt.step()
                             self._after_step(student, names, scales, ctx)
                             maybe_kill("tick")
                             total += sum_value(float(loss.detach())) * b.size

@@ -84,21 +84,46 @@ def detect_time_layers(teacher: nn.Module, kwargs: dict, other_t: float) -> list
     handles = [layers[n].register_forward_hook(cut(n)) for n in path]
     handles += [layers[n].register_forward_pre_hook(see(n)) for n in path]
     try:
-        with torch.enable_grad():
+        # Only the graph's shape is read (which leaves an input depends on), never a gradient, so
+        # autograd keeps none of the tensors it would save for a backward pass: with them this
+        # forward held every weight it used (a streamed teacher's whole denoiser).
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _never):
             call_denoiser(teacher, _rows(kwargs, 1))
-            upstream = set()
-            for n in path:
-                x = seen.get(n)
-                if x is None or not x.requires_grad:
-                    continue
-                others = [m for m in path if m != n and m in leaves]
-                grads = torch.autograd.grad(x.sum(), [leaves[m] for m in others], allow_unused=True,
-                                            retain_graph=True)
-                upstream.update(m for m, g in zip(others, grads) if g is not None)
+        leaf_of = {id(t): m for m, t in leaves.items()}
+        upstream = set()
+        for n in path:
+            x = seen.get(n)
+            if x is None or not x.requires_grad:
+                continue
+            upstream.update(leaf_of[i] for i in _leaves_reached(x) if i in leaf_of and leaf_of[i] != n)
     finally:
         for h in handles:
             h.remove()
     return [n for n in path if n not in upstream]
+
+
+def _drop(t: torch.Tensor) -> None:
+    return None
+
+
+def _never(_) -> torch.Tensor:
+    raise RuntimeError("time-layer detection runs no backward pass")
+
+
+def _leaves_reached(t: torch.Tensor) -> set[int]:
+    """``id`` of every leaf tensor ``t``'s autograd graph reaches (the leaves ``autograd.grad``
+    would give a gradient for, zero or not)."""
+    found, seen, stack = set(), set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+        if var is not None:
+            found.add(id(var))
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return found
 
 
 __all__ = ["detect_time_layers"]
