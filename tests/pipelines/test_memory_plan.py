@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 import diffsqueeze.pipelines.runner as runner
 from diffsqueeze.loading import load_pipeline
 from diffsqueeze.models import save_pipeline
+from diffsqueeze.models.streamed import is_streamed, tensor_value
 from diffsqueeze.pipelines.runner import run_recipe
+from diffsqueeze.pipelines.teacher import load_teacher
 from diffsqueeze.prune.magnitude import smallest_k_mask
 from diffsqueeze.quant.export.streamed import write_streamed
 from diffsqueeze.recipe import load_recipe
@@ -25,7 +27,7 @@ def test_round_to_nearest_loads_no_teacher_and_records_per_phase_costs(write_rec
     def no_teacher(*_):
         raise AssertionError("the teacher was loaded")
 
-    monkeypatch.setattr(runner, "_teacher", no_teacher)
+    monkeypatch.setattr(runner, "load_teacher", no_teacher)
     recipe = write_recipe({"model": "builtin:tiny-sd", "seed": 0, "device": "cpu", "calibration": CALIB,
                            "stages": [{"prune": {"targets": {"denoiser": 0.3}}},
                                       {"ptq": {"weights": {"bits": 8}, "activations": {"bits": 8}}}]})
@@ -39,13 +41,17 @@ def test_round_to_nearest_loads_no_teacher_and_records_per_phase_costs(write_rec
 def test_teacher_reads_only_the_components_stages_change(tmp_path, tiny_sd, write_recipe):
     folder = tmp_path / "model"
     save_pipeline(tiny_sd, folder)
-    recipe = load_recipe(write_recipe({"model": str(folder), "stages": [{"ptq": {"weights": {"bits": 8}}}]}))
     student = load_pipeline(str(folder))
-    teacher = runner._teacher(recipe, student, {"unet"}, torch.device("cpu"))
-    assert teacher.text_encoder is student.text_encoder and teacher.vae is student.vae
-    assert teacher.unet is not student.unet
-    for (k, a), b in zip(teacher.unet.state_dict().items(), student.unet.state_dict().values()):
-        assert torch.equal(a, b), k
+    for setting in ("resident", "auto"):  # auto streams the changed components on the CPU
+        recipe = load_recipe(write_recipe({"model": str(folder), "teacher": setting,
+                                           "stages": [{"ptq": {"weights": {"bits": 8}}}]}))
+        record: dict = {}
+        teacher = load_teacher(recipe, student, {"unet"}, torch.device("cpu"), record)
+        assert teacher.text_encoder is student.text_encoder and teacher.vae is student.vae
+        assert teacher.unet is not student.unet
+        assert record["streamed"] == ([] if setting == "resident" else ["unet"]) and is_streamed(teacher.unet) == (setting == "auto")
+        for (k, a), b in zip(teacher.unet.state_dict().items(), student.unet.state_dict().values()):
+            assert torch.equal(tensor_value(teacher.unet, k, a), b), k
 
 
 def test_streamed_file_is_a_safetensors_file(tmp_path):

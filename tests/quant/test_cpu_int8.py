@@ -13,6 +13,7 @@ from torch import nn
 from diffsqueeze.quant.export.cpu_int8 import (
     OneDNNW8A8,
     onednn_int8_available,
+    onednn_int8_exact,
     onednn_w8a8,
     w8a8_int_problem,
 )
@@ -23,6 +24,10 @@ from diffsqueeze.quant.nn.routing import TimestepContext
 from diffsqueeze.quant.primitives.formats import int_qparams
 
 pytestmark = pytest.mark.skipif(not onednn_int8_available(), reason="no oneDNN int8 ops in this torch build")
+# The kernel's numerics, where the CPU computes them exactly (some AVX2 CPUs without VNNI saturate
+# 16-bit pair sums: there the kernel is never chosen, test_saturating_cpu_keeps_layers_simulated)
+exact_kernels = pytest.mark.skipif(onednn_int8_available() and not onednn_int8_exact(),
+                                   reason="oneDNN int8 saturates 16-bit pair sums on this CPU: the real kernel is not used")
 
 
 class Holder(nn.Module):
@@ -62,6 +67,7 @@ LAYERS = {"linear": (lambda: nn.Linear(64, 48), (2, 5, 64)),
           "conv1x1": (lambda: nn.Conv2d(32, 16, 1), (2, 32, 6, 6))}
 
 
+@exact_kernels
 @pytest.mark.parametrize("split", [0, 24])
 @pytest.mark.parametrize("afmt", ["int8", "int8_sym"])
 @pytest.mark.parametrize("wfmt", ["int8", "int8_sym"])
@@ -86,6 +92,7 @@ def test_real_layer_equals_simulated_and_float64(kind, wfmt, afmt, split):
     torch.testing.assert_close(y, ref, rtol=0, atol=2e-5 * float(ref.abs().max()))
 
 
+@exact_kernels
 def test_timestep_groups_switch_the_scale():
     m = packed(nn.Linear(64, 32), "int8_sym", "int8", groups=2)
     real = onednn_w8a8(m)
@@ -111,6 +118,19 @@ def test_ineligible_layers_stay_simulated_with_the_reason(case, reason):
     assert pipe.net["a"] is m
 
 
+def test_saturating_cpu_keeps_layers_simulated(monkeypatch):
+    """Where oneDNN's int8 kernels would saturate, an eligible W8A8 layer stays simulated and the
+    plan says why; where they are exact, the same layer runs the real kernel."""
+    from diffsqueeze.quant.export import cpu_int8
+
+    for exact, compute in ((False, "simulated"), (True, "real")):
+        monkeypatch.setattr(cpu_int8, "onednn_int8_exact", lambda exact=exact: exact)
+        plan = kernel_plan(Holder(a=packed(nn.Linear(64, 32), "int8", "int8")), device="cpu")["net/a"]
+        assert plan["compute"] == compute, plan
+        assert exact or "saturate 16-bit pair sums" in plan["reason"]
+
+
+@exact_kernels
 def test_plan_swap_and_decode_once():
     lin, conv = packed(nn.Linear(64, 32), "int8", "int8"), packed(nn.Linear(64, 32), "int4", "int8")
     pipe = Holder(a=lin, b=conv)
@@ -126,6 +146,7 @@ def test_plan_swap_and_decode_once():
         assert torch.equal(pipe.net["b"](x), before)
 
 
+@exact_kernels
 def test_fashion_w8a8_real_kernels_against_simulated(tmp_path):
     """A W8A8 INT run of builtin:fashion (short calibration, two timestep groups), loaded with
     real kernels: the images against the same model simulated, same prompts and seeds.

@@ -21,6 +21,8 @@ without VNNI (docs/BENCHMARKS.md): a 320->320 3x3 conv 3.3x, a 1280x1280 linear 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -77,7 +79,33 @@ def w8a8_int_problem(m: nn.Module) -> str | None:
             return "grouped conv with asymmetric or split weights"
     if not onednn_int8_available():
         return "this torch build has no oneDNN int8 ops"
+    if not onednn_int8_exact():
+        return ("oneDNN's int8 kernels on this CPU saturate 16-bit pair sums (AVX2 without VNNI: "
+                "uint8 x int8 products added in pairs in int16): results would differ from the model")
     return None
+
+
+@functools.cache
+def onednn_int8_exact() -> bool:
+    """Whether oneDNN's int8 linear and conv add ``255 x 127`` products exactly on this CPU.
+
+    Without VNNI some x86 CPUs compute uint8 x int8 dot products with ``vpmaddubsw``, which adds
+    two products in a saturating int16 (255 x 127 x 2 = 64770 > 32767). Measured on an AMD EPYC
+    with AVX2 only: 64 such products summed to 1,048,544 instead of 2,072,640. Other AVX2 CPUs
+    without VNNI computed them exactly, so this is probed once per process, not assumed.
+    """
+    k, n = 64, 8
+    exact = k * 255 * 127
+    scale, zero = torch.ones(n, dtype=torch.float32), torch.zeros(n, dtype=torch.int32)
+    x = torch.full((1, k), 255, dtype=torch.uint8)
+    w = torch.full((n, k), 127, dtype=torch.int8)
+    lin = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, torch.ops.onednn.qlinear_prepack(w, None), scale, zero,
+                                             None, 1.0, 0, torch.float32, "none", [], "")
+    xc = x.reshape(1, k, 1, 1).contiguous(memory_format=torch.channels_last)
+    packed = torch.ops.onednn.qconv_prepack(w.reshape(n, k, 1, 1), scale, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
+    conv = torch.ops.onednn.qconv2d_pointwise(xc, 1.0, 0, packed, scale, zero, None, [1, 1], [0, 0], [1, 1], 1,
+                                              1.0, 0, torch.float32, "none", [], "")
+    return bool((lin == exact).all()) and bool((conv == exact).all())
 
 
 class _Int8Part:
