@@ -86,14 +86,13 @@ def streamed_component(model_folder: Path, name: str, device: torch.device, dtyp
     attach_align_device_hook(module, execution_device=device, offload=True, weights_map=weights)
     module.eval()
     module.requires_grad_(False)
-    module._diffsqueeze_streamed = True
-    module._diffsqueeze_weights = weights
+    module._diffsqueeze_weights = weights  # marks it streamed (is_streamed) and serves tensor_value
     return module
 
 
 def is_streamed(module: torch.nn.Module) -> bool:
     """Whether ``module`` is a :func:`streamed_component` (its parameters live on the meta device)."""
-    return bool(getattr(module, "_diffsqueeze_streamed", False))
+    return getattr(module, "_diffsqueeze_weights", None) is not None
 
 
 def tensor_value(module: torch.nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ def test_streamed_unet_is_the_loaded_unet(tiny_folder, dtype):
     assert all(p.device.type == "meta" for p in streamed.parameters()), "weights were kept after the forward"
 
 
-def test_what_cannot_stream_loads_whole(tiny_folder, tmp_path):
+def test_what_cannot_stream_loads_whole(tiny_folder):
     assert plain_model_folder("builtin:tiny-sd") is None
     assert plain_model_folder(str(tiny_folder)) == tiny_folder
     assert streamed_component(tiny_folder, "text_encoder", torch.device("cpu"), torch.float32) is None  # transformers
