@@ -3,10 +3,10 @@ copy of the denoiser in memory.
 
 The module is built from its config on the meta device; accelerate's ``AlignDevicesHook`` (the
 offload hook behind ``device_map`` / ``disk_offload``) gives every submodule its own tensors,
-read from the files (through the page cache) right before its forward, and puts them back on
-the meta device after it. At any moment one layer's weights are resident, not the model's. The
-values are the file's, converted to the run's dtype exactly as a resident load converts them,
-so a streamed teacher computes what the resident one does, bit for bit.
+read from the files (through the page cache, models/tensor_files.py) right before its forward,
+and puts them back on the meta device after it. At any moment one layer's weights are resident,
+not the model's. The values are the file's, converted to the run's dtype exactly as a resident
+load converts them, so a streamed teacher computes what the resident one does, bit for bit.
 
 Cost: every forward reads the weights again (a memory copy from the page cache; on a GPU also
 the transfer), so the runner streams the teacher on the CPU, where the second copy is what does
@@ -24,7 +24,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+
+from .tensor_files import SafetensorsTensors
 
 __all__ = ["streamed_component", "is_streamed", "component_files", "tensor_value"]
 
@@ -57,7 +58,6 @@ def streamed_component(model_folder: Path, name: str, device: torch.device, dtyp
     """
     from accelerate import init_empty_weights
     from accelerate.hooks import attach_align_device_hook
-    from accelerate.utils import OffloadedWeightsLoader
 
     folder = Path(model_folder) / name
     if not (Path(model_folder) / "model_index.json").is_file() or not folder.is_dir():
@@ -68,22 +68,22 @@ def streamed_component(model_folder: Path, name: str, device: torch.device, dtyp
     with init_empty_weights():  # parameters on meta; buffers real (computed by __init__)
         module = cls.from_config(cls.load_config(folder))
     module.to(dtype)  # the hook casts each loaded tensor to its parameter's dtype
-    index: dict[str, dict] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                index[key] = {"safetensors_file": str(path), "weight_name": key}
+    weights = SafetensorsTensors(files)
     state_keys = set(module.state_dict())
-    if set(index) != state_keys:
+    if set(weights) != state_keys:
+        weights.close()
         return None  # renamed or missing keys: diffusers' own loading knows how to convert them
-    weights = OffloadedWeightsLoader(index=index)
     params = {n for n, _ in module.named_parameters()}
     with torch.no_grad():  # persistent buffers are few and small: loaded once, kept resident
         for key in state_keys - params:
             owner, _, attr = key.rpartition(".")
             sub = module.get_submodule(owner) if owner else module
             sub._buffers[attr] = weights[key].to(device=device, dtype=sub._buffers[attr].dtype)
-    attach_align_device_hook(module, execution_device=device, offload=True, weights_map=weights)
+    # The CPU named by the string "cpu": accelerate empties the accelerator's cache after every
+    # tensor it places unless the device is one of the strings "cpu"/"meta", and on the CPU that
+    # call (an NVML probe each time) cost a tenth of a streamed forward.
+    execution = "cpu" if torch.device(device).type == "cpu" else device
+    attach_align_device_hook(module, execution_device=execution, offload=True, weights_map=weights)
     module.eval()
     module.requires_grad_(False)
     module._diffsqueeze_weights = weights  # marks it streamed (is_streamed) and serves tensor_value
