@@ -354,6 +354,27 @@ def test_int_qparams_definitions():
     assert F.int_fake_quantize(torch.tensor([100.0, -100.0]), 0.5, bits=4, symmetric=True).tolist() == [3.5, -4.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_int_fake_quantize_in_place_equals_the_recorded_path(dtype):
+    """Without gradients the fake quantizer works in one buffer; with them it records each step.
+    Both give the same bits, ties (x/s = k + 1/2) and the clamp included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, 48, generator=g).to(dtype)
+    s = (x.abs().amax(-1, keepdim=True) / 7).clamp_min(1e-3)
+    x[:, :, :8] = (torch.arange(-4, 4).to(dtype) + 0.5) * s  # exact ties
+    x[:, :, 8] = 50 * s[:, :, 0]  # clamped
+    z = torch.full_like(s, 8.0)
+    for zp, sym, bits in ((z, False, 4), (None, True, 4), (None, True, 8), (z, False, 3)):
+        with torch.no_grad():
+            fast = F.int_fake_quantize(x, s, zp, bits=bits, symmetric=sym)
+        xg = x.clone().requires_grad_(True)
+        recorded = F.int_fake_quantize(xg, s, zp, bits=bits, symmetric=sym)
+        assert recorded.requires_grad and fast.dtype == recorded.dtype == dtype
+        assert torch.equal(fast, recorded.detach())
+    mixed = F.int_fake_quantize(x.float(), s.double(), z.double(), bits=4, symmetric=False)
+    assert mixed.dtype == torch.float32  # a float64 scale promotes inside, the result keeps x's dtype
+
+
 @pytest.mark.parametrize("bad", [0, 1, 9, 16, -4, 2.5, True, "4"])
 def test_int_bits_out_of_range(bad):
     with pytest.raises(ValueError, match=rf"{bad!r} is out of range; allowed: 2\.\.8"):

@@ -164,8 +164,28 @@ def int_fake_quantize(
 
     Same arguments as :func:`int_quantize`; returns a tensor of ``x``'s shape and dtype.
     """
+    if _in_place_ok(x, scale, zero_point):
+        # The same operations in the same order on one buffer: bit-identical, and 3.8x faster
+        # on a 1280x11520 weight (a fresh weight-sized tensor per step costs more than the step).
+        if check:
+            check_finite(x)
+        qmin, qmax = int_code_range(bits, symmetric)
+        q = (x / scale).round_()
+        if zero_point is not None:
+            q.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point)
+        else:
+            q.clamp_(qmin, qmax)
+        return q.mul_(scale)
     q = int_quantize(x, scale, zero_point, bits=bits, symmetric=symmetric, check=check)
     return int_dequantize(q, scale, zero_point).to(x.dtype)
+
+
+def _in_place_ok(x: Tensor, *params) -> bool:
+    """No gradient to record, and no parameter that would promote ``x``'s dtype."""
+    tensors = [t for t in (x, *params) if isinstance(t, Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return x.is_floating_point() and all(t.dtype == x.dtype for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------
