@@ -72,6 +72,12 @@ class MaskStore(MutableMapping):
         """``key -> (bits, shape)`` without unpacking."""
         return dict(self._packed)
 
+    def set_packed(self, key: str, bits: torch.Tensor, shape: tuple[int, ...]) -> None:
+        """Store an already packed mask (as :meth:`packed` gives it, or as a file holds it)."""
+        if bits.dtype != torch.uint8 or bits.numel() != -(-math.prod(shape) // 8):
+            raise ValueError(f"mask '{key}': {bits.numel()} {bits.dtype} values do not hold a {tuple(shape)} mask")
+        self._packed[key] = (bits, tuple(shape))
+
 
 def _read_masks(path: Path) -> MaskStore:
     """Masks of ``masks.safetensors``: packed bits with their shapes in the metadata, or (files
@@ -85,10 +91,7 @@ def _read_masks(path: Path) -> MaskStore:
             if shapes is None:
                 store[key] = t
             else:
-                shape = tuple(shapes[key])
-                if t.dtype != torch.uint8 or t.numel() != -(-math.prod(shape) // 8):
-                    raise ValueError(f"mask '{key}': {t.numel()} {t.dtype} values do not hold a {shape} mask")
-                store._packed[key] = (t, shape)
+                store.set_packed(key, t, tuple(shapes[key]))
     return store
 
 

@@ -165,10 +165,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
         manifest["stages"][:reuse] = old["stages"][:reuse]
     write_manifest(work, manifest)
 
-    written = set().union(*(stage.writes(pipe) for stage in stages))
-    ctx = StageContext(recipe=recipe, index=0, run_dir=work, device=device, seed=recipe.seed, state=state,
-                       changed=changed, teacher_factory=lambda: load_teacher(recipe, pipe, written, device,
-                                                                             manifest.setdefault("teacher", {})))
+    ctx = _stage_context(recipe, stages, pipe, state, device, work, changed, manifest.setdefault("teacher", {}))
     try:
         if reuse == 0 and any(STAGES[s.name].calibrated for s in recipe.stages):
             _record_calibration_first(pipe, ctx, manifest)
@@ -212,20 +209,33 @@ def _run_as_follower(recipe: Recipe, stages: list, device: torch.device) -> Path
     try:
         pipe, state = load_with_state(recipe.model, str(device), recipe.dtype)
         _check_stages(recipe, stages, pipe)
-        written = set().union(*(stage.writes(pipe) for stage in stages))
-        ctx = StageContext(recipe=recipe, index=0, run_dir=scratch, device=device, seed=recipe.seed, state=state,
-                           teacher_factory=lambda: load_teacher(recipe, pipe, written, device))
+        ctx = _stage_context(recipe, stages, pipe, state, device, scratch)
         if any(STAGES[s.name].calibrated for s in recipe.stages):
             collect_calibration(ctx, pipe)
         for i, stage in enumerate(stages):
-            ctx.index, ctx.seed = i, stage_seed(recipe.seed, i)
-            seed_everything(ctx.seed)
+            _enter_stage(ctx, i)
             summary = stage.apply(pipe, ctx)
             ctx.state.history.append({"index": i, "name": recipe.stages[i].name, "summary": summary})
         barrier()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return Path(recipe.output_dir)
+
+
+def _stage_context(recipe: Recipe, stages: list, pipe, state, device: torch.device, run_dir: Path,
+                   changed: set[str] | None = None, teacher_record: dict | None = None) -> StageContext:
+    """The context the stages share; the teacher loads on first use, holding apart only the
+    components some stage writes (``teacher_record``: the manifest's account of it)."""
+    written = set().union(*(stage.writes(pipe) for stage in stages))
+    return StageContext(recipe=recipe, index=0, run_dir=run_dir, device=device, seed=recipe.seed, state=state,
+                        changed=set() if changed is None else changed,
+                        teacher_factory=lambda: load_teacher(recipe, pipe, written, device, teacher_record))
+
+
+def _enter_stage(ctx: StageContext, i: int) -> None:
+    """Stage ``i``'s index and seed, the global generators seeded with it (every process alike)."""
+    ctx.index, ctx.seed = i, stage_seed(ctx.recipe.seed, i)
+    seed_everything(ctx.seed)
 
 
 def _record_calibration_first(pipe, ctx: StageContext, manifest: dict) -> None:
@@ -280,8 +290,7 @@ def _remove_leftovers(run_dir: Path, manifest: dict, model_changed: bool) -> Non
 
 def _run_stage(pipe, stage, i: int, ctx: StageContext, manifest: dict) -> None:
     entry = manifest["stages"][i]
-    ctx.index, ctx.seed = i, stage_seed(ctx.recipe.seed, i)
-    seed_everything(ctx.seed)
+    _enter_stage(ctx, i)
     entry.update(status="running", started=now())
     write_manifest(ctx.run_dir, manifest)
     if ctx.device.type == "cuda":

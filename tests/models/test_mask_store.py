@@ -54,3 +54,13 @@ def test_a_packed_mask_of_the_wrong_length_is_a_load_error(tmp_path):
     save_file(tensors, str(tmp_path / MASKS_FILE), metadata=meta)
     with pytest.raises(ModelLoadError, match="cannot read pruning masks .*unet/b.weight"):
         CompressionState.load(tmp_path)
+
+
+def test_packed_masks_move_between_stores_without_unpacking():
+    source = MaskStore(_masks())
+    target = MaskStore()
+    for key, (bits, shape) in source.packed().items():
+        target.set_packed(key, bits, shape)
+    assert all(torch.equal(target[k], source[k]) for k in source)
+    with pytest.raises(ValueError, match="unet/x.*do not hold a \\(4, 4\\) mask"):
+        target.set_packed("unet/x", torch.zeros(3, dtype=torch.uint8), (4, 4))
