@@ -37,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_output_dir(out, model if isinstance(model, str) else None, probe=True)
         check_run_dir(Path(out), resume=args.resume, overwrite=args.overwrite)
 
-    from diffsqueeze.pipelines.runner import run_recipe
+    from diffsqueeze.run.runner import run_recipe
     from diffsqueeze.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(data or {})
@@ -69,7 +69,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         desc = None
     else:
         pipe, state = load_with_state(args.path)
-        desc = describe_pipeline(pipe, state, model_folder(args.path))
+        desc = describe_pipeline(pipe, state, model_folder(args.path), device=args.device)
     if args.json:
         print(json.dumps({"model": desc, "manifest": manifest}, indent=2))
     elif desc is None:
@@ -98,18 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory, diffusers folder, builtin:NAME or hub id")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--layers", action="store_true", help="list every conv/linear layer")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="show the real/simulated kernel plan for this device (any machine can show either)")
     p.add_argument("--sensitivity", action="store_true",
                    help="layer sensitivity ranking of a quantized run (measured and saved if missing)")
     p.set_defaults(func=cmd_inspect)
 
-    try:
-        from diffsqueeze.metrics import cli_commands
-    except ImportError:  # metrics extras not installed: run/inspect still work
-        cli_commands = None
-    if cli_commands is not None:
-        for add in ("add_eval_parser", "add_grid_parser", "add_report_parser", "add_prune_sweep_parser"):
-            if hasattr(cli_commands, add):
-                getattr(cli_commands, add)(sub)
+    from diffsqueeze import commands  # eval, grid, report, prune-sweep
+
+    for add in (commands.add_eval_parser, commands.add_grid_parser, commands.add_report_parser,
+                commands.add_prune_sweep_parser):
+        add(sub)
     return parser
 
 

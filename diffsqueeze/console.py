@@ -1,6 +1,6 @@
 """What the command line prints: third-party libraries kept quiet so the tool's own lines show.
 
-Shared by :mod:`diffsqueeze.cli` and the subcommands in :mod:`diffsqueeze.metrics.cli_commands`.
+Shared by :mod:`diffsqueeze.cli` and the subcommands in :mod:`diffsqueeze.commands`.
 Imports nothing from diffsqueeze, so any command module can use it without an import circle.
 
 Importing this module silences, before torch or diffusers is imported, the warnings every start

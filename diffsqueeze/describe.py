@@ -30,13 +30,16 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def describe_pipeline(pipe: DiffusionPipeline, state: CompressionState, folder: Path | None = None) -> dict:
+def describe_pipeline(pipe: DiffusionPipeline, state: CompressionState, folder: Path | None = None,
+                      device: str = "cpu") -> dict:
     """Per component: role, parameters, bytes in memory (and on disk if saved), zero fraction of
-    conv/linear weights, masked sparsity, and per-layer records (sparsity; module records of later stages).
+    conv/linear weights, masked sparsity, and per-layer records (sparsity; module records of later
+    stages; which kernel would compute each layer on ``device``, ``cpu`` or ``cuda``).
     """
     roles = find_roles(pipe)
     out = {"pipeline": type(pipe).__name__, "components": {}}
-    plan = _kernel_plan(pipe, state)
+    plan = kernel_plan(pipe, state, device)
+    out["kernel_device"] = device
     for name, module in module_components(pipe).items():
         role = "denoiser" if name == roles.denoiser else "text_encoder" if name in roles.text_encoders else (
             "vae" if name == roles.vae else "other")
@@ -74,11 +77,6 @@ def describe_pipeline(pipe: DiffusionPipeline, state: CompressionState, folder: 
     return out
 
 
-def _kernel_plan(pipe: DiffusionPipeline, state: CompressionState) -> dict:
-    """Per layer, whether a real low-bit kernel would run it (diffsqueeze.quant.export.kernels)."""
-    return kernel_plan(pipe, state, "cpu")
-
-
 def _packed_record(sub: torch.nn.Module, plan: dict | None) -> dict:
     """Real bytes of a packed layer's storage, and real vs simulated compute."""
     rec = {}
@@ -106,7 +104,8 @@ def format_description(desc: dict, manifest: dict | None = None, layers: bool = 
         if computes:
             packed = sum(r.get("packed_bytes", 0) for r in c["layers"].values())
             lines.append(f"{'':<16} packed layers {sum('packed_bytes' in r for r in c['layers'].values())} "
-                         f"({packed / 2**20:.3f} MiB real bytes); loaded with kernels='real': {computes.count('real')} real kernel, "
+                         f"({packed / 2**20:.3f} MiB real bytes); loaded with kernels='real' on "
+                         f"{desc.get('kernel_device', 'cpu')}: {computes.count('real')} real kernel, "
                          f"{computes.count('simulated')} simulated (--layers says which; the default load decodes "
                          f"every packed layer, bit-identical to the run)")
     if manifest:
@@ -120,7 +119,7 @@ def format_description(desc: dict, manifest: dict | None = None, layers: bool = 
                     lines.append(f"    {comp}: sparsity target {c['target']:.4f}, achieved {c['achieved']:.4f} "
                                  f"({c['pruned_weights']:,} of {c['counted_weights']:,} weights)")
             summary = s.get("summary") or {}
-            if "storage" in summary and "ops" in summary:  # binarize: packed size and OPs (METHODS 9)
+            if "storage" in summary and "ops" in summary:  # binarize: packed size and OPs (docs/methods.md §9)
                 st, ops = summary["storage"], summary["ops"]
                 lines.append(f"    {summary.get('component', '')}: packed {st['packed_bytes'] / 2**20:.2f} MiB vs FP32 "
                              f"{st['fp32_bytes'] / 2**20:.2f} MiB ({st['ratio_fp32_to_packed']:.1f}x); OPs {ops['ops']:.4g} "

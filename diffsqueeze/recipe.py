@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from diffsqueeze.config_parse import (
     apply_overrides,  # re-exported: recipe.apply_overrides
@@ -20,8 +20,9 @@ from diffsqueeze.config_parse import (
     read_yaml_file,
     to_plain,
 )
-from diffsqueeze.errors import DiffsqueezeError, ModelLoadError, RecipeError
+from diffsqueeze.errors import ModelLoadError, RecipeError
 from diffsqueeze.metrics.config import EvalConfig, reference_problem
+from diffsqueeze.pipelines.calibration_config import CalibrationConfig, check_prompts
 from diffsqueeze.pipelines.manifest import check_output_dir
 from diffsqueeze.stages import STAGES
 
@@ -33,63 +34,6 @@ RECIPE_KEYS = ("model", "output_dir", "seed", "device", "dtype", "teacher", "cal
 CALIBRATION_WARN_INPUTS = 100_000
 #: One recorded input of a Stable Diffusion 1.5 UNet in float32 (latents 4x64x64 + text 77x768), for the estimate.
 SD15_INPUT_BYTES = 4 * (4 * 64 * 64 + 77 * 768)
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """Where calibration data comes from (METHODS 1); used by the stages that need it.
-
-    Attributes:
-        prompts: prompt set (``builtin``, ``builtin:NAME``) or a text file.
-        num_samples: samples recorded per calibration timestep.
-        timesteps: number of calibration timesteps ``n_t``, uniform over the trajectory.
-        num_inference_steps: sampler steps of the calibration trajectories.
-        guidance_scale: classifier-free guidance scale (conditional and unconditional inputs recorded).
-        batch_size: pipeline batch size while recording.
-        sampler: ``default`` (the pipeline's own scheduler) or a diffusers scheduler class name
-            (``DDIMScheduler``) built from the pipeline's scheduler config for the recording.
-        height, width: image size of the recorded trajectories (default: the pipeline's own);
-            checked against the model's latent factor when the run starts.
-    """
-
-    prompts: str = "builtin"
-    num_samples: int = 32
-    timesteps: int = 10
-    num_inference_steps: int = 20
-    guidance_scale: float = 7.5
-    batch_size: int = 8
-    sampler: str = "default"
-    height: Optional[int] = None
-    width: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        for name in ("num_samples", "timesteps", "num_inference_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise RecipeError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.timesteps > self.num_inference_steps:
-            raise RecipeError("timesteps", f"{self.timesteps} calibration timesteps cannot come from "
-                              f"{self.num_inference_steps} sampler steps (num_inference_steps)")
-        if self.sampler != "default" and not (self.sampler.isidentifier() and self.sampler.endswith("Scheduler")):
-            raise RecipeError("sampler", f"'default' or a diffusers scheduler class name like DDIMScheduler; got {self.sampler!r}")
-        _check_prompts(self.prompts, "prompts")
-        for name in ("height", "width"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise RecipeError(name, f"must be >= 1 (pixels), got {getattr(self, name)}")
-
-    def estimate(self) -> tuple[int, int]:
-        """(recorded denoiser inputs, denoiser evaluations) of the recording; guidance doubles both."""
-        cfg = 2 if self.guidance_scale > 1 else 1
-        return self.num_samples * self.timesteps * cfg, self.num_samples * self.num_inference_steps * cfg
-
-
-def _check_prompts(spec: str, key: str) -> None:
-    """An unknown prompt set (``builtin:NAME``) or a missing/empty prompt file fails before any work."""
-    from diffsqueeze.models.prompts import load_prompts
-
-    try:
-        load_prompts(spec)
-    except DiffsqueezeError as exc:
-        raise RecipeError(key, str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -223,7 +167,7 @@ def _check_recipe(recipe: Recipe) -> None:
         raise RecipeError("output_dir", "must name a directory")
     check_output_dir(recipe.output_dir, recipe.model, probe=False)  # the runner probes writability
     if recipe.eval is not None:
-        _check_prompts(recipe.eval.prompts, "eval.prompts")
+        check_prompts(recipe.eval.prompts, "eval.prompts")
         if recipe.eval.reference != "fp" and (problem := reference_problem(recipe.eval.reference)):
             raise RecipeError("eval.reference", f"{problem}; eval.reference takes 'fp' (the original model's outputs), "
                               f"a folder of images, a .safetensors statistics file or a builtin dataset")

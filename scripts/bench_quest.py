@@ -143,7 +143,8 @@ def run(args) -> dict:
            "softmax_bits": 8, "batch_size": args.batch_size}
     recipe = recipe_from_dict({"model": "builtin:tiny-sd", "output_dir": str(work), "device": args.device,
                                "calibration": calib, "stages": [{"ptq": ptq}, {"quest": quest}]})
-    ctx = StageContext(recipe=recipe, index=0, run_dir=work, device=device, seed=0, state=CompressionState(),
+    ctx = StageContext(index=0, run_dir=work, device=device, seed=0, state=CompressionState(),
+                       model_spec=recipe.model, recipe_seed=recipe.seed, calibration=recipe.calibration,
                        teacher_factory=lambda: teacher)
     write_calibration(work / CALIB_DIR / calibration_key(recipe.model, recipe.calibration, recipe.seed), unet,
                       args.timesteps, args.samples)

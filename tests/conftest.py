@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny builtin pipelines (built in code, no download) and recipe files."""
+"""Shared fixtures: tiny builtin pipelines (built in code, no download) and recipe files.
+
+Plain helper functions shared by test modules live in tests/helpers.py (``from tests.helpers import ...``);
+no test module imports another."""
 
 from __future__ import annotations
 

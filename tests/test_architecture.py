@@ -1,10 +1,12 @@
 """The package's layers point down (docs/architecture.md): no import circle of any kind, no import
-of a higher layer (at module level or inside a function), pure tensor math in quant/primitives,
-and no file over the size limit. Parsed from the source, nothing is imported."""
+of a higher layer (at module level or inside a function; per module and per folder, a folder being
+one layer), pure tensor math in quant/primitives, and no file over the size limit. Parsed from the
+source, nothing is imported."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("diffsqueeze.errors", "diffsqueeze.config_parse", "diffsqueeze.console", "diffsqueeze.version",
      "diffsqueeze.process_memory", "diffsqueeze.bitmask"),
     ("diffsqueeze.models",),
-    ("diffsqueeze.pipelines.stage", "diffsqueeze.pipelines.context", "diffsqueeze.pipelines.calibration",
-     "diffsqueeze.pipelines.faults", "diffsqueeze.pipelines.manifest", "diffsqueeze.pipelines.stage_helpers",
-     "diffsqueeze.pipelines"),
+    ("diffsqueeze.pipelines",),
     ("diffsqueeze.quant.primitives",),
     ("diffsqueeze.quant.nn",),
     ("diffsqueeze.prune", "diffsqueeze.quant.ptq", "diffsqueeze.quant.quest", "diffsqueeze.quant.binarydm",
@@ -28,9 +28,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("diffsqueeze.stages", "diffsqueeze.loading"),
     ("diffsqueeze.metrics",),
     ("diffsqueeze.describe", "diffsqueeze.recipe"),
-    ("diffsqueeze.pipelines.runner", "diffsqueeze.pipelines.teacher", "diffsqueeze.pipelines.checkpoint", "diffsqueeze.pipelines.run_evaluation",
-     "diffsqueeze.pipelines.generation_check"),
-    ("diffsqueeze.cli", "diffsqueeze.__main__", "diffsqueeze"),
+    ("diffsqueeze.run",),
+    ("diffsqueeze.cli", "diffsqueeze.commands", "diffsqueeze.__main__", "diffsqueeze"),
 ]
 
 
@@ -131,6 +130,40 @@ def test_imports_point_down():
     assert not upward, "imports of a higher layer:\n" + "\n".join(upward)
 
 
+def _folder(module: str) -> str:
+    """The folder (package) a module sits in; a flat module of the top package is its own unit."""
+    if MODULES[module].name == "__init__.py":
+        return module
+    parent = module.rpartition(".")[0]
+    return module if parent == "diffsqueeze" else parent
+
+
+def _folder_layers() -> dict[str, set[int]]:
+    layers: dict[str, set[int]] = {}
+    for m in MODULES:
+        layers.setdefault(_folder(m), set()).add(_layer(m))
+    return layers
+
+
+@pytest.mark.parametrize("folder", sorted({_folder(m) for m in MODULES if MODULES[m].name == "__init__.py"}))
+def test_each_folder_is_one_layer(folder):
+    """A folder is one layer: its modules, whatever their names, sit side by side (pipelines/ once held
+    two layers, the stage base and the runner, so folder-level arrows ran back up)."""
+    layers = {m: _layer(m) for m in MODULES if _folder(m) == folder}
+    assert len(set(layers.values())) == 1, f"{folder}/ spans layers {layers}"
+
+
+def test_folders_import_down():
+    """Module imports aggregated to their folders (diffsqueeze.pipelines, diffsqueeze.run, diffsqueeze.quant.nn,
+    ...): no folder imports one above it."""
+    layers = _folder_layers()
+    upward = sorted({f"{_folder(m)} (layers {sorted(layers[_folder(m)])}) imports {_folder(t)} "
+                     f"(layers {sorted(layers[_folder(t)])})"
+                     for m, targets in _graph().items() for t in targets
+                     if _folder(m) != _folder(t) and max(layers[_folder(t)]) > min(layers[_folder(m)])})
+    assert not upward, "folder-level imports of a higher layer:\n" + "\n".join(upward)
+
+
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("diffsqueeze.quant.primitives")))
 def test_primitives_are_pure_tensor_math(name):
     bad = [t for t in _imports(name, MODULES[name])
@@ -151,3 +184,32 @@ def test_file_sizes():
 def test_quant_has_at_most_four_flat_files():
     flat = sorted(p.name for p in (PACKAGE / "quant").glob("*.py"))
     assert len(flat) <= 4, flat
+
+
+REPO = PACKAGE.parent
+TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".sh", ".cfg"}
+
+
+def _text_files() -> list[Path]:
+    return [REPO / "README.md", *(p for d in ("diffsqueeze", "tests", "docs", "scripts", "configs")
+                                  for p in (REPO / d).rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)]
+
+
+def test_no_references_outside_the_repository():
+    """No file points to the methods notes outside the repository (by their old name, as
+    ``METHODS §N``, or by a path into a shared/ folder beside the checkout): docs/methods.md is
+    the project's own."""
+    old = re.compile("METHODS" + r"(\.md|'|\s*(§|section|\d))|" + "shared" + "/")
+    found = [f"{p.relative_to(REPO)}:{i}: {line.strip()[:80]}" for p in _text_files()
+             if p.resolve() != Path(__file__).resolve()
+             for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if old.search(line)]
+    assert not found, "references to files outside the repository:\n" + "\n".join(found)
+
+
+def test_methods_references_name_existing_sections():
+    """Every ``methods.md §N`` in the code and docs names a section docs/methods.md has."""
+    sections = set(re.findall(r"^## (\d+)\.", (REPO / "docs" / "methods.md").read_text(encoding="utf-8"), re.M))
+    cited = {(str(p.relative_to(REPO)), n) for p in _text_files()
+             for n in re.findall(r"methods\.md\)? §(\d+)", p.read_text(encoding="utf-8", errors="replace"))}
+    assert cited and not {c for c in cited if c[1] not in sections}, sorted(c for c in cited if c[1] not in sections)

@@ -150,7 +150,7 @@ def test_a_key_given_twice_is_an_error_naming_key_and_line(tmp_path, capsys):
 
 
 def test_a_crash_in_the_end_of_run_eval_is_recorded(write_recipe, tmp_path, capsys, monkeypatch):
-    import diffsqueeze.pipelines.runner as runner
+    import diffsqueeze.run.runner as runner
 
     def crash(*args, **kwargs):
         raise RuntimeError("CLIP weights missing")
@@ -177,8 +177,8 @@ def test_an_override_with_invalid_yaml(write_recipe, tmp_path, capsys):
 @pytest.mark.parametrize("where", ["/proc/diffsqueeze-run", "{tmp}/recipe.yaml/run"], ids=["proc", "under-a-file"])
 def test_an_output_dir_that_cannot_be_written_fails_before_the_model_loads(write_recipe, tmp_path, capsys, monkeypatch,
                                                                            where):
-    import diffsqueeze.pipelines.runner as runner
-    from diffsqueeze.pipelines.runner import run_recipe
+    import diffsqueeze.run.runner as runner
+    from diffsqueeze.run.runner import run_recipe
     from diffsqueeze.recipe import load_recipe
 
     def no_load(*args, **kwargs):
@@ -237,7 +237,7 @@ def test_debug_shows_the_traceback(write_recipe):
 
 
 def test_an_unexpected_exception_is_one_line_with_its_type(write_recipe, capsys, monkeypatch):
-    import diffsqueeze.pipelines.runner as runner
+    import diffsqueeze.run.runner as runner
 
     def broken(*args, **kwargs):
         raise ValueError("shape mismatch\n  in layer 3")

@@ -1,4 +1,4 @@
-"""CLIP score: ``100 * max(cos(E_image, E_text), 0)`` averaged over images (METHODS.md section 9).
+"""CLIP score: ``100 * max(cos(E_image, E_text), 0)`` averaged over images (docs/methods.md §9).
 
 The numbers go through torchmetrics' :class:`~torchmetrics.multimodal.clip_score.CLIPScore`
 feature path (processor -> ``get_image_features`` / ``get_text_features`` -> L2-normalise ->
@@ -185,7 +185,7 @@ class ClipScorer:
 
 
 def aggregate(cos_x100: torch.Tensor) -> float:
-    """CLIP score over images: ``mean(100 * max(cos, 0))`` (METHODS.md section 9), float64."""
+    """CLIP score over images: ``mean(100 * max(cos, 0))`` (docs/methods.md §9), float64."""
     return float(cos_x100.double().clamp_min(0).mean()) if len(cos_x100) else float("nan")
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 from diffsqueeze.errors import RecipeError
 
-#: FID/KID implementations :func:`diffsqueeze.pipelines.run_evaluation.evaluate_run` can use.
+#: FID/KID implementations :func:`diffsqueeze.run.evaluation.evaluate_run` can use.
 FID_BACKENDS = ("torchmetrics", "clean-fid")
 #: Builtin reference image sets for FID/KID.
 BUILTIN_REFERENCES = ("builtin:fashion-mnist",)

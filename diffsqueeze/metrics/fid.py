@@ -85,7 +85,7 @@ __all__ = [
 
 @dataclass
 class FIDResult:
-    """An FID (and KID) value with its provenance (METHODS.md section 9).
+    """An FID (and KID) value with its provenance (docs/methods.md §9).
 
     The generation fields (``sampler`` .. ``prompt_source``) are for the caller to fill, e.g.
     ``dataclasses.replace(result, sampler="DDIM", steps=50, guidance=7.5, seeds=[0, 1])``.

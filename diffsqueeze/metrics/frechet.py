@@ -1,6 +1,6 @@
 """Frechet distance (FID) and kernel distance (KID) between feature sets, in float64.
 
-FID (METHODS.md section 9): ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))`` over 2048-d pool
+FID (docs/methods.md §9): ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))`` over 2048-d pool
 features. KID: the unbiased MMD^2 with the cubic polynomial kernel ``k(x, y) = (x.y / d + 1)^3``,
 averaged over random subsets (Binkowski et al. 2018).
 
@@ -53,7 +53,7 @@ def frechet_distance(
 ) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
-    ``d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))`` (METHODS.md section 9).
+    ``d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))`` (docs/methods.md §9).
 
     Args:
         method: ``"eigh"`` (default): ``Tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))``

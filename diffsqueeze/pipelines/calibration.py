@@ -1,4 +1,4 @@
-"""Calibration data (METHODS.md §1, Q-Diffusion): the FP pipeline's denoiser inputs on its own
+"""Calibration data (docs/methods.md §1, Q-Diffusion): the FP pipeline's denoiser inputs on its own
 sampling trajectories, at ``n_t`` timesteps spread uniformly over the trajectory.
 
 The FP pipeline runs on the calibration prompts; a forward pre-hook on the denoiser records
@@ -284,7 +284,7 @@ def record_calibration(
 
     Args:
         pipe: the FP pipeline (the teacher); it is not modified (the sampler is restored).
-        calib: :class:`diffsqueeze.recipe.CalibrationConfig`.
+        calib: :class:`~diffsqueeze.pipelines.calibration_config.CalibrationConfig`.
         folder: output folder; reused if it holds a finished recording.
         seed: generator seed of the trajectories.
         progress: ``ctx.progress``-like wrapper.
@@ -372,10 +372,10 @@ def record_calibration(
 
 def collect_calibration(ctx, pipe=None) -> CalibrationData:
     """Record (or reuse) the run's calibration data from the FP teacher: ``run_dir/calibration/<key>``."""
-    calib = ctx.recipe.calibration
-    key = calibration_key(ctx.recipe.model, calib, ctx.recipe.seed)
+    calib = ctx.calibration
+    key = calibration_key(ctx.model_spec, calib, ctx.recipe_seed)
     folder = Path(ctx.run_dir) / CALIB_DIR / key
     if (folder / META).is_file():  # recorded already: no teacher is loaded for it
         return CalibrationData(folder)
     teacher = pipe if pipe is not None else ctx.teacher()
-    return record_calibration(teacher, calib, folder, ctx.recipe.seed, ctx.progress)
+    return record_calibration(teacher, calib, folder, ctx.recipe_seed, ctx.progress)

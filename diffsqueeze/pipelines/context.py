@@ -11,12 +11,11 @@ import torch
 from tqdm.auto import tqdm
 
 from diffsqueeze.models.state import CompressionState
+from diffsqueeze.pipelines.calibration_config import CalibrationConfig
 from diffsqueeze.pipelines.faults import maybe_kill
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
-
-    from diffsqueeze.recipe import Recipe
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -26,23 +25,31 @@ log = logging.getLogger(__name__)
 class StageContext:
     """Shared services of a run, handed to each stage's ``apply``.
 
+    It carries what stages read of the recipe, not the recipe itself: the model spec and seed
+    that key the calibration recording, and the ``calibration:`` section.
+
     Attributes:
-        recipe: the validated recipe.
-        index: position of the running stage in ``recipe.stages``.
+        index: position of the running stage in the recipe's ``stages``.
         run_dir: the run directory (stages may keep caches here, e.g. calibration data).
         device: where compute happens.
         seed: the stage's own seed, derived from the recipe seed and the stage index.
         state: masks and module records; stages add to it.
+        teacher_factory: loads the frozen original pipeline (called once, by :meth:`teacher`).
+        model_spec: the recipe's ``model`` (what the teacher and the calibration are read from).
+        recipe_seed: the recipe's ``seed`` (the calibration trajectories' seed).
+        calibration: the recipe's ``calibration:`` section (None where no stage calibrates).
         changed: names of components whose weights any stage so far has changed (checkpointed).
     """
 
-    recipe: "Recipe"
     index: int
     run_dir: Path
     device: torch.device
     seed: int
     state: CompressionState
     teacher_factory: Callable[[], "DiffusionPipeline"]
+    model_spec: str | None = None
+    recipe_seed: int = 0
+    calibration: CalibrationConfig | None = None
     changed: set[str] = field(default_factory=set)
     _teacher: "DiffusionPipeline | None" = None
 

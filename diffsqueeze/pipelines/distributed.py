@@ -2,7 +2,7 @@
 
 Every process runs the whole recipe on its own copy of the model with the same seed, so each
 makes the same choices (which calibration batch, which rows, which timestep); only the rows of
-each gradient step are split between them and the gradients summed (METHODS' losses are means
+each gradient step are split between them and the gradients summed (the losses of docs/methods.md are means
 over rows: each process weights its loss by its share of the rows, so the sum of the gradients
 is the gradient of the whole batch, equal to the one-process run up to the order of the sums).
 Statistics (calibration recording, activation scales, sensitivity) are computed whole by every

@@ -1,4 +1,4 @@
-"""Magnitude pruning (METHODS 8): zero the weights of smallest |W|, exactly as many as asked.
+"""Magnitude pruning (docs/methods.md §8): zero the weights of smallest |W|, exactly as many as asked.
 
 Pure functions on tensors; :mod:`diffsqueeze.prune.stage` applies them to pipelines.
 """

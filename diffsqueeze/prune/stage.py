@@ -1,4 +1,4 @@
-"""The ``prune`` stage: post-training magnitude pruning per component (METHODS 8)."""
+"""The ``prune`` stage: post-training magnitude pruning per component (docs/methods.md §8)."""
 
 from __future__ import annotations
 

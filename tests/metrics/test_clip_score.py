@@ -54,7 +54,7 @@ def test_direct_formula_equals_torchmetrics(scorer, images):
     metric.update(images[:2], PROMPTS[:2])
     metric.update(images[2:], PROMPTS[2:])
     assert float(metric.compute()) == pytest.approx(max(float(per_image.mean()), 0.0), abs=1e-4)
-    # Where every cosine is >= 0, torchmetrics' clamp-of-mean equals METHODS' mean-of-clamp.
+    # Where every cosine is >= 0, torchmetrics' clamp-of-mean equals docs/methods.md's mean-of-clamp (§9).
     pos = per_image >= 0
     if pos.any():
         m2 = scorer.torchmetrics_metric()

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from diffsqueeze.cli import main
-from diffsqueeze.metrics.prune_sweep import knee
+from diffsqueeze.run.prune_sweep import knee
 
 
 def test_knee_is_where_the_curve_bends_most():

@@ -1,4 +1,4 @@
-"""The streamed teacher (models/streamed.py, pipelines/teacher.py): a component whose weights stay
+"""The streamed teacher (models/streamed.py, run/teacher.py): a component whose weights stay
 in its safetensors files computes what the loaded one does, bit for bit, and a run whose teacher
 streams writes the model a run with a resident teacher writes."""
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from diffsqueeze.loading import load_with_state, plain_model_folder
 from diffsqueeze.models import save_pipeline
 from diffsqueeze.models.streamed import is_streamed, streamed_component
-from diffsqueeze.pipelines.runner import run_recipe
+from diffsqueeze.run.runner import run_recipe
 from diffsqueeze.recipe import recipe_from_dict
 
 

@@ -1,4 +1,4 @@
-"""Calibration data (METHODS 1): timesteps uniform over the trajectory, cond + uncond inputs,
+"""Calibration data (docs/methods.md §1): timesteps uniform over the trajectory, cond + uncond inputs,
 safetensors in the run directory, streamed in batches, reused, clear errors."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import torch
 from diffsqueeze.loading import load_pipeline
 from diffsqueeze.metrics.grid import generate_images
 from diffsqueeze.models.conditioning import conditioning_of, pipeline_prompts
-from diffsqueeze.pipelines.runner import run_recipe
+from diffsqueeze.run.runner import run_recipe
 from diffsqueeze.recipe import recipe_from_dict
 
 # families whose default image size is large get a small one (Flux's default is 256 px)

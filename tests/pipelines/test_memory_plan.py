@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import diffsqueeze.pipelines.runner as runner
+import diffsqueeze.run.runner as runner
 from diffsqueeze.loading import load_pipeline
 from diffsqueeze.models import save_pipeline
 from diffsqueeze.models.streamed import is_streamed, tensor_value
-from diffsqueeze.pipelines.runner import run_recipe
-from diffsqueeze.pipelines.teacher import load_teacher
+from diffsqueeze.run.runner import run_recipe
+from diffsqueeze.run.teacher import load_teacher
 from diffsqueeze.prune.magnitude import smallest_k_mask
 from diffsqueeze.quant.export.streamed import write_streamed
 from diffsqueeze.recipe import load_recipe

@@ -1,4 +1,4 @@
-"""Scoring at the end of `diffsqueeze run` (diffsqueeze.pipelines.run_evaluation.evaluate_run)."""
+"""Scoring at the end of `diffsqueeze run` (diffsqueeze.run.evaluation.evaluate_run)."""
 
 import json
 
@@ -9,7 +9,7 @@ import torch
 from diffsqueeze.loading import load_pipeline
 from diffsqueeze.metrics.clip_score import ClipScorer, tiny_clip
 from diffsqueeze.metrics.config import EvalConfig
-from diffsqueeze.pipelines.run_evaluation import evaluate_run
+from diffsqueeze.run.evaluation import evaluate_run
 
 
 def test_evaluate_run_without_fid(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffsqueeze.errors import RunDirError
-from diffsqueeze.pipelines.runner import run_recipe
+from diffsqueeze.run.runner import run_recipe
 from diffsqueeze.recipe import load_recipe
 
 TWO_STAGES = {
@@ -140,7 +140,7 @@ def test_kill_and_resume_gives_identical_weights(reference_run, write_recipe, ki
 def test_overwrite_writes_beside_and_a_cut_off_swap_is_finished(reference_run, write_recipe, tmp_path, monkeypatch):
     import shutil
 
-    import diffsqueeze.pipelines.runner as runner
+    import diffsqueeze.run.runner as runner
     from diffsqueeze.pipelines.manifest import replaced_dir, replacement_dir
 
     path = write_recipe(TWO_STAGES)

@@ -14,12 +14,13 @@ from diffsqueeze.pipelines.context import StageContext
 from diffsqueeze.prune.masks import enforce_masks, masked_gradients
 from diffsqueeze.prune.stage import PruneConfig, PruneStage, prunable_weights
 from diffsqueeze.recipe import recipe_from_dict
+from tests.helpers import stage_context
 
 
 def make_ctx(tmp_path: Path, model: str) -> StageContext:
     recipe = recipe_from_dict({"model": model, "output_dir": str(tmp_path / "run")})
-    return StageContext(recipe=recipe, index=0, run_dir=tmp_path, device=torch.device("cpu"), seed=0,
-                        state=CompressionState(), teacher_factory=lambda: load_pipeline(model))
+    return stage_context(recipe, index=0, run_dir=tmp_path, device=torch.device("cpu"), seed=0,
+                         state=CompressionState(), teacher_factory=lambda: load_pipeline(model))
 
 
 @pytest.mark.parametrize("model,targets", [

@@ -1,4 +1,4 @@
-"""The binarize stage (METHODS §7) on tiny-sd (UNet) and tiny-dit (SD3 transformer) through the runner."""
+"""The binarize stage (docs/methods.md §7) on tiny-sd (UNet) and tiny-dit (SD3 transformer) through the runner."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from diffsqueeze.errors import RecipeError
 from diffsqueeze.loading import load_pipeline, load_with_state
-from diffsqueeze.pipelines.runner import run_recipe
+from diffsqueeze.run.runner import run_recipe
 from diffsqueeze.quant.binarydm.act_scales import init_act_scales
 from diffsqueeze.quant.binarydm.policy import block_groups, plan_layers
 from diffsqueeze.quant.binarydm.stage import BinarizeConfig, BinarizeStage
@@ -80,7 +80,7 @@ def test_tiny_sd_pruned_binarized_w1a4_reloads(tmp_path):
     ])
     pipe, state = load_with_state(str(run_dir))  # the exported model/ (packed by quant/export)
     unet = pipe.unet
-    from diffsqueeze.pipelines.checkpoint import read_checkpoint
+    from diffsqueeze.run.checkpoint import read_checkpoint
     from diffsqueeze.pipelines.manifest import read_manifest
 
     manifest = read_manifest(run_dir)

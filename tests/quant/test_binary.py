@@ -1,4 +1,4 @@
-"""LMB binarizer math (METHODS §7) against plain float64 loops: scales, values, gradients, masks."""
+"""LMB binarizer math (docs/methods.md §7) against plain float64 loops: scales, values, gradients, masks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Accounting (METHODS §9): packed export round trip, OPs = FP MACs + MACs b_w b_a / 64."""
+"""Accounting (docs/methods.md §9): packed export round trip, OPs = FP MACs + MACs b_w b_a / 64."""
 
 from __future__ import annotations
 

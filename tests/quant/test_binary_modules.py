@@ -18,7 +18,7 @@ from diffsqueeze.quant.nn.binary_layers import (
     make_binary_module,
 )
 from diffsqueeze.quant.nn.layers import QuantConv2d, QuantLinear
-from diffsqueeze.quant.nn.swaps import REBUILDERS
+from diffsqueeze.quant.nn.swaps import LAYER_KINDS
 from diffsqueeze.quant.primitives.binary import binarize, init_scales
 
 
@@ -55,7 +55,7 @@ def test_linear_swap_state_dict_roundtrip_through_record():
         b.act_quant.scale.fill_(0.3)
     sd = b.state_dict()
     assert {"weight", "bias", "weight_quant.a1", "weight_quant.a2", "act_quant.scale"} <= set(sd)
-    fresh = REBUILDERS["BinaryLinear"](copy.deepcopy(lin), rec)
+    fresh = LAYER_KINDS["BinaryLinear"].rebuild(copy.deepcopy(lin), rec)
     fresh.load_state_dict(sd, strict=True)
     x = torch.randn(3, 16)
     torch.testing.assert_close(fresh(x), b(x))
@@ -120,7 +120,7 @@ def test_attention_quant_on_tiny_sd(tiny_sd):
     assert "binarydm_act_quant.q.scale" in keys and "binarydm_act_quant.probs.scale" in keys
     # rebuild from a record on a fresh module, then load: identical output
     fresh = copy.deepcopy(tiny_sd.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1)
-    fresh = REBUILDERS["BinaryDMAttention"](fresh, {"kind": "BinaryDMAttention", "bits": 8, "prob_bits": 8})
+    fresh = LAYER_KINDS["BinaryDMAttention"].rebuild(fresh, {"kind": "BinaryDMAttention", "bits": 8, "prob_bits": 8})
     fresh.load_state_dict(attn.state_dict(), strict=True)
     torch.testing.assert_close(fresh(x), out8)
     # gradients reach the LSQ scales through the quantized SDPA

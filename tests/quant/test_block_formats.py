@@ -1,5 +1,5 @@
 """Tests of diffsqueeze.quant.primitives.block_formats (MXFP4, MXFP8, NVFP4) against float64
-references written here from METHODS.md §10: element grids as float64 tables, round half to
+references written here from docs/methods.md §10: element grids as float64 tables, round half to
 even on the code index, saturation, E8M0 / E4M3 scales. Results must be equal, not close."""
 
 from __future__ import annotations

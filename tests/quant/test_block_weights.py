@@ -1,4 +1,4 @@
-"""Block-scaled weight formats in the ptq stage (NVFP4, MXFP4, MXFP8; METHODS §10): the weight
+"""Block-scaled weight formats in the ptq stage (NVFP4, MXFP4, MXFP8; docs/methods.md §10): the weight
 quantizer on rows padded to whole blocks, the recipe checks, packing with the real scale
 encodings, and a run that exports and reloads pixel for pixel."""
 
@@ -13,10 +13,10 @@ from torch import nn
 from diffsqueeze.errors import RecipeError
 from diffsqueeze.quant.export.save import pack_layer
 from diffsqueeze.quant.nn.layers import make_quant_module
-from diffsqueeze.quant.nn.quantizers import BlockWeightQuantizer
+from diffsqueeze.quant.nn.quantizers import WeightQuantizer
 from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS, block_bytes, block_fake_quantize
 from diffsqueeze.quant.ptq.config import PTQConfig, RoundingConfig, WeightQuantConfig
-from tests.quant.tiny_ptq_runs import reload_and_check_pixels, run_tiny_ptq
+from tests.helpers import reload_and_check_pixels, run_tiny_ptq
 
 
 @pytest.mark.parametrize("name", sorted(BLOCK_FORMATS))
@@ -24,7 +24,7 @@ def test_rows_are_padded_to_whole_blocks_and_cut_back(name):
     torch.manual_seed(0)
     fmt = BLOCK_FORMATS[name]
     w = torch.randn(8, 4, 3, 3)  # rows of 36: not a multiple of 16 or 32
-    q = BlockWeightQuantizer(name, tuple(w.shape))
+    q = WeightQuantizer(name, tuple(w.shape))
     rows = torch.zeros(8, q.padded_row)
     rows[:, :36] = w.reshape(8, 36)
     want = block_fake_quantize(rows, fmt)[:, :36].reshape(w.shape)

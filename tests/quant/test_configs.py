@@ -48,7 +48,7 @@ def test_builtin_recipe_runs_end_to_end(name, tmp_path):
     import torch
 
     from diffsqueeze.loading import load_pipeline
-    from diffsqueeze.pipelines.runner import run_recipe
+    from diffsqueeze.run.runner import run_recipe
     from diffsqueeze.quant.nn.routing import prepare_pipeline
 
     recipe = load_recipe(REPO / "configs" / f"{name}.yaml", [f"output_dir={tmp_path / name}", "device=cpu"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffsqueeze.quant.export.cpu_int8 import (
+from diffsqueeze.quant.export.kernels.onednn_w8a8 import (
     OneDNNW8A8,
     onednn_int8_available,
     onednn_int8_exact,
@@ -121,7 +121,7 @@ def test_ineligible_layers_stay_simulated_with_the_reason(case, reason):
 def test_saturating_cpu_keeps_layers_simulated(monkeypatch):
     """Where oneDNN's int8 kernels would saturate, an eligible W8A8 layer stays simulated and the
     plan says why; where they are exact, the same layer runs the real kernel."""
-    from diffsqueeze.quant.export import cpu_int8
+    from diffsqueeze.quant.export.kernels import onednn_w8a8 as cpu_int8
 
     for exact, compute in ((False, "simulated"), (True, "real")):
         monkeypatch.setattr(cpu_int8, "onednn_int8_exact", lambda exact=exact: exact)
@@ -160,7 +160,7 @@ def test_fashion_w8a8_real_kernels_against_simulated(tmp_path):
     from diffsqueeze.metrics.fidelity import per_image_fidelity
     from diffsqueeze.metrics.grid import generate_images
     from diffsqueeze.models.prompts import load_prompts
-    from diffsqueeze.pipelines.runner import run_recipe
+    from diffsqueeze.run.runner import run_recipe
     from diffsqueeze.recipe import recipe_from_dict
 
     recipe = {"model": "builtin:fashion", "output_dir": str(tmp_path / "run"),

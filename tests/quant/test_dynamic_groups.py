@@ -1,4 +1,4 @@
-"""Dynamic per-token-group activation quantization (SVDQuant's activations, METHODS §10): the
+"""Dynamic per-token-group activation quantization (SVDQuant's activations, docs/methods.md §10): the
 grids against a float64 element-by-element reference, the quantizer module (INT groups and the
 block formats), the recipe checks, and a run that exports and reloads pixel for pixel."""
 
@@ -16,7 +16,7 @@ from diffsqueeze.quant.primitives.block_formats import NVFP4, block_fake_quantiz
 from diffsqueeze.quant.primitives.dynamic_groups import dynamic_group_fake_quantize
 from diffsqueeze.quant.primitives.formats import parse_format
 from diffsqueeze.quant.ptq.config import ActQuantConfig
-from tests.quant.tiny_ptq_runs import reload_and_check_pixels, run_tiny_ptq
+from tests.helpers import reload_and_check_pixels, run_tiny_ptq
 
 
 def reference_group(values: list[float], fmt) -> list[float]:

@@ -21,7 +21,7 @@ from diffsqueeze.models.state import CompressionState
 from diffsqueeze.quant.export.save import PACKED_FILE, export_pipeline, pack_layer
 from diffsqueeze.quant.nn.binary_layers import make_binary_module
 from diffsqueeze.quant.nn.layers import make_quant_module
-from diffsqueeze.quant.nn.packed import PackedMixin
+from diffsqueeze.quant.nn.packed import PackedWeightMixin
 from diffsqueeze.quant.nn.swaps import swap_module
 from diffsqueeze.quant.primitives.formats import FPFormat, int_qparams, parse_format
 from diffsqueeze.quant.primitives.pack import packed_nbytes
@@ -31,14 +31,14 @@ FORMATS = ["int4", "int8_sym", "int3", "int2", "fp4_e2m1", "fp8_e4m3_hw", "fp6_e
 
 
 def fp_bias_for(fmt: FPFormat, absmax: torch.Tensor) -> torch.Tensor:
-    """A real (non-integer) bias that puts ``absmax`` at the top of the grid (METHODS §3)."""
+    """A real (non-integer) bias that puts ``absmax`` at the top of the grid (docs/methods.md §3)."""
     top = (2 ** fmt.man_bits + fmt.max_man_code) / 2 ** fmt.man_bits
     return fmt.max_exp_code + math.log2(top) - torch.log2(absmax.clamp(min=1e-8))
 
 
 def set_weight_params(q, w: torch.Tensor) -> None:
     g = q.grouped(w.detach())
-    if q.is_int:
+    if (q.fmt.kind == "int"):
         s, z = int_qparams(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), q.fmt.bits, q.fmt.symmetric)
         q.set_params(scale=s, zero_point=z)
     else:
@@ -123,7 +123,7 @@ def exported(tmp_path_factory):
 def test_reload_is_bit_identical_and_stays_packed(exported):
     pipe, _, chosen, images, folder, qmap = exported
     again, state = load_with_state(str(folder))
-    packed = {n: m for n, m in again.unet.named_modules() if isinstance(m, PackedMixin)}
+    packed = {n: m for n, m in again.unet.named_modules() if isinstance(m, PackedWeightMixin)}
     assert set(packed) == set(chosen)
     for name, m in packed.items():
         assert "weight" not in m._parameters

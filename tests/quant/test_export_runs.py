@@ -10,9 +10,9 @@ import torch
 
 from diffsqueeze.loading import load_pipeline
 from diffsqueeze.models.state import CompressionState
-from diffsqueeze.pipelines.context import StageContext
-from diffsqueeze.pipelines.runner import export_model
-from diffsqueeze.quant.nn.packed import PackedMixin
+from tests.helpers import stage_context
+from diffsqueeze.run.runner import export_model
+from diffsqueeze.quant.nn.packed import PackedWeightMixin
 from diffsqueeze.recipe import recipe_from_dict
 from diffsqueeze.stages import STAGES
 
@@ -33,7 +33,7 @@ def run_and_export(tmp_path, stages):
     run_dir = tmp_path / "run"
     recipe = recipe_from_dict({"model": "builtin:tiny-sd", "output_dir": str(run_dir), "device": "cpu",
                                "calibration": CALIB, "stages": stages})
-    ctx = StageContext(recipe=recipe, index=0, run_dir=run_dir, device=torch.device("cpu"), seed=0,
+    ctx = stage_context(recipe, index=0, run_dir=run_dir, device=torch.device("cpu"), seed=0,
                        state=CompressionState(), teacher_factory=lambda: load_pipeline("builtin:tiny-sd"))
     pipe = load_pipeline("builtin:tiny-sd")
     registry = STAGES
@@ -57,7 +57,7 @@ def test_run_export_reloads_bit_identical(tmp_path, stages):
     pipe, run_dir, manifest = run_and_export(tmp_path, stages)
     before = images(pipe)
     again = load_pipeline(str(run_dir))
-    assert any(isinstance(m, PackedMixin) for m in again.unet.modules())
+    assert any(isinstance(m, PackedWeightMixin) for m in again.unet.modules())
     assert torch.equal(images(again), before)
     fp32 = sum(p.numel() * 4 for p in load_pipeline("builtin:tiny-sd").unet.parameters())
     assert manifest["export"]["packed"]["unet"] < fp32 / 3

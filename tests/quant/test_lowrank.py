@@ -1,4 +1,4 @@
-"""The 16-bit low-rank branch of the ptq stage (SVDQuant, METHODS §10): the split of a weight into
+"""The 16-bit low-rank branch of the ptq stage (SVDQuant, docs/methods.md §10): the split of a weight into
 ``up @ down`` plus a quantized residual, its config, and a run that exports, counts the branch's
 bytes and reloads pixel for pixel."""
 
@@ -16,7 +16,7 @@ from diffsqueeze.errors import RecipeError
 from diffsqueeze.quant.nn.layers import make_quant_module
 from diffsqueeze.quant.primitives.formats import int_qparams
 from diffsqueeze.quant.ptq.config import LowRankConfig
-from tests.quant.tiny_ptq_runs import reload_and_check_pixels, run_tiny_ptq
+from tests.helpers import reload_and_check_pixels, run_tiny_ptq
 
 
 @pytest.mark.parametrize("layer,x", [(nn.Linear(64, 48), torch.randn(3, 64)),

@@ -1,4 +1,4 @@
-"""Low-rank representation mimicking (METHODS §7): features, PCA projection, loss, hooks."""
+"""Low-rank representation mimicking (docs/methods.md §7): features, PCA projection, loss, hooks."""
 
 from __future__ import annotations
 

@@ -12,36 +12,11 @@ import torch
 from diffsqueeze.errors import RecipeError
 from diffsqueeze.loading import load_pipeline
 from diffsqueeze.models import save_pipeline
-from diffsqueeze.models.state import CompressionState
 from diffsqueeze.pipelines.calibration import CalibrationError
-from diffsqueeze.pipelines.context import StageContext
+from tests.helpers import generate, make_ctx, quant_layers
 from diffsqueeze.prune.stage import PruneStage
 from diffsqueeze.quant.nn.layers import QuantMixin
 from diffsqueeze.quant.ptq.stage import PTQStage
-from diffsqueeze.recipe import recipe_from_dict
-
-CALIB = {"num_samples": 1, "timesteps": 2, "num_inference_steps": 2, "batch_size": 1}
-
-
-def make_ctx(model: str, tmp_path, stages: list, calibration: dict | None = None):
-    """A recipe and a stage context; runs in the same ``tmp_path`` share the recorded calibration data."""
-    recipe = recipe_from_dict({"model": model, "output_dir": str(tmp_path / "run"), "device": "cpu",
-                               "calibration": calibration or CALIB, "stages": stages})
-    ctx = StageContext(recipe=recipe, index=0, run_dir=tmp_path / "run", device=torch.device("cpu"), seed=0,
-                       state=CompressionState(), teacher_factory=lambda: load_pipeline(model))
-    return recipe, ctx
-
-
-def generate(pipe, seed: int = 0, output_type: str = "latent"):
-    """Final latents (the denoiser's work; a plain save/reload already changes the VAE decode by ~3e-7)."""
-    out = pipe(prompt=["a cat", "a dog"], num_inference_steps=3, guidance_scale=7.5, output_type=output_type,
-               generator=torch.Generator().manual_seed(seed))
-    images = out.images
-    return images if torch.is_tensor(images) else torch.from_numpy(images)
-
-
-def quant_layers(module):
-    return {n: m for n, m in module.named_modules() if isinstance(m, QuantMixin)}
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from diffsqueeze.quant.nn.routing import prepare_pipeline
 from diffsqueeze.quant.primitives.formats import formats_for_bits, fp_quantize
 from diffsqueeze.quant.ptq.reconstruct import reconstruction_units
 from diffsqueeze.quant.ptq.stage import PTQStage
-from tests.quant.test_ptq import generate, make_ctx, quant_layers
+from tests.helpers import generate, make_ctx, quant_layers
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_dit_reload_gives_identical_latents(dit_run):
 
 
 def test_runner_writes_records_and_run_dir_reloads(tmp_path, write_recipe):
-    from diffsqueeze.pipelines.runner import run_recipe
+    from diffsqueeze.run.runner import run_recipe
     from diffsqueeze.recipe import load_recipe
 
     path = write_recipe({"model": "builtin:tiny-dit", "device": "cpu",

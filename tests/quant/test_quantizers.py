@@ -105,14 +105,14 @@ def test_adaround_soft_init_reproduces_weight_and_hard_is_a_neighbour(fmt):
     w = torch.randn(4, 24) * 0.5
     w[0, :5] = 0.0  # pruned weights
     q = WeightQuantizer(fmt, tuple(w.shape))
-    if q.is_int:
+    if (q.fmt.kind == "int"):
         q.set_params(scale=torch.full((4, 1, 1), 0.15), zero_point=torch.full((4, 1, 1), 0.0 if "sym" in fmt else 8.0))
     else:
         q.set_params(bias=torch.full((4, 1, 1), 1.5))
     rtn = q(w)
     q.init_rounding(w)
     soft = q(w)
-    if q.is_int:  # not clipped
+    if (q.fmt.kind == "int"):  # not clipped
         lo, hi = (-8, 7) if "sym" in fmt else (0, 15)
         z = 0.0 if "sym" in fmt else 8.0
         inside = (w >= (lo - z) * 0.15) & (w <= (hi - z) * 0.15)
@@ -127,7 +127,7 @@ def test_adaround_soft_init_reproduces_weight_and_hard_is_a_neighbour(fmt):
     assert torch.all(hard[0, :5] == 0)
     # on the grid: RTN of the hard result is itself; each value is floor or ceil of w on the grid
     torch.testing.assert_close(q(hard), hard, rtol=0, atol=1e-6)
-    if q.is_int:
+    if (q.fmt.kind == "int"):
         s = 0.15
         ok = ((hard - torch.floor(w / s) * s).abs() < 1e-5) | ((hard - (torch.floor(w / s) + 1) * s).abs() < 1e-5)
         clipped = (rtn - w).abs() > s
@@ -178,14 +178,14 @@ def test_lsq_forward_equals_plain_and_gradient_formula(fmt):
     torch.manual_seed(6)
     x = torch.randn(64) * 3
     q = ActQuantizer(fmt, (1,))
-    q.set_params(0, torch.tensor([0.4]), torch.tensor([8.0]) if q.is_int else None)
+    q.set_params(0, torch.tensor([0.4]), torch.tensor([8.0]) if (q.fmt.kind == "int") else None)
     plain = q(x).detach()
     q.lsq = True
     y = q(x)
     torch.testing.assert_close(y.detach(), plain, rtol=1e-6, atol=1e-6)
     y.sum().backward()
     s = 0.4
-    if q.is_int:  # LSQ: d x_hat / d s = round(u) - u inside, clip bound outside; times 1/sqrt(N Qp)
+    if (q.fmt.kind == "int"):  # LSQ: d x_hat / d s = round(u) - u inside, clip bound outside; times 1/sqrt(N Qp)
         u = x.double() / s
         lo, hi = -8, 7
         d = torch.where(u < lo, torch.tensor(float(lo), dtype=torch.float64),
@@ -276,7 +276,7 @@ def test_bad_configs_fail_with_the_key(make, words):
 
 @pytest.mark.parametrize("fmt", ["int3", "fp4_e2m1"])
 def test_adaround_beats_round_to_nearest_on_layer_output(fmt):
-    """Learned rounding (METHODS 4) lowers the output error of a layer below round-to-nearest."""
+    """Learned rounding (docs/methods.md §4) lowers the output error of a layer below round-to-nearest."""
     import random
     from types import SimpleNamespace
 
@@ -287,7 +287,7 @@ def test_adaround_beats_round_to_nearest_on_layer_output(fmt):
     lin = torch.nn.Linear(32, 16)
     q = make_quant_module(lin, {"weight_format": fmt})
     g = q.weight_quant.grouped(q.weight.detach())
-    if q.weight_quant.is_int:
+    if (q.weight_quant.fmt.kind == "int"):
         s, z = int_scale_search(g, 3, False, axis=(0, 1))
         q.weight_quant.set_params(scale=s, zero_point=z)
     else:

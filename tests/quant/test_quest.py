@@ -1,4 +1,4 @@
-"""The ``quest`` stage (METHODS §6) on tiny-sd: time-embedding layers found by measurement,
+"""The ``quest`` stage (docs/methods.md §6) on tiny-sd: time-embedding layers found by measurement,
 straight-through training on the grid, re-quantization, masks, hooks and flags restored,
 the error against the FP teacher goes down; config validation."""
 
@@ -18,7 +18,7 @@ from diffsqueeze.quant.quest.stage import QuestStage
 from diffsqueeze.quant.quest.time_layers import detect_time_layers
 from diffsqueeze.quant.quest.training import grid_weights as _grid_weights
 from diffsqueeze.recipe import recipe_from_dict
-from tests.quant.test_ptq import make_ctx
+from tests.helpers import make_ctx
 
 CALIB = {"num_samples": 1, "timesteps": 2, "num_inference_steps": 2, "batch_size": 1}
 # a few layer kinds keep the PTQ part of the fixture quick; QuEST only needs its layers quantized

@@ -9,7 +9,7 @@ from diffsqueeze.loading import load_pipeline
 from diffsqueeze.quant.ptq.stage import PTQStage
 from diffsqueeze.quant.quest.stage import QuestStage
 from diffsqueeze.quant.quest.time_layers import detect_time_layers
-from tests.quant.test_ptq import make_ctx
+from tests.helpers import make_ctx
 
 CALIB = {"num_samples": 1, "timesteps": 2, "num_inference_steps": 2, "batch_size": 1}
 

@@ -70,7 +70,7 @@ def test_output_l2_loss_shapes():
 
 
 def _ref_int_search(x: np.ndarray, bits: int, sym: bool, p: float = 2.4) -> tuple[float, float]:
-    """float64 brute force of METHODS §2 on one channel."""
+    """float64 brute force of docs/methods.md §2 on one channel."""
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
     best = (np.inf, 0.0, 0.0)
     for i in range(80):

@@ -18,7 +18,7 @@ from diffsqueeze.quant.quest.sensitivity import (
     measure_sensitivity,
     write_sensitivity,
 )
-from tests.quant.test_ptq import make_ctx
+from tests.helpers import make_ctx
 
 CALIB = {"num_samples": 1, "timesteps": 2, "num_inference_steps": 2, "batch_size": 1}
 LAYERS = ["conv_out", "mid_block.resnets.0.conv1", "down_blocks.0.resnets.0.time_emb_proj"]

@@ -1,4 +1,4 @@
-"""Per-input-channel smoothing of the ptq stage (SmoothQuant, METHODS §10): the scale against a
+"""Per-input-channel smoothing of the ptq stage (SmoothQuant, docs/methods.md §10): the scale against a
 float64 reference, the float identity of the smoothed layer (with and without the low-rank branch),
 the alpha search, the recipe checks, and a run that exports and reloads pixel for pixel."""
 
@@ -20,7 +20,7 @@ from diffsqueeze.quant.ptq.smoothing import (
     smoothing_scale,
     weight_column_absmax,
 )
-from tests.quant.tiny_ptq_runs import reload_and_check_pixels, run_tiny_ptq
+from tests.helpers import reload_and_check_pixels, run_tiny_ptq
 
 
 def test_scale_equals_the_float64_formula():

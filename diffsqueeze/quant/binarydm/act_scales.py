@@ -1,4 +1,4 @@
-"""LSQ initialization of the binarized denoiser's activation quantizers (METHODS.md §7), from the
+"""LSQ initialization of the binarized denoiser's activation quantizers (docs/methods.md §7), from the
 inputs each quantizer sees on calibration batches (the formula is
 :func:`diffsqueeze.quant.nn.binary_layers.lsq_init_scale`)."""
 

@@ -1,4 +1,4 @@
-"""Config of the ``binarize`` stage (BinaryDM, METHODS.md §7) and its validation.
+"""Config of the ``binarize`` stage (BinaryDM, docs/methods.md §7) and its validation.
 
 :class:`BinarizeConfig` holds the layer policy and the nested activation, LRM and training
 configs; every value is checked when the dataclass is built (a :class:`RecipeError` names the key).
@@ -16,7 +16,7 @@ DATASETS = ("fashion-mnist",)
 
 @dataclass(frozen=True)
 class BinaryActConfig:
-    """Activation quantization of the binarized layers (LSQ, signed, METHODS §7).
+    """Activation quantization of the binarized layers (LSQ, signed, docs/methods.md §7).
 
     Attributes:
         bits: input bits of every binarized layer (4 for W1A4).
@@ -105,7 +105,7 @@ class BinaryTrainConfig:
 
 @dataclass(frozen=True)
 class BinarizeConfig:
-    """Config of the ``binarize`` stage (METHODS §7).
+    """Config of the ``binarize`` stage (docs/methods.md §7).
 
     Attributes:
         component: the component to binarize (``denoiser`` or a component name).

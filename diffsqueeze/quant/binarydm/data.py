@@ -1,4 +1,4 @@
-"""Training and calibration batches of the ``binarize`` stage (METHODS.md §7).
+"""Training and calibration batches of the ``binarize`` stage (docs/methods.md §7).
 
 * :func:`dataset_batches`: the ``dataset`` training mode's diffusion-loss batches from
   Fashion-MNIST (:func:`check_dataset_mode` tells whether a pipeline supports that mode);

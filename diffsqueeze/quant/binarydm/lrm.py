@@ -1,4 +1,4 @@
-"""Low-rank representation mimicking (LRM) of BinaryDM (METHODS.md §7).
+"""Low-rank representation mimicking (LRM) of BinaryDM (docs/methods.md §7).
 
 Forward hooks capture each block's output in the FP teacher and in the binarized student. Every
 output feature map is flattened to ``(rows, d)`` over its last (channel) dimension: ``(B, C, H, W)``

@@ -1,5 +1,5 @@
 """The layer policy of the ``binarize`` stage: which layers binarize, with which order, and when
-progressive initialization switches them on (METHODS.md §7).
+progressive initialization switches them on (docs/methods.md §7).
 
 The denoiser's *blocks* (children named ``*block*``: every entry of ``down_blocks``,
 ``up_blocks``, ``transformer_blocks``, ... and ``mid_block``) are taken in execution order and

@@ -1,4 +1,4 @@
-"""The ``binarize`` stage: BinaryDM multi-basis binarization, W1A4 by default (METHODS.md §7).
+"""The ``binarize`` stage: BinaryDM multi-basis binarization, W1A4 by default (docs/methods.md §7).
 
 Steps (each explicit):
 
@@ -80,6 +80,7 @@ from diffsqueeze.quant.export.accounting import (
 )
 from diffsqueeze.quant.nn.attention import is_attention
 from diffsqueeze.quant.nn.binary_layers import (
+    ATTENTION_KIND,
     BinaryMixin,
     act_quantizers_of,
     install_attention_quant,
@@ -194,7 +195,7 @@ class BinarizeStage:
             if not self.config.learn_scales:
                 new.weight_quant.requires_grad_(False)
             swap_module(denoiser, plan.name, new)
-            ctx.state.modules[f"{comp}/{plan.name}"] = {"kind": type(new).__name__, **record}
+            ctx.state.modules[f"{comp}/{plan.name}"] = {"kind": new.KIND, **record}
             out[plan.name] = new
         return out
 
@@ -206,7 +207,7 @@ class BinarizeStage:
                 continue
             prob_bits = acts.prob_bits or acts.bits
             out[name] = install_attention_quant(m, acts.bits, prob_bits)
-            ctx.state.modules[f"{comp}/{name}"] = {"kind": "BinaryDMAttention", "bits": acts.bits, "prob_bits": prob_bits}
+            ctx.state.modules[f"{comp}/{name}"] = {"kind": ATTENTION_KIND, "bits": acts.bits, "prob_bits": prob_bits}
         return out
 
     # ---- LRM and activation init ---------------------------------------------------------------

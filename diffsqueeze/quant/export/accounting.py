@@ -1,4 +1,4 @@
-"""Honest size and OPs accounting for binarized (and fake-quantized) denoisers (METHODS.md §9).
+"""Honest size and OPs accounting for binarized (and fake-quantized) denoisers (docs/methods.md §9).
 
 **OPs** (BiBench / BinaryDM convention): ``OPs = FLOPs of FP layers + sum over quantized layers of
 MACs * b_w * b_a / 64``, where, as in those papers, the "FLOPs" of an FP layer are its
@@ -6,7 +6,7 @@ multiply-accumulates. Counted: every ``nn.Linear`` / ``nn.Conv2d`` and the two m
 attention (``q k^T`` and ``p v``), measured by hooks on one real denoiser call of batch 1.
 Norms, activations, softmax and element-wise ops are not counted (nor in the papers), except the
 FP work a quantized layer adds beside itself: its low-rank branch and its smoothing multiply
-(``<layer>#lowrank`` / ``<layer>#smoothing``, METHODS §10). A binary
+(``<layer>#lowrank`` / ``<layer>#smoothing``, docs/methods.md §10). A binary
 layer of order ``k`` has ``b_w = k`` (k sign bases); its ``b_a`` is its input quantizer's bits
 (32 when activations stay FP). Attention matmuls with BinaryDM q/k/probs/v quantizers count
 ``b = bits`` on both operands.
@@ -82,7 +82,7 @@ class _CountSDPA(TorchFunctionMode):
 
 
 def ops_count(denoiser: nn.Module, kwargs: dict, call) -> dict:
-    """MACs and OPs of one denoiser call on ``kwargs`` (use batch 1), per METHODS §9.
+    """MACs and OPs of one denoiser call on ``kwargs`` (use batch 1), per docs/methods.md §9.
 
     Args:
         denoiser: the (possibly binarized) denoiser.
@@ -108,7 +108,7 @@ def ops_count(denoiser: nn.Module, kwargs: dict, call) -> dict:
                     bw, ba = _layer_bits(mod)
                     rec = layers.setdefault(name, {"macs": 0, "b_w": bw, "b_a": ba})
                     rec["macs"] += out.numel() * per_out
-                    extra = {}  # the FP work beside a quantized layer (METHODS §10)
+                    extra = {}  # the FP work beside a quantized layer (docs/methods.md §10)
                     if getattr(mod, "lowrank_rank", 0):  # down (the layer's geometry) then up, per output position
                         n_out = out.shape[1] if isinstance(mod, nn.Conv2d) else out.shape[-1]
                         extra["lowrank"] = (out.numel() // n_out) * mod.lowrank_rank * (per_out + n_out)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,21 +28,16 @@ from diffsqueeze.quant.export.save import (
     MASKS_PACKED_FILE,
     quantization_map,
 )
-from diffsqueeze.quant.nn.packed import (
-    FLOAT_DTYPES,
-    PACKED_CLASSES,
-    PackedMixin,
-    empty_packed_like,
-)
+from diffsqueeze.quant.nn.packed import PackedWeightMixin, empty_packed_like
 from diffsqueeze.quant.nn.swaps import (
+    PACKED_KINDS,
     finalize_modules,
     reload_component_weights,
     restore_modules,
     swap_module,
 )
-from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS
-from diffsqueeze.quant.primitives.formats import FPFormat, parse_format
-from diffsqueeze.quant.primitives.pack import packed_nbytes, unpack_bool
+from diffsqueeze.quant.primitives.number_format import FLOAT_DTYPES
+from diffsqueeze.quant.primitives.pack import unpack_bool
 
 
 def _component_class(folder: Path, comp: str) -> type:
@@ -79,33 +73,15 @@ def _read_safetensors(path: Path, what: str) -> dict[str, Tensor]:
 
 def _check_entry(key: str, entry: dict) -> None:
     kind = entry.get("kind")
-    if kind not in PACKED_CLASSES:
-        raise ModelLoadError(f"quantization map: layer '{key}' has unknown kind {kind!r}; known: {', '.join(PACKED_CLASSES)}")
+    if kind not in PACKED_KINDS:
+        raise ModelLoadError(f"quantization map: layer '{key}' has unknown kind {kind!r}; known: {', '.join(PACKED_KINDS)}")
     if entry.get("storage") == "float":
         return
     if entry.get("scale_dtype") not in FLOAT_DTYPES:
         raise ModelLoadError(f"quantization map: layer '{key}' has unknown scale_dtype {entry.get('scale_dtype')!r}")
-    if kind.startswith("Binary"):
-        if entry.get("order") not in (1, 2):
-            raise ModelLoadError(f"quantization map: layer '{key}' has binary order {entry.get('order')!r}; known: 1, 2")
-        return
-    for part in entry.get("parts") or [None]:
-        if not isinstance(part, dict):
-            raise ModelLoadError(f"quantization map: layer '{key}' has no weight parts")
-        if part.get("storage") == "block":
-            block = BLOCK_FORMATS.get(part.get("format"))
-            if block is None or part.get("bits") != block.bits or not isinstance(part.get("padded_row"), int):
-                raise ModelLoadError(f"quantization map: layer '{key}': block storage needs a block format "
-                                     f"({', '.join(BLOCK_FORMATS)}), its bits and padded_row; got {part.get('format')!r}")
-            continue
-        try:
-            fmt = parse_format(part["format"])
-        except (ValueError, KeyError) as exc:
-            raise ModelLoadError(f"quantization map: layer '{key}': unknown format {part.get('format')!r} ({exc})") from None
-        want = "float8" if isinstance(fmt, FPFormat) and fmt.torch_dtype is not None else f"packed{fmt.bits}"
-        if part.get("storage") != want or part.get("bits") != fmt.bits:
-            raise ModelLoadError(f"quantization map: layer '{key}': storage {part.get('storage')!r} / bits "
-                                 f"{part.get('bits')!r} do not match format {fmt.name} (expected {want}, {fmt.bits})")
+    problem = PACKED_KINDS[kind].check_entry(entry)
+    if problem:
+        raise ModelLoadError(f"quantization map: layer '{key}': {problem}")
 
 
 def load_packed_pipeline(folder: Path, from_pretrained: Callable[..., Any]) -> tuple[Any, CompressionState]:
@@ -142,7 +118,7 @@ def load_packed_pipeline(folder: Path, from_pretrained: Callable[..., Any]) -> t
                 layer = module.get_submodule(name)
             except AttributeError as exc:
                 raise ModelLoadError(f"quantization map: no layer '{name}' in {comp}") from exc
-            swap_module(module, name, empty_packed_like(layer, entry["kind"], entry))
+            swap_module(module, name, empty_packed_like(layer, PACKED_KINDS[entry["kind"]], entry))
         sd = _read_safetensors(folder / c["file"], "packed weights")
         try:
             module.load_state_dict(sd, strict=True, assign=True)
@@ -169,32 +145,16 @@ def _check_loaded(module: nn.Module, comp: str, layers: dict) -> None:
     for name, entry in layers.items():
         if entry.get("storage") == "float":
             continue
-        layer = module.get_submodule(name)
-        for i, part in enumerate(entry.get("parts", [])):
-            q = getattr(layer, f"qweight{i}")
-            if part["storage"] == "block":
-                block = BLOCK_FORMATS[part["format"]]
-                n = part["shape"][0] * part["padded_row"]
-                s = getattr(layer, f"wscale{i}")
-                if q.dtype != torch.uint8 or q.numel() != packed_nbytes(n, block.bits) or s.numel() != n // block.block:
-                    raise ModelLoadError(f"{comp}/{name}: {block.name} codes/scales have {q.numel()}/{s.numel()} "
-                                         f"elements, the map's shape {part['shape']} needs "
-                                         f"{packed_nbytes(n, block.bits)}/{n // block.block}")
-                continue
-            fmt = parse_format(part["format"])
-            want = packed_nbytes(math.prod(part["shape"]), fmt.bits) if part["storage"] != "float8" else None
-            if want is not None and (q.dtype != torch.uint8 or q.numel() != want):
-                raise ModelLoadError(f"{comp}/{name}: packed codes have {q.numel()} {q.dtype} elements, "
-                                     f"the map's {part['format']} {part['shape']} needs {want} uint8 bytes")
-            if part["storage"] == "float8" and q.dtype != fmt.torch_dtype:
-                raise ModelLoadError(f"{comp}/{name}: codes are {q.dtype}, the map says {fmt.torch_dtype}")
+        problem = module.get_submodule(name).check_stored()
+        if problem:
+            raise ModelLoadError(f"{comp}/{name}: {problem}")
 
 
 def finish_packed_load(pipe, dtype: torch.dtype) -> None:
     """After device/dtype placement: decoded weights in ``dtype``; timestep routing attached."""
     for module in module_components(pipe).values():
         for m in module.modules():
-            if isinstance(m, PackedMixin):
+            if isinstance(m, PackedWeightMixin):
                 m.compute_dtype = dtype
                 for name in ("lowrank_up", "lowrank_down"):  # stored float16; computed in the pipeline's dtype
                     p = m._parameters.get(name)

@@ -31,26 +31,10 @@ from diffsqueeze.errors import DiffsqueezeError, ModelLoadError
 from diffsqueeze.models.io import save_pipeline
 from diffsqueeze.models.roles import module_components
 from diffsqueeze.models.state import STATE_FILE, CompressionState
-from diffsqueeze.quant.nn.binary_layers import BinaryMixin
-from diffsqueeze.quant.nn.layers import QuantMixin
-from diffsqueeze.quant.nn.packed import (
-    FLOAT_DTYPES,
-    PACKED_CLASSES,
-    PackedMixin,
-    shell_from,
-)
-from diffsqueeze.quant.nn.quantizers import BlockWeightQuantizer
-from diffsqueeze.quant.primitives.binary import binary_bases
-from diffsqueeze.quant.primitives.block_formats import block_quantize, pack_block_codes
-from diffsqueeze.quant.primitives.formats import (
-    FPFormat,
-    bias_to_scale,
-    fp_encode,
-    int_code_range,
-    int_quantize,
-)
+from diffsqueeze.quant.nn.packed import PackedWeightMixin, shell_from
+from diffsqueeze.quant.nn.swaps import PACKED_KINDS
 from diffsqueeze.quant.export.streamed import write_streamed
-from diffsqueeze.quant.primitives.pack import pack_bool, pack_codes
+from diffsqueeze.quant.primitives.number_format import FLOAT_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -68,68 +52,10 @@ class ExportError(DiffsqueezeError):
 
 def needs_packed_export(state: CompressionState) -> bool:
     """True when the state records quantized/binary layers (a pruning-only run exports as before)."""
-    return any(r.get("kind") in PACKED_CLASSES for r in state.modules.values())
+    return any(r.get("kind") in PACKED_KINDS for r in state.modules.values())
 
 
 # ---- export ------------------------------------------------------------------------------------
-
-
-def _part_spec(q, part_w_hat: Tensor, scale_dtype: str) -> tuple[dict, dict[str, Tensor]]:
-    """Codes and scales of one weight part (``w_hat`` already on the quantizer's grid)."""
-    fmt = q.fmt
-    shape = tuple(part_w_hat.shape)
-    if isinstance(q, BlockWeightQuantizer):  # element codes and block scales in their real encodings
-        packed = pack_block_codes(block_quantize(q.padded_rows(part_w_hat), fmt), fmt)
-        tensors = {"qweight": packed["elements"], "wscale": packed["scales"]}
-        if "tensor_scale" in packed:
-            tensors["wscale_t"] = packed["tensor_scale"]
-        spec = {"format": fmt.name, "kind": "block", "bits": fmt.bits, "shape": list(shape), "numel": part_w_hat.numel(),
-                "padded_row": q.padded_row, "group_size": fmt.block, "n_groups": q.padded_row // fmt.block,
-                "storage": "block", "scale_dtype": scale_dtype}
-        return spec, tensors
-    g = q.grouped(part_w_hat)
-    ng = g.shape[1]
-    sdt = FLOAT_DTYPES[scale_dtype]
-    tensors: dict[str, Tensor] = {}
-    if isinstance(fmt, FPFormat):
-        scale = bias_to_scale(fmt, q.bias.detach().to(torch.float32))
-        codes = fp_encode(g, fmt, q.bias.detach().to(torch.float32))
-        if fmt.torch_dtype is not None:
-            storage = "float8"
-            tensors["qweight"] = codes.reshape(shape).contiguous().view(fmt.torch_dtype)
-        else:
-            storage = f"packed{fmt.bits}"
-            tensors["qweight"] = pack_codes(codes, fmt.bits)
-    else:
-        lo, hi = int_code_range(fmt.bits, fmt.symmetric)
-        zp = q.zero_point.detach()
-        qv = int_quantize(g, q.scale, zp, bits=fmt.bits, symmetric=fmt.symmetric, check=False)
-        tensors["qweight"] = pack_codes((qv - lo).to(torch.int32), fmt.bits)
-        storage = f"packed{fmt.bits}"
-        scale = q.scale.detach()
-        if not fmt.symmetric:
-            tensors["wzero"] = zp.to(torch.uint8)
-    tensors["wscale"] = scale.to(sdt).contiguous()
-    spec = {"format": fmt.name, "kind": fmt.kind, "bits": fmt.bits, "shape": list(shape), "numel": g.numel(),
-            "group_size": q.group_size, "n_groups": ng, "storage": storage, "scale_dtype": scale_dtype}
-    return spec, tensors
-
-
-def _binary_tensors(layer: BinaryMixin, w_hat_dtype: torch.dtype, scale_dtype: str) -> tuple[dict, dict[str, Tensor]]:
-    wq = layer.weight_quant
-    w = layer.weight.detach()
-    mask = wq.mask_of(w)
-    b1, b2 = binary_bases(w, wq.a1.detach().to(w.dtype), wq.order, mask)
-    sdt = FLOAT_DTYPES[scale_dtype]
-    tensors = {"codes1": pack_bool(b1 > 0), "a1": wq.a1.detach().to(sdt).contiguous()}
-    if wq.order == 2:
-        tensors["codes2"] = pack_bool(b2 > 0)
-        tensors["a2"] = wq.a2.detach().to(sdt).contiguous()
-    if mask is not None:
-        tensors["keep"] = pack_bool(mask)
-    spec = {"order": wq.order, "masked": mask is not None, "bits": 1, "format": f"binary_order{wq.order}",
-            "storage": "packed1", "scale_dtype": scale_dtype}
-    return spec, tensors
 
 
 @torch.no_grad()
@@ -144,29 +70,16 @@ def pack_layer(layer: nn.Module, scale_dtype: str = "float32") -> tuple[nn.Modul
     """
     if scale_dtype not in FLOAT_DTYPES:
         raise ExportError(f"scale_dtype must be one of {', '.join(FLOAT_DTYPES)}, got {scale_dtype!r}")
-    kind = type(layer).__name__
+    kind = layer.KIND
     w = layer.weight.detach()
     entry: dict[str, Any] = {"kind": kind, "weight_shape": list(w.shape), "scale_dtype": scale_dtype}
-    if not getattr(layer, "quant_weights", False) or (not isinstance(layer, BinaryMixin) and not layer.weight_quantizers()):
+    if not getattr(layer, "quant_weights", False) or not layer.weight_quantizers():
         entry.update(storage="float", reason="weights not quantized")
         return None, entry
     w_hat = layer.quantized_weight().detach()
-    tensors: dict[str, Tensor] = {}
-    if isinstance(layer, BinaryMixin):
-        bspec, tensors = _binary_tensors(layer, w_hat.dtype, scale_dtype)
-        entry.update(bspec)
-        summary = f"binary order {bspec['order']}"
-    else:
-        entry["parts"] = []
-        for i, (q, sl) in enumerate(layer.weight_parts()):
-            pspec, ptensors = _part_spec(q, w_hat[:, sl], scale_dtype)
-            entry["parts"].append(pspec)
-            tensors.update({f"{k}{i}": v for k, v in ptensors.items()})
-        entry["mask"] = "zero_codes"
-        entry["storage"] = "packed"
-        summary = "+".join(p["format"] for p in entry["parts"])
-    entry["summary"] = summary
-    packed = shell_from(layer, kind, entry)
+    fields, tensors = PACKED_KINDS[kind].encode(layer, w_hat, scale_dtype)
+    entry.update(fields)
+    packed = shell_from(layer, PACKED_KINDS[kind], entry)
     for name, t in tensors.items():
         packed.register_buffer(name, t)
     decoded = packed.quantized_weight()
@@ -189,7 +102,7 @@ def _packed_state(module: nn.Module, comp: str, scale_dtype: str, allow_unpacked
     into the file). Fills ``layers`` (the map entry of each quantized layer) and ``implied``
     (masks carried by zero codes) as it goes."""
     quantized = [name for name, m in module.named_modules()
-                 if type(m).__name__ in PACKED_CLASSES and isinstance(m, QuantMixin) and not isinstance(m, PackedMixin)]
+                 if getattr(m, "KIND", None) in PACKED_KINDS and not isinstance(m, PackedWeightMixin)]
     prefix_of = {name + ".": name for name in quantized}
     done: set[str] = set()
     for key, value in module.state_dict().items():

@@ -3,7 +3,7 @@
 :class:`QuantSoftmaxProcessor` wraps whatever processor an ``Attention`` module has (plain,
 joint/MMDiT, ...). While the wrapped processor runs, ``F.scaled_dot_product_attention`` is
 computed explicitly (``softmax(q k^T * scale + mask)``) and the probabilities go through their
-own unsigned quantizer (z = 0, ``s = 1 / (2^b - 1)``, METHODS §5) before ``@ v``. No edit of
+own unsigned quantizer (z = 0, ``s = 1 / (2^b - 1)``, docs/methods.md §5) before ``@ v``. No edit of
 diffusers' files; the setting is stateless, so its record rebuilds it exactly.
 """
 
@@ -130,6 +130,10 @@ def quantize_softmax(module: torch.nn.Module, bits: int) -> None:
     if isinstance(inner, QuantSoftmaxProcessor):
         inner = inner.inner
     module.set_processor(QuantSoftmaxProcessor(inner, bits))
+
+
+SOFTMAX_KIND = "QuantSoftmax"
+"""The module record kind of a softmax quantizer (part of the saved format, never renamed)."""
 
 
 def rebuild_softmax_quant(original: torch.nn.Module, record: dict) -> torch.nn.Module:

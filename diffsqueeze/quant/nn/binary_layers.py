@@ -44,7 +44,7 @@ ATTN_QUANT_ATTR = "binarydm_act_quant"
 
 
 class BinaryWeightQuantizer(nn.Module):
-    """LMB weight binarizer of one layer (METHODS §7): learnable ``a1`` (and ``a2``), ``(out, 1)``.
+    """LMB weight binarizer of one layer (docs/methods.md §7): learnable ``a1`` (and ``a2``), ``(out, 1)``.
 
     Attributes:
         order: 1 or 2.
@@ -107,9 +107,13 @@ class BinaryMixin:
 class BinaryLinear(BinaryMixin, QuantLinear):
     """``nn.Linear`` with a multi-basis binary weight and an LSQ input quantizer."""
 
+    KIND = "BinaryLinear"  # the module record's kind: part of the saved format, never renamed
+
 
 class BinaryConv2d(BinaryMixin, QuantConv2d):
     """``nn.Conv2d`` with a multi-basis binary weight and an LSQ input quantizer."""
+
+    KIND = "BinaryConv2d"  # the module record's kind: part of the saved format, never renamed
 
 
 BINARY_SWAPS: dict[type, type] = {nn.Conv2d: BinaryConv2d, nn.Linear: BinaryLinear}
@@ -135,7 +139,7 @@ def rebuild_binary(original: nn.Module, record: dict) -> nn.Module:
 
 
 def lsq_init_scale(mean_abs: Tensor, qp: int) -> Tensor:
-    """LSQ initialization ``s = 2 mean|x| / sqrt(Qp)`` (METHODS §7), at least 1e-8.
+    """LSQ initialization ``s = 2 mean|x| / sqrt(Qp)`` (docs/methods.md §7), at least 1e-8.
 
     Args:
         mean_abs: ``mean |x|`` of the quantizer's inputs, per tensor or per channel.
@@ -203,6 +207,10 @@ def install_attention_quant(module: nn.Module, bits: int, prob_bits: int) -> Att
     module.add_module(ATTN_QUANT_ATTR, quant)
     module.set_processor(QKVQuantProcessor(inner, quant))
     return quant
+
+
+ATTENTION_KIND = "BinaryDMAttention"
+"""The module record kind of BinaryDM's attention quantizers (part of the saved format, never renamed)."""
 
 
 def rebuild_attention_quant(original: nn.Module, record: dict) -> nn.Module:

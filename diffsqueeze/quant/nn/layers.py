@@ -6,7 +6,7 @@ their quantizers' state is parameters/buffers, so ``state_dict`` round-trips. Ea
 recorded in ``CompressionState.modules`` as ``{"kind": "QuantLinear", ...}`` and rebuilt by
 :data:`diffsqueeze.quant.nn.swaps.REBUILDERS` before weights are loaded (checkpoints, resume, reload).
 
-Shortcut splitting (METHODS §5, Q-Diffusion): a layer whose input is the channel concatenation
+Shortcut splitting (docs/methods.md §5, Q-Diffusion): a layer whose input is the channel concatenation
 ``[deep, skip]`` can quantize the two input-channel ranges with separate activation and weight
 quantizers (``split`` = number of leading channels).
 """
@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffsqueeze.quant.nn.quantizers import ActQuantizer, BlockWeightQuantizer, WeightQuantizer
+from diffsqueeze.quant.nn.quantizers import ActQuantizer, WeightQuantizer
 from diffsqueeze.quant.nn.recompute import note_quantized_weight
-from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantMixin", "QUANT_SWAPS", "quant_layer_types", "make_quant_module",
            "from_float", "rebuild_quant"]
@@ -54,17 +53,12 @@ class QuantMixin:
         wfmt = config.get("weight_format")
         gs = int(config.get("group_size") or 0)
         if wfmt:
-            def quantizer(fmt: str, shape: tuple[int, ...]):
-                if isinstance(fmt, str) and fmt.lower() in BLOCK_FORMATS:
-                    return BlockWeightQuantizer(fmt, shape)
-                return WeightQuantizer(fmt, shape, gs)
-
             if split:
-                self.weight_quant = quantizer(wfmt, (w.shape[0], split, *w.shape[2:]))
-                self.weight_quant_2 = quantizer(config.get("weight_format_2") or wfmt,
-                                                (w.shape[0], w.shape[1] - split, *w.shape[2:]))
+                self.weight_quant = WeightQuantizer(wfmt, (w.shape[0], split, *w.shape[2:]), gs)
+                self.weight_quant_2 = WeightQuantizer(config.get("weight_format_2") or wfmt,
+                                                      (w.shape[0], w.shape[1] - split, *w.shape[2:]), gs)
             else:
-                self.weight_quant = quantizer(wfmt, tuple(w.shape))
+                self.weight_quant = WeightQuantizer(wfmt, tuple(w.shape), gs)
         act = config.get("act")
         if act:
             shape = tuple(act["shape"])
@@ -91,7 +85,7 @@ class QuantMixin:
     @torch.no_grad()
     def set_smoothing(self, scale: Tensor) -> None:
         """Move per-input-channel difficulty from the activations into the weight (SmoothQuant,
-        METHODS §10): the layer now computes ``(x / s) @ (W * s)``, equal in float; the weight
+        docs/methods.md §10): the layer now computes ``(x / s) @ (W * s)``, equal in float; the weight
         (and so the low-rank branch and the residual) is the smoothed one."""
         s = scale.detach().to(self.smooth)
         self.smooth.copy_(s)
@@ -107,7 +101,7 @@ class QuantMixin:
     @torch.no_grad()
     def init_lowrank(self) -> None:
         """Split the weight into its top-``r`` singular directions (the 16-bit branch
-        ``up @ down``, METHODS §10) and the residual, which stays in ``weight`` and is quantized.
+        ``up @ down``, docs/methods.md §10) and the residual, which stays in ``weight`` and is quantized.
 
         The factors are rounded to float16 values (what export stores), and the residual is
         computed from the rounded factors, so branch + residual equals the original weight to
@@ -167,13 +161,13 @@ class QuantMixin:
             return torch.cat([self.act_quant(a), self.act_quant_2(b)], dim=d)
         return self.act_quant(x)
 
-    def weight_quantizers(self) -> list[WeightQuantizer | BlockWeightQuantizer]:
+    def weight_quantizers(self) -> list[WeightQuantizer]:
         return [q for q in (getattr(self, "weight_quant", None), getattr(self, "weight_quant_2", None)) if q is not None]
 
     def act_quantizers(self) -> list[ActQuantizer]:
         return [q for q in (getattr(self, "act_quant", None), getattr(self, "act_quant_2", None)) if q is not None]
 
-    def weight_parts(self) -> list[tuple[WeightQuantizer | BlockWeightQuantizer, slice]]:
+    def weight_parts(self) -> list[tuple[WeightQuantizer, slice]]:
         """(quantizer, input-channel slice of the weight) pairs."""
         if self.split:
             return [(self.weight_quant, slice(0, self.split)), (self.weight_quant_2, slice(self.split, None))]
@@ -183,6 +177,8 @@ class QuantMixin:
 class QuantLinear(QuantMixin, nn.Linear):
     """``nn.Linear`` with a weight quantizer and an input (activation) quantizer."""
 
+    KIND = "QuantLinear"  # the module record's kind: part of the saved format, never renamed
+
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
         branch = self.lowrank_output(x)
@@ -191,6 +187,8 @@ class QuantLinear(QuantMixin, nn.Linear):
 
 class QuantConv2d(QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` with a weight quantizer and an input (activation) quantizer."""
+
+    KIND = "QuantConv2d"  # the module record's kind: part of the saved format, never renamed
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)

@@ -33,53 +33,27 @@ from torch import Tensor, nn
 
 from diffsqueeze.quant.nn.binary_layers import BinaryConv2d, BinaryLinear
 from diffsqueeze.quant.nn.layers import QuantConv2d, QuantLinear
-from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS, block_dequantize, unpack_block_codes
-from diffsqueeze.quant.primitives.formats import (
-    FPFormat,
-    fp_decode,
-    int_code_range,
-    int_dequantize,
-    parse_format,
-)
-from diffsqueeze.quant.primitives.pack import packed_nbytes, unpack_codes
+from diffsqueeze.quant.primitives.formats import parse_format
+from diffsqueeze.quant.primitives.number_format import FLOAT_DTYPES
+from diffsqueeze.quant.primitives.binary import binary_bases
+from diffsqueeze.quant.primitives.pack import pack_bool, packed_nbytes, unpack_codes
 
-__all__ = ["PackedMixin", "PackedQuantLinear", "PackedQuantConv2d", "PackedBinaryLinear", "PackedBinaryConv2d",
-           "PACKED_CLASSES", "packed_class_for", "empty_packed_like", "part_buffers"]
+__all__ = ["PackedWeightMixin", "PackedMixin", "PackedQuantLinear", "PackedQuantConv2d", "PackedBinaryLinear", "PackedBinaryConv2d",
+           "empty_packed_like", "part_buffers", "shell_from"]
 
-FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def _fp8_dtype(fmt: FPFormat) -> torch.dtype | None:
-    return fmt.torch_dtype if isinstance(fmt, FPFormat) else None
+PART_TENSORS = ("qweight", "wscale", "wzero", "wscale_t")
+"""Names (without the part index) a format's :meth:`~NumberFormat.encode` may give a weight part's tensors."""
 
 
 def part_buffers(part: dict, out: int, device: Any = "meta") -> dict[str, Tensor]:
     """Empty buffers (names without the part index) that a weight part of this spec holds."""
-    if part["storage"] == "block":
-        fmt = BLOCK_FORMATS[part["format"]]
-        n = out * part["padded_row"]
-        bufs = {"qweight": torch.empty(packed_nbytes(n, fmt.bits), dtype=torch.uint8, device=device),
-                "wscale": torch.empty(n // fmt.block, dtype=torch.uint8, device=device)}
-        if fmt.scale == "e4m3+fp32":
-            bufs["wscale_t"] = torch.empty((), dtype=torch.float32, device=device)
-        return bufs
-    fmt = parse_format(part["format"])
-    rows = (out, part["numel"] // out)
-    sdt = FLOAT_DTYPES[part["scale_dtype"]]
-    ng = part["n_groups"]
-    bufs: dict[str, Tensor] = {}
-    if part["storage"] == "float8":
-        bufs["qweight"] = torch.empty(tuple(part["shape"]), dtype=_fp8_dtype(fmt), device=device)
-    else:
-        bufs["qweight"] = torch.empty(packed_nbytes(math.prod(rows), fmt.bits), dtype=torch.uint8, device=device)
-    bufs["wscale"] = torch.empty(out, ng, 1, dtype=sdt, device=device)
-    if fmt.kind == "int" and not fmt.symmetric:
-        bufs["wzero"] = torch.empty(out, ng, 1, dtype=torch.uint8, device=device)
-    return bufs
+    return parse_format(part["format"]).empty_buffers(part, out, device)
 
 
-class PackedMixin:
-    """Decode-on-forward replacement of the float weight (see the module docstring)."""
+class PackedWeightMixin:
+    """Decode-on-forward replacement of the float weight (see the module docstring); each packed
+    kind below says how it stores (:meth:`encode`), allocates (:meth:`empty_buffers`) and decodes
+    (:meth:`decode`) its weight, and what a saved entry of it must hold (:meth:`check_entry`)."""
 
     packed_spec: dict[str, Any]
     decoded_once: bool = False
@@ -101,41 +75,33 @@ class PackedMixin:
         dense = self.__dict__.get("_dense_weight")
         if dense is not None:
             return dense
-        spec = self.packed_spec
-        parts = [self._decode_part(i, p) for i, p in enumerate(spec["parts"])]
-        w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return self._to_compute(w)
-
-    def _to_compute(self, w: Tensor) -> Tensor:
-        """The decoded weight in the pipeline's compute dtype (float32 unless loaded in half precision)."""
-        dt = getattr(self, "compute_dtype", torch.float32)
+        dt = getattr(self, "compute_dtype", torch.float32)  # float32 unless loaded in half precision
+        w = self.decode()
         return w if w.dtype == dt else w.to(dt)
 
-    def _decode_part(self, i: int, part: dict) -> Tensor:
-        shape = tuple(part["shape"])
-        if part["storage"] == "block":
-            fmt = BLOCK_FORMATS[part["format"]]
-            stored = {"elements": getattr(self, f"qweight{i}"), "scales": getattr(self, f"wscale{i}")}
-            if fmt.scale == "e4m3+fp32":
-                stored["tensor_scale"] = getattr(self, f"wscale_t{i}")
-            rows = (shape[0], part["padded_row"])
-            w = block_dequantize(unpack_block_codes(stored, fmt, rows), fmt, torch.float32)
-            return w[:, : part["numel"] // shape[0]].reshape(shape)
-        fmt = parse_format(part["format"])
-        out = shape[0]
-        q = getattr(self, f"qweight{i}")
-        scale = getattr(self, f"wscale{i}").to(torch.float32)
-        ng = part["n_groups"]
-        if part["storage"] == "float8":
-            vals = q.to(torch.float32).reshape(out, ng, -1)
-            return (vals * scale).reshape(shape)
-        codes = unpack_codes(q, part["numel"], fmt.bits).reshape(out, ng, -1)
-        if fmt.kind == "int":
-            lo, _ = int_code_range(fmt.bits, fmt.symmetric)
-            qf = codes.to(torch.float32) + lo
-            zero = getattr(self, f"wzero{i}").to(torch.float32) if not fmt.symmetric else None
-            return int_dequantize(qf, scale, zero).reshape(shape)
-        return (fp_decode(codes, fmt, None, torch.float32) * scale).reshape(shape)
+    def decode(self) -> Tensor:
+        """The float32 weight from the stored tensors."""
+        raise NotImplementedError
+
+    @classmethod
+    def encode(cls, layer: nn.Module, w_hat: Tensor, scale_dtype: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The stored tensors of in-memory ``layer``'s weight (``w_hat``: its on-grid weight) and the
+        entry fields that describe them."""
+        raise NotImplementedError
+
+    @classmethod
+    def empty_buffers(cls, spec: dict[str, Any], device: Any) -> dict[str, Tensor]:
+        """Empty tensors shaped as :meth:`encode` wrote them (filled by ``load_state_dict``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_entry(cls, entry: dict[str, Any]) -> str | None:
+        """Why a saved entry cannot describe this packed kind (``None``: it can)."""
+        return None
+
+    def check_stored(self) -> str | None:
+        """Why the loaded tensors do not fit the entry (``None``: they do)."""
+        return None
 
     def packed_nbytes(self) -> int:
         """Bytes of the packed weight state (codes, scales, masks, the float16 low-rank branch) of this layer."""
@@ -147,10 +113,70 @@ class PackedMixin:
         return f"{super().extra_repr()}, packed={self.packed_spec.get('summary', '')}"
 
 
-class PackedBinaryMixin(PackedMixin):
-    """Multi-basis binary weight from sign bits: ``a1 b1 (+ a2 b2)``, 0 where pruned (METHODS §7)."""
+class PackedMixin(PackedWeightMixin):
+    """INT/FP/block codes and scales per weight part, as each part's number format stores them."""
 
-    def quantized_weight(self) -> Tensor:
+    def _part_formats(self) -> list:
+        formats = self.__dict__.get("_formats")
+        if formats is None:  # looked up once, not on every forward
+            formats = self.__dict__["_formats"] = [parse_format(p["format"]) for p in self.packed_spec["parts"]]
+        return formats
+
+    def _part_tensors(self, i: int) -> dict[str, Tensor]:
+        return {name: self._buffers[f"{name}{i}"] for name in PART_TENSORS if f"{name}{i}" in self._buffers}
+
+    def decode(self) -> Tensor:
+        parts = [fmt.decode(self._part_tensors(i), part)
+                 for i, (fmt, part) in enumerate(zip(self._part_formats(), self.packed_spec["parts"]))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    @classmethod
+    def encode(cls, layer: nn.Module, w_hat: Tensor, scale_dtype: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        parts, tensors = [], {}
+        for i, (q, sl) in enumerate(layer.weight_parts()):
+            part_w = w_hat[:, sl]
+            g = q.grouped(part_w)
+            spec = {"format": q.fmt.name, "kind": q.fmt.kind, "bits": q.fmt.bits, "shape": list(part_w.shape),
+                    "numel": part_w.numel(), "group_size": q.group_size, "n_groups": g.shape[1],
+                    "scale_dtype": scale_dtype}
+            fields, part_tensors = q.fmt.encode(g, q.params, scale_dtype, tuple(part_w.shape))
+            parts.append({**spec, **fields})
+            tensors.update({f"{k}{i}": v for k, v in part_tensors.items()})
+        entry = {"parts": parts, "mask": "zero_codes", "storage": "packed", "summary": "+".join(p["format"] for p in parts)}
+        return entry, tensors
+
+    @classmethod
+    def empty_buffers(cls, spec: dict[str, Any], device: Any) -> dict[str, Tensor]:
+        out = spec["weight_shape"][0]
+        return {f"{name}{i}": buf for i, part in enumerate(spec["parts"])
+                for name, buf in part_buffers(part, out, device).items()}
+
+    @classmethod
+    def check_entry(cls, entry: dict[str, Any]) -> str | None:
+        for part in entry.get("parts") or [None]:
+            if not isinstance(part, dict):
+                return "has no weight parts"
+            try:
+                fmt = parse_format(part["format"])
+            except (ValueError, KeyError) as exc:
+                return f"unknown format {part.get('format')!r} ({exc})"
+            problem = fmt.check_part(part)
+            if problem:
+                return problem
+        return None
+
+    def check_stored(self) -> str | None:
+        for i, (fmt, part) in enumerate(zip(self._part_formats(), self.packed_spec["parts"])):
+            problem = fmt.check_stored(self._part_tensors(i), part)
+            if problem:
+                return problem
+        return None
+
+
+class PackedBinaryMixin(PackedWeightMixin):
+    """Multi-basis binary weight from sign bits: ``a1 b1 (+ a2 b2)``, 0 where pruned (docs/methods.md §7)."""
+
+    def decode(self) -> Tensor:
         spec = self.packed_spec
         shape = tuple(spec["weight_shape"])
         out = shape[0]
@@ -167,7 +193,45 @@ class PackedBinaryMixin(PackedMixin):
             if keep is not None:
                 b2 = b2 * keep
             w = w + b2 * self.a2.to(torch.float32).reshape(-1, 1)
-        return self._to_compute(w.reshape(shape) + 0.0)  # the in-memory binarizer adds a +0 STE term: same signed zeros
+        return w.reshape(shape) + 0.0  # the in-memory binarizer adds a +0 STE term: same signed zeros
+
+    @classmethod
+    def encode(cls, layer: nn.Module, w_hat: Tensor, scale_dtype: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        wq = layer.weight_quant
+        w = layer.weight.detach()
+        mask = wq.mask_of(w)
+        b1, b2 = binary_bases(w, wq.a1.detach().to(w.dtype), wq.order, mask)
+        sdt = FLOAT_DTYPES[scale_dtype]
+        tensors = {"codes1": pack_bool(b1 > 0), "a1": wq.a1.detach().to(sdt).contiguous()}
+        if wq.order == 2:
+            tensors["codes2"] = pack_bool(b2 > 0)
+            tensors["a2"] = wq.a2.detach().to(sdt).contiguous()
+        if mask is not None:
+            tensors["keep"] = pack_bool(mask)
+        entry = {"order": wq.order, "masked": mask is not None, "bits": 1, "format": f"binary_order{wq.order}",
+                 "storage": "packed1", "scale_dtype": scale_dtype, "summary": f"binary order {wq.order}"}
+        return entry, tensors
+
+    @classmethod
+    def empty_buffers(cls, spec: dict[str, Any], device: Any) -> dict[str, Tensor]:
+        shape = tuple(spec["weight_shape"])
+        bits = torch.empty(packed_nbytes(math.prod(shape), 1), dtype=torch.uint8, device=device)
+        bufs = {"codes1": bits}
+        if spec["order"] == 2:
+            bufs["codes2"] = torch.empty_like(bits)
+        if spec.get("masked"):
+            bufs["keep"] = torch.empty_like(bits)
+        sdt = FLOAT_DTYPES[spec["scale_dtype"]]
+        bufs["a1"] = torch.empty(shape[0], 1, dtype=sdt, device=device)
+        if spec["order"] == 2:
+            bufs["a2"] = torch.empty(shape[0], 1, dtype=sdt, device=device)
+        return bufs
+
+    @classmethod
+    def check_entry(cls, entry: dict[str, Any]) -> str | None:
+        if entry.get("order") not in (1, 2):
+            return f"has binary order {entry.get('order')!r}; known: 1, 2"
+        return None
 
     @property
     def order(self) -> int:
@@ -194,24 +258,9 @@ class PackedBinaryConv2d(PackedBinaryMixin, BinaryConv2d):
     """``BinaryConv2d`` whose weight is packed sign bits."""
 
 
-PACKED_CLASSES: dict[str, type] = {
-    "QuantLinear": PackedQuantLinear,
-    "QuantConv2d": PackedQuantConv2d,
-    "BinaryLinear": PackedBinaryLinear,
-    "BinaryConv2d": PackedBinaryConv2d,
-}
-
-
-def packed_class_for(kind: str) -> type:
-    """The packed class of an in-memory module kind (``QuantLinear`` -> ``PackedQuantLinear``)."""
-    if kind not in PACKED_CLASSES:
-        raise KeyError(f"no packed form of module kind {kind!r}; known: {', '.join(PACKED_CLASSES)}")
-    return PACKED_CLASSES[kind]
-
-
-def shell_from(layer: nn.Module, kind: str, spec: dict) -> nn.Module:
-    """A packed module sharing ``layer``'s bias and activation quantizers, without weight buffers yet."""
-    cls = packed_class_for(kind)
+def shell_from(layer: nn.Module, cls: type, spec: dict) -> nn.Module:
+    """A packed module of class ``cls`` sharing ``layer``'s bias and activation quantizers, without
+    weight buffers yet."""
     new = cls.__new__(cls)
     new.__dict__.update(layer.__dict__)
     new._parameters = {k: v for k, v in layer._parameters.items() if k != "weight"}
@@ -221,23 +270,10 @@ def shell_from(layer: nn.Module, kind: str, spec: dict) -> nn.Module:
     return new
 
 
-def empty_packed_like(layer: nn.Module, kind: str, spec: dict, device: Any = "meta") -> nn.Module:
-    """A packed module with empty code/scale buffers shaped by ``spec`` (filled by ``load_state_dict``)."""
-    new = shell_from(layer, kind, spec)
-    shape = tuple(spec["weight_shape"])
-    if kind.startswith("Binary"):
-        n = math.prod(shape)
-        sdt = FLOAT_DTYPES[spec["scale_dtype"]]
-        new.register_buffer("codes1", torch.empty(packed_nbytes(n, 1), dtype=torch.uint8, device=device))
-        if spec["order"] == 2:
-            new.register_buffer("codes2", torch.empty(packed_nbytes(n, 1), dtype=torch.uint8, device=device))
-        if spec.get("masked"):
-            new.register_buffer("keep", torch.empty(packed_nbytes(n, 1), dtype=torch.uint8, device=device))
-        new.register_buffer("a1", torch.empty(shape[0], 1, dtype=sdt, device=device))
-        if spec["order"] == 2:
-            new.register_buffer("a2", torch.empty(shape[0], 1, dtype=sdt, device=device))
-        return new
-    for i, part in enumerate(spec["parts"]):
-        for name, buf in part_buffers(part, shape[0], device).items():
-            new.register_buffer(f"{name}{i}", buf)
+def empty_packed_like(layer: nn.Module, cls: type, spec: dict, device: Any = "meta") -> nn.Module:
+    """A packed module of class ``cls`` with empty code/scale buffers shaped by ``spec`` (filled by
+    ``load_state_dict``)."""
+    new = shell_from(layer, cls, spec)
+    for name, buf in cls.empty_buffers(spec, device).items():
+        new.register_buffer(name, buf)
     return new

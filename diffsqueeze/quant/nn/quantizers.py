@@ -1,7 +1,7 @@
 """Weight and activation quantizer modules; all their state is parameters and buffers.
 
 * :class:`WeightQuantizer`: INT (scale, zero point) or FP ExMy (real exponent bias) per
-  output channel or per group (METHODS §2, §3), round-to-nearest, or learned rounding with
+  output channel or per group (docs/methods.md §2, §3), round-to-nearest, or learned rounding with
   AdaRound rounding variables on the INT grid or on the FP grid's element-wise step (§4).
 * :class:`ActQuantizer`: INT or FP, per tensor or per channel, one scale set per
   calibration-timestep group (§5, QuEST), scales learnable with LSQ; or dynamic: one scale per
@@ -21,33 +21,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffsqueeze.pipelines.distributed import step_share
-from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS, block_fake_quantize
-from diffsqueeze.quant.primitives.dynamic_groups import dynamic_group_fake_quantize
-from diffsqueeze.quant.primitives.formats import (
-    FPFormat,
-    IntFormat,
-    fp_quantize,
-    fp_step,
-    int_code_range,
-    int_fake_quantize,
-    maxval,
-    parse_format,
-    to_groups,
-)
-from diffsqueeze.quant.primitives.rounding import (
-    grad_scale,
-    inverse_rectified_sigmoid,
-    rectified_sigmoid,
-    round_ste,
-)
+from diffsqueeze.quant.primitives.formats import NumberFormat, parse_format, to_groups
+from diffsqueeze.quant.primitives.rounding import inverse_rectified_sigmoid, rectified_sigmoid
 
 
 class WeightQuantizer(nn.Module):
-    """Fake quantizer of a weight tensor, per output channel or per group of inputs.
+    """Fake quantizer of a weight tensor, per output channel, per group of inputs, or in the blocks
+    of a block-scaled format (NVFP4, MXFP4, MXFP8; docs/methods.md §10), whatever its number format.
 
     The weight is viewed as ``(out, n_groups, group_size)`` (``w.reshape(out, -1)`` split in
-    groups; per channel is one group of the whole row). Buffers: ``scale`` and
-    ``zero_point`` (INT) or ``bias`` (FP), shaped ``(out, n_groups, 1)``.
+    groups, zero-padded where the format stores whole blocks: :meth:`NumberFormat.layout`). Its
+    buffers are the format's parameters (:meth:`NumberFormat.weight_params`): ``scale`` and
+    ``zero_point`` (INT) or ``bias`` (FP), shaped ``(out, n_groups, 1)``; none for block formats,
+    whose scales come from the blocks themselves (nothing to search or learn: learned rounding
+    leaves them at round-to-nearest, and QuEST trains the weight through them straight through).
 
     Args:
         fmt: Format name or object.
@@ -55,30 +42,38 @@ class WeightQuantizer(nn.Module):
         group_size: 0 for per output channel, else inputs per group (must divide the row).
     """
 
-    def __init__(self, fmt: str | IntFormat | FPFormat, weight_shape: tuple[int, ...], group_size: int = 0):
+    def __init__(self, fmt: str | NumberFormat, weight_shape: tuple[int, ...], group_size: int = 0):
         super().__init__()
         self.fmt = parse_format(fmt)
         self.weight_shape = tuple(weight_shape)
-        row = math.prod(self.weight_shape[1:])
-        self.group_size = group_size or row
-        if row % self.group_size:
-            raise ValueError(f"group_size {group_size} does not divide the weight row length {row}")
-        shape = (self.weight_shape[0], row // self.group_size, 1)
-        if isinstance(self.fmt, IntFormat):
-            self.register_buffer("scale", torch.ones(shape))
-            self.register_buffer("zero_point", torch.zeros(shape))
-        else:
-            self.register_buffer("bias", torch.full(shape, float(self.fmt.standard_bias)))
+        self.row = math.prod(self.weight_shape[1:])
+        self.group_size, self.padded_row = self.fmt.layout(self.row, group_size)
+        params = self.fmt.weight_params((self.weight_shape[0], self.padded_row // self.group_size, 1))
+        for name, value in params.items():
+            self.register_buffer(name, value)
+        self.param_names = tuple(params)
         self.alpha: nn.Parameter | None = None  # AdaRound variables V while learning
         self.soft = True
 
     @property
-    def is_int(self) -> bool:
-        return isinstance(self.fmt, IntFormat)
+    def searchable(self) -> bool:
+        """Whether the format has parameters to search (scales, biases) rather than computing them."""
+        return bool(self.param_names)
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self.param_names}
 
     def grouped(self, w: Tensor) -> Tensor:
-        """``w`` as ``(out, n_groups, group_size)``."""
-        return to_groups(w.reshape(w.shape[0], -1), self.group_size)
+        """``w`` as ``(out, n_groups, group_size)`` (zero-padded to the format's blocks)."""
+        rows = w.reshape(w.shape[0], -1)
+        if self.padded_row > rows.shape[1]:
+            rows = F.pad(rows, (0, self.padded_row - rows.shape[1]))
+        return to_groups(rows, self.group_size)
+
+    def ungrouped(self, g: Tensor, shape: torch.Size) -> Tensor:
+        """Inverse of :meth:`grouped` (the padding cut off)."""
+        return g.reshape(g.shape[0], -1)[:, : self.row].reshape(shape)
 
     def set_params(self, **params: Tensor) -> None:
         """Copy searched parameters (``scale``/``zero_point`` or ``bias``) into the buffers."""
@@ -87,35 +82,18 @@ class WeightQuantizer(nn.Module):
             buf.copy_(value.detach().reshape(buf.shape).to(buf))
 
     def quantize_rtn(self, w: Tensor) -> Tensor:
-        """Round-to-nearest fake quantization of ``w`` (METHODS §2, §3)."""
-        g = self.grouped(w)
-        if self.is_int:
-            out = int_fake_quantize(g, self.scale, self.zero_point, bits=self.fmt.bits,
-                                    symmetric=self.fmt.symmetric, check=False)
-        else:
-            out = fp_quantize(g, self.fmt, self.bias, check=False)
-        return out.reshape(w.shape)
+        """Round-to-nearest fake quantization of ``w`` (docs/methods.md §2, §3, §10)."""
+        return self.ungrouped(self.fmt.fake_quantize(self.grouped(w), self.params), w.shape)
 
-    # ---- learned rounding (METHODS §4) -------------------------------------------------
-
-    def _floor_and_step(self, g: Tensor) -> tuple[Tensor, Tensor]:
-        """``floor(W / s)`` and the (element-wise for FP) step ``s``, W clamped to the range."""
-        if self.is_int:
-            return torch.floor(g / self.scale), self.scale.expand_as(g)
-        mv = maxval(self.fmt, self.bias)
-        gc = torch.minimum(torch.maximum(g, -mv), mv)
-        step = fp_step(gc, self.fmt, self.bias, check=False)
-        return torch.floor(gc / step), step
+    # ---- learned rounding (docs/methods.md §4) -------------------------------------------------
 
     def init_rounding(self, w: Tensor) -> None:
-        """Create the rounding variables V with ``h(V)`` equal to the fractional part of W/s."""
-        g = self.grouped(w.detach())
-        floor, step = self._floor_and_step(g)
-        if self.is_int:
-            rest = g / step - floor
-        else:
-            mv = maxval(self.fmt, self.bias)
-            rest = torch.minimum(torch.maximum(g, -mv), mv) / step - floor
+        """Create the rounding variables V with ``h(V)`` equal to the fractional part of W/s
+        (nothing for a format without learned rounding: it stays round-to-nearest)."""
+        if not self.fmt.learnable_rounding:
+            return
+        floor, step, clamped = self.fmt.rounding_floor_step(self.grouped(w.detach()), self.params)
+        rest = clamped / step - floor
         self.alpha = nn.Parameter(inverse_rectified_sigmoid(rest).reshape(w.shape).contiguous())
         self.soft = True
 
@@ -126,18 +104,11 @@ class WeightQuantizer(nn.Module):
         Gradients flow to V only (W is treated as constant).
         """
         g = self.grouped(w.detach())
-        floor, step = self._floor_and_step(g)
+        floor, step, _ = self.fmt.rounding_floor_step(g, self.params)
         v = self.grouped(self.alpha)
         h = rectified_sigmoid(v) if self.soft else (v >= 0).to(g.dtype)
         h = h * (g != 0).to(g.dtype)
-        if self.is_int:
-            lo, hi = int_code_range(self.fmt.bits, self.fmt.symmetric)
-            q = torch.clamp(floor + h + self.zero_point, lo, hi)
-            out = (q - self.zero_point) * self.scale
-        else:
-            mv = maxval(self.fmt, self.bias)
-            out = torch.minimum(torch.maximum((floor + h) * step, -mv), mv)
-        return out.reshape(w.shape)
+        return self.ungrouped(self.fmt.rounding_value(floor, h, step, self.params), w.shape)
 
     @torch.no_grad()
     def finalize_rounding(self, w: Tensor) -> Tensor:
@@ -153,49 +124,9 @@ class WeightQuantizer(nn.Module):
         return self.quantize_rtn(w)
 
     def extra_repr(self) -> str:
+        if self.fmt.block:
+            return f"{self.fmt.name}, blocks of {self.fmt.block}"
         return f"{self.fmt.name}, group_size={self.group_size}"
-
-
-class BlockWeightQuantizer(nn.Module):
-    """Round-to-nearest of a weight in a block-scaled format (NVFP4, MXFP4, MXFP8; METHODS §10).
-
-    Each block of consecutive inputs of an output row shares a scale computed from the block
-    itself (NVFP4: times one FP32 scale per weight tensor), so there is nothing to search or
-    learn; rows are zero-padded to whole blocks (the padding is stored, and cut off on decode).
-    Learned rounding is not built for these formats: :meth:`init_rounding` leaves the quantizer
-    at round-to-nearest (QuEST then trains the weight through it, straight through).
-
-    Args:
-        fmt: ``nvfp4``, ``mxfp4`` or ``mxfp8``.
-        weight_shape: Shape of the weight it quantizes.
-    """
-
-    def __init__(self, fmt: str, weight_shape: tuple[int, ...]):
-        super().__init__()
-        self.fmt = BLOCK_FORMATS[fmt.lower()]
-        self.weight_shape = tuple(weight_shape)
-        self.row = math.prod(self.weight_shape[1:])
-        self.padded_row = -(-self.row // self.fmt.block) * self.fmt.block
-        self.group_size = self.row  # one part per row for the callers that ask (no searched scales)
-        self.alpha = None
-        self.is_int = False
-
-    def padded_rows(self, w: Tensor) -> Tensor:
-        """``w`` as ``(out, padded_row)``, zero-padded to whole blocks."""
-        rows = w.reshape(w.shape[0], -1)
-        return F.pad(rows, (0, self.padded_row - self.row)) if self.padded_row > self.row else rows
-
-    def quantize_rtn(self, w: Tensor) -> Tensor:
-        return block_fake_quantize(self.padded_rows(w), self.fmt)[:, : self.row].reshape(w.shape)
-
-    def init_rounding(self, w: Tensor) -> None:
-        """No rounding variables: block formats stay round-to-nearest (class docstring)."""
-
-    def forward(self, w: Tensor) -> Tensor:
-        return self.quantize_rtn(w)
-
-    def extra_repr(self) -> str:
-        return f"{self.fmt.name}, blocks of {self.fmt.block}"
 
 
 class ActQuantizer(nn.Module):
@@ -204,7 +135,7 @@ class ActQuantizer(nn.Module):
     Parameters/buffers: ``scale`` (learnable, ``(G, *shape)``), ``zero_point`` (INT, buffer),
     and for ``G > 1`` the routing table ``group_t`` (calibration timesteps) / ``group_of``.
     FP formats use the standard-bias grid times ``scale``: ``scale = 2^(b0 - beta)`` is the
-    real-valued bias of METHODS §3 (see :func:`~diffsqueeze.quant.primitives.formats.bias_to_scale`).
+    real-valued bias of docs/methods.md §3 (see :func:`~diffsqueeze.quant.primitives.formats.bias_to_scale`).
 
     Args:
         fmt: Format name or object.
@@ -218,20 +149,20 @@ class ActQuantizer(nn.Module):
         channel_dim: The input's channel dim (1 for a conv, -1 for a linear), for dynamic groups.
     """
 
-    def __init__(self, fmt: str | IntFormat | FPFormat, param_shape: tuple[int, ...] = (1,), groups: int = 1,
+    def __init__(self, fmt: str | NumberFormat, param_shape: tuple[int, ...] = (1,), groups: int = 1,
                  n_timesteps: int = 1, dynamic_group: int = 0, channel_dim: int = -1):
         super().__init__()
-        self.block_format = BLOCK_FORMATS.get(fmt.lower()) if isinstance(fmt, str) else None
-        self.fmt = self.block_format.element if self.block_format else parse_format(fmt)
-        self.dynamic_group = self.block_format.block if self.block_format else int(dynamic_group)
+        self.format = parse_format(fmt)
+        self.fmt = self.format.element  # the grid of one value (a block format's element format)
+        self.dynamic_group = self.format.block or int(dynamic_group)
         self.channel_dim = channel_dim
         if self.dynamic_group and groups != 1:
             raise ValueError("dynamic activation scales take no timestep groups")
         self.param_shape = tuple(param_shape)
         self.groups = groups
         self.scale = nn.Parameter(torch.ones(groups, *self.param_shape))
-        if isinstance(self.fmt, IntFormat):
-            self.register_buffer("zero_point", torch.zeros(groups, *self.param_shape))
+        for name, value in self.format.act_params((groups, *self.param_shape)).items():
+            self.register_buffer(name, value)  # an INT zero point
         if groups > 1:
             self.register_buffer("group_t", torch.zeros(n_timesteps, dtype=torch.float64))
             self.register_buffer("group_of", torch.zeros(n_timesteps, dtype=torch.long))
@@ -240,13 +171,13 @@ class ActQuantizer(nn.Module):
         self.lsq = False  # learnable-scale gradient path
 
     @property
-    def is_int(self) -> bool:
-        return isinstance(self.fmt, IntFormat)
+    def has_zero_point(self) -> bool:
+        return "zero_point" in self._buffers
 
     @property
     def format_name(self) -> str:
         """The format as a recipe names it (``nvfp4`` rather than its element grid)."""
-        return self.block_format.name if self.block_format is not None else self.fmt.name
+        return self.format.name
 
     def set_routing(self, timesteps: list[float], group_of: list[int]) -> None:
         """Calibration timesteps (sampling order) and the group of each."""
@@ -270,40 +201,22 @@ class ActQuantizer(nn.Module):
         """Set one group's scale (and INT zero point)."""
         with torch.no_grad():
             self.scale[group].copy_(scale.detach().reshape(self.param_shape).to(self.scale))
-            if self.is_int and zero_point is not None:
+            if self.has_zero_point and zero_point is not None:
                 self.zero_point[group].copy_(zero_point.detach().reshape(self.param_shape).to(self.zero_point))
 
     def fake_quant(self, x: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
         """Quantize ``x`` with the given parameters (no grouping)."""
         if not self.lsq:
-            if self.is_int:
-                return int_fake_quantize(x, scale, zero_point, bits=self.fmt.bits, symmetric=self.fmt.symmetric,
-                                         check=False)
-            return (fp_quantize(x / scale, self.fmt, self.fmt.standard_bias, check=False) * scale).to(x.dtype)
+            return self.format.scaled_fake_quantize(x, scale, zero_point)
         # values per scale over the whole training batch (a data-parallel process holds its share)
         n_per_scale = max(round(x.numel() / step_share()) // max(scale.numel(), 1), 1)
-        if self.is_int:
-            lo, hi = int_code_range(self.fmt.bits, self.fmt.symmetric)
-            s = grad_scale(scale, 1.0 / math.sqrt(n_per_scale * hi))
-            u = torch.clamp(x / s, lo - zero_point, hi - zero_point)
-            return round_ste(u) * s
-        top = maxval(self.fmt, float(self.fmt.standard_bias))
-        s = grad_scale(scale, 1.0 / math.sqrt(n_per_scale * top))
-        u = torch.clamp(x / s, -top, top)
-        q = u + (fp_quantize(u.detach(), self.fmt, self.fmt.standard_bias, check=False) - u).detach()
-        return q * s
+        return self.format.lsq_fake_quantize(x, scale, zero_point, n_per_scale)
 
     def dynamic_quant(self, x: Tensor) -> Tensor:
         """Quantize ``x`` with scales computed from it, per token and channel group (straight-through
         gradient: the rounding is the identity for backward, and no value is clipped)."""
         with torch.no_grad():
-            if self.block_format is not None:
-                xt = x.movedim(self.channel_dim, -1)
-                n, pad = xt.shape[-1], (-xt.shape[-1]) % self.block_format.block
-                xq = block_fake_quantize(F.pad(xt, (0, pad)) if pad else xt, self.block_format)
-                xq = xq[..., :n].movedim(-1, self.channel_dim)
-            else:
-                xq = dynamic_group_fake_quantize(x, self.fmt, self.dynamic_group, self.channel_dim)
+            xq = self.format.dynamic_fake_quantize(x, self.dynamic_group, self.channel_dim)
         if torch.is_grad_enabled() and x.requires_grad:
             return x + (xq - x).detach()
         return xq
@@ -314,12 +227,12 @@ class ActQuantizer(nn.Module):
         if self.dynamic_group:
             return self.dynamic_quant(x)
         g = self.current_group()
-        zp = self.zero_point[g] if self.is_int else None
+        zp = self.zero_point[g] if self.has_zero_point else None
         return self.fake_quant(x, self.scale[g], zp)
 
     def extra_repr(self) -> str:
-        if self.block_format is not None:
-            return f"{self.block_format.name}, dynamic"
+        if self.format.block:
+            return f"{self.format.name}, dynamic"
         if self.dynamic_group:
             return f"{self.fmt.name}, dynamic groups of {self.dynamic_group}"
         return f"{self.fmt.name}, shape={self.param_shape}, groups={self.groups}"

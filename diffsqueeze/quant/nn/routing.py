@@ -1,4 +1,4 @@
-"""Timestep routing for timestep-aware activation quantizers (METHODS.md §5, QuEST).
+"""Timestep routing for timestep-aware activation quantizers (docs/methods.md §5, QuEST).
 
 A timestep-aware quantizer keeps one scale set per calibration-timestep group. Which group
 applies is decided from the denoiser's *actual* timestep at each call: a forward pre-hook on

@@ -1,15 +1,18 @@
 """Module swaps (``nn.Linear -> QuantLinear`` and the like) that checkpoints and reloads replay.
 
 A stage that replaces a module records ``{"kind": KIND, ...config}`` under
-``state.modules["<component>/<module name>"]``. Before weights are loaded into a freshly built
-pipeline, :func:`restore_modules` rebuilds every recorded module with the rebuilder that
-:data:`REBUILDERS` names for its kind, so ``load_state_dict`` finds the same structure the run
-left. The table is static: every kind a stage can record is listed here, and loading a model
-never imports a stage.
+``state.modules["<component>/<module name>"]``; ``KIND`` is a stable string that is part of the
+saved format (a class attribute of the layer, or a constant for processor-level swaps), never a
+Python class name. Before weights are loaded into a freshly built pipeline,
+:func:`restore_modules` rebuilds every recorded module with the rebuilder that :data:`LAYER_KINDS`
+gives its kind, so ``load_state_dict`` finds the same structure the run left; export and reload
+find the packed class of a kind in the same table. The table is static: every kind a stage can
+record is listed here, and loading a model never imports a stage.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,21 +23,39 @@ from safetensors.torch import load_file
 from diffsqueeze.errors import ModelLoadError
 from diffsqueeze.models.roles import module_components
 from diffsqueeze.models.state import CompressionState
-from diffsqueeze.quant.nn.attention import rebuild_softmax_quant
-from diffsqueeze.quant.nn.binary_layers import rebuild_attention_quant, rebuild_binary
-from diffsqueeze.quant.nn.layers import rebuild_quant
+from diffsqueeze.quant.nn.attention import SOFTMAX_KIND, rebuild_softmax_quant
+from diffsqueeze.quant.nn.binary_layers import ATTENTION_KIND, BinaryConv2d, BinaryLinear, rebuild_attention_quant, rebuild_binary
+from diffsqueeze.quant.nn.layers import QuantConv2d, QuantLinear, rebuild_quant
+from diffsqueeze.quant.nn.packed import PackedBinaryConv2d, PackedBinaryLinear, PackedQuantConv2d, PackedQuantLinear
 from diffsqueeze.quant.nn.routing import prepare_pipeline
 
 Rebuilder = Callable[[torch.nn.Module, dict], torch.nn.Module]
-REBUILDERS: dict[str, Rebuilder] = {
-    "QuantLinear": rebuild_quant,
-    "QuantConv2d": rebuild_quant,
-    "BinaryLinear": rebuild_binary,
-    "BinaryConv2d": rebuild_binary,
-    "QuantSoftmax": rebuild_softmax_quant,
-    "BinaryDMAttention": rebuild_attention_quant,
-}
-"""Module-record kind -> ``fn(original_module, record) -> module to put in its place``."""
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """What one module-record kind is: the module a stage swaps in (None for swaps that live in an
+    attention processor), its packed form for export (None: exported as a full state dict), and
+    ``rebuild(original_module, record) -> module`` that reloads and resume replay."""
+
+    kind: str
+    layer_cls: type | None
+    packed_cls: type | None
+    rebuild: Rebuilder
+
+
+LAYER_KINDS: dict[str, LayerKind] = {k.kind: k for k in (
+    LayerKind(QuantLinear.KIND, QuantLinear, PackedQuantLinear, rebuild_quant),
+    LayerKind(QuantConv2d.KIND, QuantConv2d, PackedQuantConv2d, rebuild_quant),
+    LayerKind(BinaryLinear.KIND, BinaryLinear, PackedBinaryLinear, rebuild_binary),
+    LayerKind(BinaryConv2d.KIND, BinaryConv2d, PackedBinaryConv2d, rebuild_binary),
+    LayerKind(SOFTMAX_KIND, None, None, rebuild_softmax_quant),
+    LayerKind(ATTENTION_KIND, None, None, rebuild_attention_quant),
+)}
+"""Module-record kind -> its classes and rebuilder: the one table a new kind of swap is added to."""
+
+PACKED_KINDS: dict[str, type] = {k.kind: k.packed_cls for k in LAYER_KINDS.values() if k.packed_cls is not None}
+"""Kinds that export packed -> their packed class (the kind of a packed layer is its in-memory kind)."""
 
 
 def finalize_modules(pipe: DiffusionPipeline) -> None:
@@ -62,15 +83,15 @@ def restore_modules(pipe: DiffusionPipeline, state: CompressionState) -> None:
     for key, record in state.modules.items():
         comp, _, name = key.partition("/")
         kind = record.get("kind")
-        if kind not in REBUILDERS:
-            raise ModelLoadError(f"module '{key}' has unknown kind {kind!r}; known: {', '.join(sorted(REBUILDERS))}")
+        if kind not in LAYER_KINDS:
+            raise ModelLoadError(f"module '{key}' has unknown kind {kind!r}; known: {', '.join(sorted(LAYER_KINDS))}")
         if comp not in components:
             raise ModelLoadError(f"module record '{key}' names a component the pipeline does not have")
         try:
             original = components[comp].get_submodule(name)
         except AttributeError as exc:
             raise ModelLoadError(f"module record '{key}': no such module in {comp}") from exc
-        swap_module(components[comp], name, REBUILDERS[kind](original, record))
+        swap_module(components[comp], name, LAYER_KINDS[kind].rebuild(original, record))
 
 
 def reload_component_weights(pipe: DiffusionPipeline, folder: Path, state: CompressionState) -> None:

@@ -1,4 +1,4 @@
-"""Learnable multi-basis binarizer (LMB) of BinaryDM, as pure tensor functions (METHODS.md §7).
+"""Learnable multi-basis binarizer (LMB) of BinaryDM, as pure tensor functions (docs/methods.md §7).
 
 Per output channel (row ``i`` of ``W`` viewed as ``(out, -1)``)::
 
@@ -67,7 +67,7 @@ def binary_bases(w: Tensor, a1: Tensor, order: int, mask: Tensor | None = None) 
 
 @torch.no_grad()
 def init_scales(w: Tensor, order: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """LMB initialization per output channel (METHODS §7): ``a1 = mean|W|``, ``a2 = mean|W - a1 sign(W)|``.
+    """LMB initialization per output channel (docs/methods.md §7): ``a1 = mean|W|``, ``a2 = mean|W - a1 sign(W)|``.
 
     Means run over the kept (unpruned) entries of each row; a fully pruned row gets 0.
 
@@ -96,7 +96,7 @@ def ste_weight(w: Tensor, mask: Tensor | None = None, clip: float = 1.0) -> Tens
 
 def binarize(w: Tensor, a1: Tensor, a2: Tensor | None = None, order: int = 2, mask: Tensor | None = None,
              clip: float = 1.0) -> Tensor:
-    """Multi-basis binarization of ``w`` (METHODS §7) with the clipped straight-through estimator.
+    """Multi-basis binarization of ``w`` (docs/methods.md §7) with the clipped straight-through estimator.
 
     Args:
         w: latent FP weight ``(out, ...)``.

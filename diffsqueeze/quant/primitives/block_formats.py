@@ -1,4 +1,4 @@
-"""Block-scaled number formats MXFP4, MXFP8 (OCP MX v1.0) and NVFP4 (METHODS.md §10).
+"""Block-scaled number formats MXFP4, MXFP8 (OCP MX v1.0) and NVFP4 (docs/methods.md §10).
 
 A block of ``block`` consecutive elements along the last dim shares one scale; the elements are
 cast to an FP element format (the project's hardware grids from :mod:`.fp_format`) with
@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from diffsqueeze.quant.primitives.fp_format import (
@@ -43,6 +44,7 @@ from diffsqueeze.quant.primitives.grouping import (
     to_groups,
     work_dtype,
 )
+from diffsqueeze.quant.primitives.number_format import NumberFormat
 from diffsqueeze.quant.primitives.pack import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = [
@@ -67,7 +69,7 @@ _FP32_SMALLEST = 2.0**-149
 
 
 @dataclass(frozen=True)
-class BlockFormat:
+class BlockFormat(NumberFormat):
     """A block-scaled format: ``element`` codes in blocks of ``block`` along the last dim.
 
     Attributes:
@@ -91,6 +93,86 @@ class BlockFormat:
     @property
     def kind(self) -> str:
         return "block"
+
+    @property
+    def learnable_rounding(self) -> bool:
+        """No: each block's scale comes from the block itself (QuEST trains through it straight through)."""
+        return False
+
+    @property
+    def eight_bit(self) -> str:
+        return "mxfp8"
+
+    # ---- the number-format protocol (number_format.py): a weight row is one group, zero-padded
+    # to whole blocks (the padding is stored, and cut off on decode) --------------------------
+
+    def layout(self, row: int, group_size: int) -> tuple[int, int]:
+        padded = -(-row // self.block) * self.block
+        return padded, padded
+
+    def fake_quantize(self, g: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return block_fake_quantize(g.reshape(g.shape[0], -1), self).reshape(g.shape)
+
+    def act_params(self, shape: tuple[int, ...]) -> dict[str, Tensor]:
+        return self.element.act_params(shape)
+
+    def scaled_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
+        return self.element.scaled_fake_quantize(x, scale, zero_point)
+
+    def lsq_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None, n_per_scale: int) -> Tensor:
+        return self.element.lsq_fake_quantize(x, scale, zero_point, n_per_scale)
+
+    def minmax_fake_quantize(self, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        return self.element.minmax_fake_quantize(x, lo, hi)
+
+    def dynamic_fake_quantize(self, x: Tensor, group_size: int, dim: int) -> Tensor:
+        """In the format's own blocks and scale encoding, whatever ``group_size`` says."""
+        xt = x.movedim(dim, -1)
+        n, pad = xt.shape[-1], (-xt.shape[-1]) % self.block
+        xq = block_fake_quantize(F.pad(xt, (0, pad)) if pad else xt, self)
+        return xq[..., :n].movedim(-1, dim)
+
+    def encode(self, g: Tensor, params: dict[str, Tensor], scale_dtype: str,
+               shape: tuple[int, ...]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        rows = g.reshape(g.shape[0], -1)
+        packed = pack_block_codes(block_quantize(rows, self), self)
+        tensors = {"qweight": packed["elements"], "wscale": packed["scales"]}
+        if "tensor_scale" in packed:
+            tensors["wscale_t"] = packed["tensor_scale"]
+        spec = {"storage": "block", "padded_row": rows.shape[1], "group_size": self.block,
+                "n_groups": rows.shape[1] // self.block}
+        return spec, tensors
+
+    def empty_buffers(self, part: dict[str, Any], out: int, device: Any) -> dict[str, Tensor]:
+        n = out * part["padded_row"]
+        bufs = {"qweight": torch.empty(packed_nbytes(n, self.bits), dtype=torch.uint8, device=device),
+                "wscale": torch.empty(n // self.block, dtype=torch.uint8, device=device)}
+        if self.scale == "e4m3+fp32":
+            bufs["wscale_t"] = torch.empty((), dtype=torch.float32, device=device)
+        return bufs
+
+    def decode(self, tensors: dict[str, Tensor], part: dict[str, Any]) -> Tensor:
+        shape = tuple(part["shape"])
+        stored = {"elements": tensors["qweight"], "scales": tensors["wscale"]}
+        if self.scale == "e4m3+fp32":
+            stored["tensor_scale"] = tensors["wscale_t"]
+        rows = (shape[0], part["padded_row"])
+        w = block_dequantize(unpack_block_codes(stored, self, rows), self, torch.float32)
+        return w[:, : part["numel"] // shape[0]].reshape(shape)
+
+    def check_part(self, part: dict[str, Any]) -> str | None:
+        if part.get("storage") != "block" or part.get("bits") != self.bits or not isinstance(part.get("padded_row"), int):
+            return (f"block storage needs a block format, its bits and padded_row; got storage "
+                    f"{part.get('storage')!r}, bits {part.get('bits')!r}, padded_row {part.get('padded_row')!r}")
+        return None
+
+    def check_stored(self, tensors: dict[str, Tensor], part: dict[str, Any]) -> str | None:
+        q, s = tensors["qweight"], tensors["wscale"]
+        n = part["shape"][0] * part["padded_row"]
+        if q.dtype != torch.uint8 or q.numel() != packed_nbytes(n, self.bits) or s.numel() != n // self.block:
+            return (f"{self.name} codes/scales have {q.numel()}/{s.numel()} elements, the map's shape "
+                    f"{part['shape']} needs {packed_nbytes(n, self.bits)}/{n // self.block}")
+        return None
 
     def __post_init__(self) -> None:
         if self.scale not in ("e8m0", "e4m3+fp32"):

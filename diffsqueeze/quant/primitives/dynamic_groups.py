@@ -1,4 +1,4 @@
-"""Dynamic per-token-group activation quantization (SVDQuant's activations, METHODS §10).
+"""Dynamic per-token-group activation quantization (SVDQuant's activations, docs/methods.md §10).
 
 Every group of ``group_size`` consecutive input channels of every token (every pixel of a conv
 input, every sequence position of a linear input) gets its own scale, computed from the group's
@@ -17,17 +17,10 @@ is all zero gets scale 1 (its values are exact). Pure tensor functions.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffsqueeze.quant.primitives.fp_format import FPFormat, fp_quantize, maxval
 from diffsqueeze.quant.primitives.grouping import from_groups, to_groups, work_dtype
-from diffsqueeze.quant.primitives.int_format import (
-    IntFormat,
-    int_code_range,
-    int_fake_quantize,
-)
 
 __all__ = ["dynamic_group_fake_quantize", "dynamic_group_scales"]
 
@@ -45,30 +38,18 @@ def _grouped(x: Tensor, group_size: int, dim: int) -> tuple[Tensor, int]:
     return to_groups(xt, gs), n
 
 
-def dynamic_group_scales(g: Tensor, fmt: IntFormat | FPFormat) -> tuple[Tensor, Tensor | None]:
-    """Scale (and INT zero point) of each group of ``g`` (``(..., n_groups, group_size)``)."""
-    one = torch.ones((), dtype=g.dtype, device=g.device)
-    if isinstance(fmt, IntFormat):
-        lo, hi = int_code_range(fmt.bits, fmt.symmetric)
-        if fmt.symmetric:
-            s = g.abs().amax(dim=-1, keepdim=True) / hi
-            s = torch.where(s > 0, s, one)
-            return s, None
-        mn = g.amin(dim=-1, keepdim=True).clamp(max=0)
-        mx = g.amax(dim=-1, keepdim=True).clamp(min=0)
-        s = (mx - mn) / (hi - lo)
-        s = torch.where(s > 0, s, one)
-        return s, lo - torch.round(mn / s)
-    s = g.abs().amax(dim=-1, keepdim=True) / maxval(fmt, float(fmt.standard_bias))
-    return torch.where(s > 0, s, one), None
+def dynamic_group_scales(g: Tensor, fmt) -> tuple[Tensor, Tensor | None]:
+    """Scale (and INT zero point) of each group of ``g`` (``(..., n_groups, group_size)``): the
+    format's own rule (:meth:`~diffsqueeze.quant.primitives.number_format.NumberFormat.group_scales`)."""
+    return fmt.group_scales(g)
 
 
-def dynamic_group_fake_quantize(x: Tensor, fmt: IntFormat | FPFormat, group_size: int, dim: int = -1) -> Tensor:
+def dynamic_group_fake_quantize(x: Tensor, fmt, group_size: int, dim: int = -1) -> Tensor:
     """Quantize-dequantize ``x`` with one scale per group of ``group_size`` along ``dim``.
 
     Args:
         x: Finite values; ``dim`` is the channel dim (1 for a conv input, -1 for a linear one).
-        fmt: INT (symmetric or asymmetric) or FP element format.
+        fmt: A number format (INT symmetric or asymmetric, FP ExMy, ...).
         group_size: Channels per group (clipped to the width of ``dim``).
         dim: The dim split into groups; every index of the other dims has its own scales.
 
@@ -76,9 +57,6 @@ def dynamic_group_fake_quantize(x: Tensor, fmt: IntFormat | FPFormat, group_size
         ``x_hat`` of ``x``'s shape and dtype.
     """
     g, n = _grouped(x, group_size, dim)
-    s, z = dynamic_group_scales(g, fmt)
-    if isinstance(fmt, IntFormat):
-        out = int_fake_quantize(g, s, z, bits=fmt.bits, symmetric=fmt.symmetric, check=False)
-    else:
-        out = fp_quantize(g / s, fmt, fmt.standard_bias, check=False) * s
+    s, z = fmt.group_scales(g)
+    out = fmt.scaled_fake_quantize(g, s, z)
     return from_groups(out)[..., :n].movedim(-1, dim).to(x.dtype)

@@ -1,7 +1,9 @@
-"""Number formats by name: the registry of integer (METHODS.md §2) and FP ExMy (§3) formats.
+"""Number formats by name: the one registry of every format (docs/architecture.md, "A number format").
 
-The math lives in :mod:`.int_format`, :mod:`.fp_format` and :mod:`.grouping`; this module
-names the formats and re-exports those functions, so callers import one module.
+Integer (docs/methods.md §2), FP ExMy and hardware FP8 (§3), block-scaled NVFP4/MXFP4/MXFP8 (§10).
+Each format is an object of the :class:`~.number_format.NumberFormat` protocol; its math lives in
+its own module (:mod:`.int_format`, :mod:`.fp_format`, :mod:`.block_formats`). This module names
+the formats (:data:`FORMATS`) and re-exports the INT/FP functions, so callers import one module.
 
 Everything here is a pure, vectorised tensor function: no modules, no state. Scale, zero point
 and exponent bias may be Python numbers or tensors broadcastable to ``x``, which gives
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS
 from diffsqueeze.quant.primitives.fp_format import (
     E1M2,
     E2M1,
@@ -51,8 +54,11 @@ from diffsqueeze.quant.primitives.int_format import (
     int_qparams,
     int_quantize,
 )
+from diffsqueeze.quant.primitives.number_format import NumberFormat
 
 __all__ = [
+    "FORMATS",
+    "NumberFormat",
     "INT_BITS",
     "IntFormat",
     "FPFormat",
@@ -91,8 +97,8 @@ __all__ = [
 ]
 
 
-def _format_table() -> dict[str, IntFormat | FPFormat]:
-    table: dict[str, IntFormat | FPFormat] = {}
+def _format_table() -> dict[str, NumberFormat]:
+    table: dict[str, NumberFormat] = {}
     for b in INT_BITS:
         table[f"int{b}"] = IntFormat(b, symmetric=False)
         table[f"int{b}_sym"] = IntFormat(b, symmetric=True)
@@ -101,32 +107,35 @@ def _format_table() -> dict[str, IntFormat | FPFormat]:
         table[f.name] = table[short] = f
     table["fp8_e4m3fn"] = table["e4m3fn"] = table["float8_e4m3fn"] = E4M3_HW
     table["float8_e5m2"] = E5M2_HW
+    table.update(BLOCK_FORMATS)
     return table
 
 
-_FORMATS = _format_table()
+FORMATS: dict[str, NumberFormat] = _format_table()
+"""Every format by name and alias (lower case): the one table a new format is added to."""
 
 
 def known_formats() -> list[str]:
     """All names :func:`parse_format` accepts (canonical names and aliases), sorted."""
-    return sorted(_FORMATS)
+    return sorted(FORMATS)
 
 
-def parse_format(name: str | IntFormat | FPFormat) -> IntFormat | FPFormat:
+def parse_format(name: str | NumberFormat) -> NumberFormat:
     """Look up a format by name (case-insensitive).
 
     ``int2``..``int8`` (asymmetric) and ``int2_sym``..``int8_sym``; ``fp8_e4m3`` / ``e4m3``
     and the other registered FP formats; ``_hw`` (or ``fp8_e4m3fn``, ``float8_e5m2``) for the
-    hardware flavours. A format object is returned unchanged.
+    hardware flavours; the block-scaled ``nvfp4``, ``mxfp4``, ``mxfp8``. A format object is
+    returned unchanged.
 
     Raises:
         ValueError: Unknown name (the message lists the known ones) or INT bits out of range.
     """
-    if isinstance(name, (IntFormat, FPFormat)):
+    if isinstance(name, NumberFormat):
         return name
     key = str(name).strip().lower()
-    if key in _FORMATS:
-        return _FORMATS[key]
+    if key in FORMATS:
+        return FORMATS[key]
     m = re.fullmatch(r"int(\d+)(_sym)?", key)
     if m:
         check_int_bits(int(m.group(1)))  # raises with the allowed range
@@ -134,7 +143,7 @@ def parse_format(name: str | IntFormat | FPFormat) -> IntFormat | FPFormat:
 
 
 def formats_for_bits(bits: int, hardware: bool = False) -> list[FPFormat]:
-    """Registered FP formats of a total bit-width, for per-layer format search (METHODS §3).
+    """Registered FP formats of a total bit-width, for per-layer format search (docs/methods.md §3).
 
     Args:
         bits: Total bit-width (4, 6 or 8 have formats).

@@ -1,4 +1,4 @@
-"""FP ExMy formats with a real-valued exponent bias (METHODS.md §3) and their hardware grids.
+"""FP ExMy formats with a real-valued exponent bias (docs/methods.md §3) and their hardware grids.
 
 Pure, vectorised tensor functions; the bias may be a number or a tensor broadcastable to ``x``.
 Outputs keep ``x``'s dtype; the arithmetic runs in float32 (float64 for float64 inputs).
@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from diffsqueeze.quant.primitives.grouping import check_finite, work_dtype
+from diffsqueeze.quant.primitives.number_format import FLOAT_DTYPES, NumberFormat
+from diffsqueeze.quant.primitives.pack import pack_codes, packed_nbytes, unpack_codes
+from diffsqueeze.quant.primitives.rounding import grad_scale
 
 # --------------------------------------------------------------------------------------------
 
@@ -26,11 +30,11 @@ _HW_TORCH_DTYPES = {(4, 3): "float8_e4m3fn", (5, 2): "float8_e5m2"}
 
 
 @dataclass(frozen=True)
-class FPFormat:
+class FPFormat(NumberFormat):
     """A sign + ``exp_bits`` exponent + ``man_bits`` mantissa floating-point format.
 
     The exponent bias is not part of the format: every FP function takes it as an argument
-    (a real number or a tensor), as the low-bit FP method searches it (METHODS §3).
+    (a real number or a tensor), as the low-bit FP method searches it (docs/methods.md §3).
 
     Attributes:
         exp_bits: Exponent bits E >= 1.
@@ -94,6 +98,99 @@ class FPFormat:
         name = _HW_TORCH_DTYPES.get((self.exp_bits, self.man_bits)) if self.hardware else None
         return getattr(torch, name, None) if name else None
 
+    @property
+    def element(self) -> "FPFormat":
+        return self
+
+    @property
+    def block(self) -> int:
+        return 0
+
+    @property
+    def eight_bit(self) -> str | None:
+        """The hardware E4M3 for hardware grids; None (search the 8-bit formats) for the paper's grids."""
+        return "fp8_e4m3_hw" if self.hardware else None
+
+    # ---- the number-format protocol (number_format.py); the math is below ------------------
+
+    def weight_params(self, shape: tuple[int, ...]) -> dict[str, Tensor]:
+        return {"bias": torch.full(shape, float(self.standard_bias))}
+
+    def fake_quantize(self, g: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return fp_quantize(g, self, params["bias"], check=False)
+
+    def rounding_floor_step(self, g: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        mv = maxval(self, params["bias"])
+        gc = torch.minimum(torch.maximum(g, -mv), mv)
+        step = fp_step(gc, self, params["bias"], check=False)
+        return torch.floor(gc / step), step, gc
+
+    def rounding_value(self, floor: Tensor, h: Tensor, step: Tensor, params: dict[str, Tensor]) -> Tensor:
+        mv = maxval(self, params["bias"])
+        return torch.minimum(torch.maximum((floor + h) * step, -mv), mv)
+
+    def scaled_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
+        return (fp_quantize(x / scale, self, self.standard_bias, check=False) * scale).to(x.dtype)
+
+    def lsq_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None, n_per_scale: int) -> Tensor:
+        top = maxval(self, float(self.standard_bias))
+        s = grad_scale(scale, 1.0 / math.sqrt(n_per_scale * top))
+        u = torch.clamp(x / s, -top, top)
+        q = u + (fp_quantize(u.detach(), self, self.standard_bias, check=False) - u).detach()
+        return q * s
+
+    def group_scales(self, g: Tensor) -> tuple[Tensor, Tensor | None]:
+        s = g.abs().amax(dim=-1, keepdim=True) / maxval(self, float(self.standard_bias))
+        return torch.where(s > 0, s, torch.ones((), dtype=g.dtype, device=g.device)), None
+
+    def minmax_fake_quantize(self, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        s = torch.maximum(lo.abs(), hi.abs()).clamp(min=1e-12) / maxval(self, float(self.standard_bias))
+        return fp_quantize(x / s, self, self.standard_bias, check=False) * s
+
+    def encode(self, g: Tensor, params: dict[str, Tensor], scale_dtype: str,
+               shape: tuple[int, ...]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        bias = params["bias"].detach().to(torch.float32)
+        scale = bias_to_scale(self, bias)  # the searched real bias folded into a scale on the standard grid
+        codes = fp_encode(g, self, bias)
+        if self.torch_dtype is not None:
+            storage, qweight = "float8", codes.reshape(shape).contiguous().view(self.torch_dtype)
+        else:
+            storage, qweight = f"packed{self.bits}", pack_codes(codes, self.bits)
+        return {"storage": storage}, {"qweight": qweight, "wscale": scale.to(FLOAT_DTYPES[scale_dtype]).contiguous()}
+
+    def empty_buffers(self, part: dict[str, Any], out: int, device: Any) -> dict[str, Tensor]:
+        if part["storage"] == "float8":
+            q = torch.empty(tuple(part["shape"]), dtype=self.torch_dtype, device=device)
+        else:
+            q = torch.empty(packed_nbytes(part["numel"], self.bits), dtype=torch.uint8, device=device)
+        scale = torch.empty(out, part["n_groups"], 1, dtype=FLOAT_DTYPES[part["scale_dtype"]], device=device)
+        return {"qweight": q, "wscale": scale}
+
+    def decode(self, tensors: dict[str, Tensor], part: dict[str, Any]) -> Tensor:
+        shape = tuple(part["shape"])
+        q, scale = tensors["qweight"], tensors["wscale"].to(torch.float32)
+        if part["storage"] == "float8":
+            return (q.to(torch.float32).reshape(shape[0], part["n_groups"], -1) * scale).reshape(shape)
+        codes = unpack_codes(q, part["numel"], self.bits).reshape(shape[0], part["n_groups"], -1)
+        return (fp_decode(codes, self, None, torch.float32) * scale).reshape(shape)
+
+    def check_part(self, part: dict[str, Any]) -> str | None:
+        want = "float8" if self.torch_dtype is not None else f"packed{self.bits}"
+        if part.get("storage") != want or part.get("bits") != self.bits:
+            return (f"storage {part.get('storage')!r} / bits {part.get('bits')!r} do not match format {self.name} "
+                    f"(expected {want}, {self.bits})")
+        return None
+
+    def check_stored(self, tensors: dict[str, Tensor], part: dict[str, Any]) -> str | None:
+        q = tensors["qweight"]
+        if self.torch_dtype is not None:
+            return None if q.dtype == self.torch_dtype else f"codes are {q.dtype}, the map says {self.torch_dtype}"
+        want = packed_nbytes(math.prod(part["shape"]), self.bits)
+        if q.dtype != torch.uint8 or q.numel() != want:
+            return (f"packed codes have {q.numel()} {q.dtype} elements, the map's {part['format']} {part['shape']} "
+                    f"needs {want} uint8 bytes")
+        return None
+
 
 E4M3, E5M2 = FPFormat(4, 3), FPFormat(5, 2)
 E3M2, E2M3 = FPFormat(3, 2), FPFormat(2, 3)
@@ -119,7 +216,7 @@ def _split_bias(bias: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def maxval(fmt: FPFormat, bias: Tensor | float) -> Tensor | float:
-    """Largest representable magnitude (METHODS §3).
+    """Largest representable magnitude (docs/methods.md §3).
 
     ``(1 + max_man / 2^M) * 2^(max_exp - bias)``: with every code finite this is the paper's
     ``(2 - 2^-M) * 2^(2^E - 1 - bias)``; hardware E4M3 gives 448 and E5M2 57344 at the
@@ -143,7 +240,7 @@ def _maxval_split(fmt: FPFormat, n: Tensor, c: Tensor) -> Tensor:
 
 
 def _clamp_and_step(x: Tensor, fmt: FPFormat, bias: Tensor | float) -> tuple[Tensor, Tensor]:
-    """``x_c`` and the element-wise step ``s`` of METHODS §3, in the working dtype.
+    """``x_c`` and the element-wise step ``s`` of docs/methods.md §3, in the working dtype.
 
     ``e = clamp(floor(log2|x_c| + bias), min=1)``, ``s = 2^(e - M - bias)``. The floor is
     taken of the sum, as the released code does; for an integer bias this equals
@@ -165,9 +262,9 @@ def _clamp_and_step(x: Tensor, fmt: FPFormat, bias: Tensor | float) -> tuple[Ten
 def fp_step(
     x: Tensor, fmt: FPFormat, bias: Tensor | float, *, check: bool = True
 ) -> Tensor:
-    """Element-wise grid step at ``x`` (after clamping): ``s = 2^(e - M - bias)`` (METHODS §3).
+    """Element-wise grid step at ``x`` (after clamping): ``s = 2^(e - M - bias)`` (docs/methods.md §3).
 
-    This is the per-element ``s`` that learned rounding uses on the FP grid (METHODS §4):
+    This is the per-element ``s`` that learned rounding uses on the FP grid (docs/methods.md §4):
     ``floor(x / s)`` and ``x / s - floor(x / s)`` give the two neighbouring grid points.
 
     Args:
@@ -187,7 +284,7 @@ def fp_step(
 def fp_quantize(
     x: Tensor, fmt: FPFormat, bias: Tensor | float, *, check: bool = True
 ) -> Tensor:
-    """Round ``x`` to the nearest value of the ExMy grid with exponent ``bias`` (METHODS §3).
+    """Round ``x`` to the nearest value of the ExMy grid with exponent ``bias`` (docs/methods.md §3).
 
     ``x_c = clamp(x, -maxval, maxval)``, ``e = clamp(floor(log2|x_c| + bias), min=1)``,
     ``s = 2^(e - M - bias)``, ``x_hat = round(x_c / s) * s``: round-half-to-even, subnormals
@@ -237,7 +334,7 @@ def bias_to_scale(fmt: FPFormat, bias: Tensor | float) -> Tensor | float:
     """Scale ``2^(standard_bias - bias)`` that turns a real bias into the standard grid.
 
     ``fp_quantize(x, fmt, bias) == scale * fp_quantize(x / scale, fmt, fmt.standard_bias)``
-    (METHODS §3, hardware grids): export stores standard-bias codes and folds ``scale`` into
+    (docs/methods.md §3, hardware grids): export stores standard-bias codes and folds ``scale`` into
     the layer's dequantization scale.
     """
     b = bias if isinstance(bias, Tensor) else torch.tensor(float(bias), dtype=torch.float64)

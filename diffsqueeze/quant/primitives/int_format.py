@@ -1,4 +1,4 @@
-"""Integer quantization (METHODS.md §2): formats, code ranges, scale/zero-point quantization.
+"""Integer quantization (docs/methods.md §2): formats, code ranges, scale/zero-point quantization.
 
 Pure, vectorised tensor functions; scale and zero point may be numbers or tensors broadcastable
 to ``x`` (per tensor, per channel, per group). Rounding is round-half-to-even.
@@ -6,12 +6,17 @@ to ``x`` (per tensor, per channel, per group). Rounding is round-half-to-even.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from diffsqueeze.quant.primitives.grouping import check_finite
+from diffsqueeze.quant.primitives.number_format import FLOAT_DTYPES, NumberFormat
+from diffsqueeze.quant.primitives.pack import pack_codes, packed_nbytes, unpack_codes
+from diffsqueeze.quant.primitives.rounding import grad_scale, round_ste
 
 INT_BITS = range(2, 9)
 """Supported integer bit-widths, 2..8 inclusive."""
@@ -29,7 +34,7 @@ def check_int_bits(bits: int) -> int:
 
 
 @dataclass(frozen=True)
-class IntFormat:
+class IntFormat(NumberFormat):
     """A uniform integer format.
 
     Attributes:
@@ -54,9 +59,107 @@ class IntFormat:
         """``"int"``."""
         return "int"
 
+    @property
+    def element(self) -> "IntFormat":
+        return self
+
+    @property
+    def block(self) -> int:
+        return 0
+
+    @property
+    def eight_bit(self) -> str:
+        return "int8" + ("_sym" if self.symmetric else "")
+
+    # ---- the number-format protocol (number_format.py) -------------------------------------
+
+    def weight_params(self, shape: tuple[int, ...]) -> dict[str, Tensor]:
+        return {"scale": torch.ones(shape), "zero_point": torch.zeros(shape)}
+
+    def fake_quantize(self, g: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return int_fake_quantize(g, params["scale"], params["zero_point"], bits=self.bits, symmetric=self.symmetric,
+                                 check=False)
+
+    def rounding_floor_step(self, g: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        scale = params["scale"]
+        return torch.floor(g / scale), scale.expand_as(g), g
+
+    def rounding_value(self, floor: Tensor, h: Tensor, step: Tensor, params: dict[str, Tensor]) -> Tensor:
+        lo, hi = int_code_range(self.bits, self.symmetric)
+        zp = params["zero_point"]
+        return (torch.clamp(floor + h + zp, lo, hi) - zp) * params["scale"]
+
+    def act_params(self, shape: tuple[int, ...]) -> dict[str, Tensor]:
+        return {"zero_point": torch.zeros(shape)}
+
+    def scaled_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
+        return int_fake_quantize(x, scale, zero_point, bits=self.bits, symmetric=self.symmetric, check=False)
+
+    def lsq_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None, n_per_scale: int) -> Tensor:
+        lo, hi = int_code_range(self.bits, self.symmetric)
+        s = grad_scale(scale, 1.0 / math.sqrt(n_per_scale * hi))
+        u = torch.clamp(x / s, lo - zero_point, hi - zero_point)
+        return round_ste(u) * s
+
+    def group_scales(self, g: Tensor) -> tuple[Tensor, Tensor | None]:
+        one = torch.ones((), dtype=g.dtype, device=g.device)
+        lo, hi = int_code_range(self.bits, self.symmetric)
+        if self.symmetric:
+            s = g.abs().amax(dim=-1, keepdim=True) / hi
+            return torch.where(s > 0, s, one), None
+        mn = g.amin(dim=-1, keepdim=True).clamp(max=0)
+        mx = g.amax(dim=-1, keepdim=True).clamp(min=0)
+        s = (mx - mn) / (hi - lo)
+        s = torch.where(s > 0, s, one)
+        return s, lo - torch.round(mn / s)
+
+    def minmax_fake_quantize(self, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        s, z = int_qparams(lo, hi, self.bits, self.symmetric)
+        return int_fake_quantize(x, s, z, bits=self.bits, symmetric=self.symmetric, check=False)
+
+    def encode(self, g: Tensor, params: dict[str, Tensor], scale_dtype: str,
+               shape: tuple[int, ...]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        lo, _ = int_code_range(self.bits, self.symmetric)
+        zp = params["zero_point"].detach()
+        qv = int_quantize(g, params["scale"], zp, bits=self.bits, symmetric=self.symmetric, check=False)
+        tensors = {"qweight": pack_codes((qv - lo).to(torch.int32), self.bits)}
+        if not self.symmetric:
+            tensors["wzero"] = zp.to(torch.uint8)
+        tensors["wscale"] = params["scale"].detach().to(FLOAT_DTYPES[scale_dtype]).contiguous()
+        return {"storage": f"packed{self.bits}"}, tensors
+
+    def empty_buffers(self, part: dict[str, Any], out: int, device: Any) -> dict[str, Tensor]:
+        ng = part["n_groups"]
+        bufs = {"qweight": torch.empty(packed_nbytes(part["numel"], self.bits), dtype=torch.uint8, device=device),
+                "wscale": torch.empty(out, ng, 1, dtype=FLOAT_DTYPES[part["scale_dtype"]], device=device)}
+        if not self.symmetric:
+            bufs["wzero"] = torch.empty(out, ng, 1, dtype=torch.uint8, device=device)
+        return bufs
+
+    def decode(self, tensors: dict[str, Tensor], part: dict[str, Any]) -> Tensor:
+        shape = tuple(part["shape"])
+        codes = unpack_codes(tensors["qweight"], part["numel"], self.bits).reshape(shape[0], part["n_groups"], -1)
+        lo, _ = int_code_range(self.bits, self.symmetric)
+        zero = None if self.symmetric else tensors["wzero"].to(torch.float32)
+        return int_dequantize(codes.to(torch.float32) + lo, tensors["wscale"].to(torch.float32), zero).reshape(shape)
+
+    def check_part(self, part: dict[str, Any]) -> str | None:
+        want = f"packed{self.bits}"
+        if part.get("storage") != want or part.get("bits") != self.bits:
+            return (f"storage {part.get('storage')!r} / bits {part.get('bits')!r} do not match format {self.name} "
+                    f"(expected {want}, {self.bits})")
+        return None
+
+    def check_stored(self, tensors: dict[str, Tensor], part: dict[str, Any]) -> str | None:
+        q, want = tensors["qweight"], packed_nbytes(math.prod(part["shape"]), self.bits)
+        if q.dtype != torch.uint8 or q.numel() != want:
+            return (f"packed codes have {q.numel()} {q.dtype} elements, the map's {part['format']} {part['shape']} "
+                    f"needs {want} uint8 bytes")
+        return None
+
 
 def int_code_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Smallest and largest integer code (METHODS §2).
+    """Smallest and largest integer code (docs/methods.md §2).
 
     Returns:
         ``(-2^(b-1), 2^(b-1)-1)`` if symmetric, else ``(0, 2^b - 1)``.
@@ -74,7 +177,7 @@ def int_qparams(
     symmetric: bool,
     eps: float = 1e-8,
 ) -> tuple[Tensor, Tensor]:
-    """Scale and zero point that cover ``[xmin, xmax]`` (METHODS §2).
+    """Scale and zero point that cover ``[xmin, xmax]`` (docs/methods.md §2).
 
     The range is first widened to contain 0, so that zero (and pruned weights) stay exact.
     Asymmetric: ``s = (max - min) / (2^b - 1)``, ``z = round(-min / s)``.
@@ -114,7 +217,7 @@ def int_quantize(
     symmetric: bool,
     check: bool = True,
 ) -> Tensor:
-    """Integer codes ``q = clamp(round(x / s) + z, qmin, qmax)`` (METHODS §2).
+    """Integer codes ``q = clamp(round(x / s) + z, qmin, qmax)`` (docs/methods.md §2).
 
     Args:
         x: Input, any shape; must be finite.
@@ -142,7 +245,7 @@ def int_quantize(
 def int_dequantize(
     q: Tensor, scale: Tensor | float, zero_point: Tensor | float | None = None
 ) -> Tensor:
-    """Values of integer codes: ``x_hat = (q - z) * s`` (METHODS §2)."""
+    """Values of integer codes: ``x_hat = (q - z) * s`` (docs/methods.md §2)."""
     if not q.is_floating_point():
         floating = isinstance(scale, Tensor) and scale.is_floating_point()
         q = q.to(scale.dtype if floating else torch.get_default_dtype())
@@ -190,4 +293,4 @@ def _in_place_ok(x: Tensor, *params) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# FP ExMy (METHODS §3)
+# FP ExMy (docs/methods.md §3)

@@ -1,4 +1,4 @@
-"""Searches for quantization parameters: INT scales (METHODS.md §2, §5) and FP biases (§3).
+"""Searches for quantization parameters: INT scales (docs/methods.md §2, §5) and FP biases (§3).
 
 Every search scores a list of candidates and keeps, per channel, the one with the lowest loss.
 The default loss is the tensor's own error ``mean |x - x_hat|^p`` reduced per channel, computed
@@ -23,6 +23,9 @@ from torch import Tensor
 
 from diffsqueeze.quant.primitives.formats import (
     FPFormat,
+    IntFormat,
+    NumberFormat,
+    bias_to_scale,
     check_finite,
     formats_for_bits,
     fp_quantize,
@@ -33,6 +36,8 @@ from diffsqueeze.quant.primitives.formats import (
 )
 
 __all__ = [
+    "search_act_params",
+    "search_weight_params",
     "Axis",
     "LossFn",
     "keep_shape",
@@ -101,7 +106,7 @@ def lp_error(x: Tensor, x_hat: Tensor, p: float = 2.0, axis: Axis = None) -> Ten
 def output_l2_loss(
     forward: Callable[[Tensor], Tensor], reference: Tensor, channel_dim: int | None = None
 ) -> LossFn:
-    """Loss on a layer's output: ``sum (forward(w_hat) - reference)^2`` (METHODS §3).
+    """Loss on a layer's output: ``sum (forward(w_hat) - reference)^2`` (docs/methods.md §3).
 
     Args:
         forward: Maps a candidate dequantized weight to the layer output on calibration
@@ -180,7 +185,7 @@ def int_scale_search(
     loss_fn: LossFn | None = None,
     coarse_step: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Scale/zero point by range shrinking (METHODS §2).
+    """Scale/zero point by range shrinking (docs/methods.md §2).
 
     Candidates ``(max, min) * (1 - shrink * i)``, ``i = 0..n_candidates-1`` (symmetric: the
     absolute max), each turned into ``(s, z)`` by :func:`int_qparams`; keeps the lowest
@@ -276,7 +281,7 @@ def percentile_int_init(
     axis: Axis = None,
     percentiles: Sequence[float] = (0.999, 0.9999, 0.99999),
 ) -> tuple[Tensor, Tensor]:
-    """Activation scale from percentiles, keeping the lowest L2 error (METHODS §5).
+    """Activation scale from percentiles, keeping the lowest L2 error (docs/methods.md §5).
 
     For each percentile q the range is ``[quantile(1 - q), quantile(q)]`` (symmetric:
     ``[-quantile(|x|, q), quantile(|x|, q)]``).
@@ -301,7 +306,7 @@ def percentile_int_init(
 
 
 def initial_fp_bias(absmax: Tensor, fmt: FPFormat, eps: float = 1e-8) -> Tensor:
-    """Bias whose grid just covers ``absmax``: ``maxval(fmt, beta_0) == absmax`` (METHODS §3).
+    """Bias whose grid just covers ``absmax``: ``maxval(fmt, beta_0) == absmax`` (docs/methods.md §3).
 
     For every code finite this is the paper's
     ``beta_0 = 2^E - log2(max|x|) + log2(2 - 2^-M) - 1``; hardware grids use their own maxval.
@@ -336,7 +341,7 @@ def fp_bias_search(
     n_steps: int = 100,
     p: float = 2.0,
 ) -> Tensor:
-    """Exponent bias search (METHODS §3): candidates ``beta_0 * i / n_steps``, ``i = 0..n_steps``.
+    """Exponent bias search (docs/methods.md §3): candidates ``beta_0 * i / n_steps``, ``i = 0..n_steps``.
 
     ``beta_0`` from :func:`initial_fp_bias` per channel of ``axis``. Keeps the lowest MSE of
     ``x`` itself by default, or the lowest ``loss_fn`` (the paper: L2 error of the layer
@@ -363,7 +368,7 @@ def fp_format_search(
     loss_fn: LossFn | None = None,
     n_steps: int = 100,
 ) -> tuple[FPFormat, Tensor]:
-    """Per-layer FP format choice (METHODS §3): bias-search each format of ``bits`` bits
+    """Per-layer FP format choice (docs/methods.md §3): bias-search each format of ``bits`` bits
     (:func:`~diffsqueeze.quant.primitives.formats.formats_for_bits`) and keep the one with the lowest
     total loss; ties go to the first listed format.
 
@@ -377,3 +382,42 @@ def fp_format_search(
         if best is None or total < best[0]:
             best = (total, fmt, bias)
     return best[1], best[2]
+
+
+# ---- per format: which search finds a quantizer's parameters ------------------------------------
+
+
+def search_weight_params(fmt: NumberFormat, g: Tensor, *, loss_fn: LossFn | None, n_steps: int,
+                         coarse_step: int) -> dict[str, Tensor]:
+    """The parameters of a weight quantizer in ``fmt`` for grouped weights ``g`` ``(out, n_groups,
+    group_size)``, one set per group: the INT range search (docs/methods.md §2) or the FP bias search (§3);
+    nothing for formats whose scales come from their blocks.
+
+    Args:
+        loss_fn: The layer-output loss of candidate weights; None scores the weight error.
+        n_steps: FP bias candidates.
+        coarse_step: INT candidates scored first (0: all; see :func:`int_scale_search`).
+    """
+    if isinstance(fmt, IntFormat):
+        scale, zp = int_scale_search(g, fmt.bits, fmt.symmetric, axis=(0, 1), loss_fn=loss_fn, coarse_step=coarse_step)
+        return {"scale": scale, "zero_point": zp}
+    if isinstance(fmt, FPFormat):
+        return {"bias": fp_bias_search(g, fmt, axis=(0, 1), loss_fn=loss_fn, n_steps=n_steps)}
+    return {}
+
+
+def search_act_params(fmt: NumberFormat, rows: Tensor, *, axis: Axis, n_steps: int,
+                      percentile: bool) -> tuple[Tensor, Tensor | None]:
+    """Scale (and INT zero point) of a static activation quantizer in ``fmt`` over sampled ``rows``:
+    the INT range search or percentile range (docs/methods.md §2, §5), or the FP bias search folded into a
+    scale on the standard-bias grid (§3).
+
+    Raises:
+        ValueError: ``fmt`` has no calibrated activation scales (block formats scale on the fly).
+    """
+    if isinstance(fmt, IntFormat):
+        search = percentile_int_init if percentile else int_scale_search
+        return search(rows, fmt.bits, fmt.symmetric, axis=axis)
+    if isinstance(fmt, FPFormat):
+        return bias_to_scale(fmt, fp_bias_search(rows, fmt, axis=axis, n_steps=n_steps)), None
+    raise ValueError(f"{fmt.name} computes its activation scales on the fly: nothing to calibrate")

@@ -6,13 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from diffsqueeze.errors import RecipeError
-from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS
-from diffsqueeze.quant.primitives.formats import (
-    FPFormat,
-    IntFormat,
-    formats_for_bits,
-    parse_format,
-)
+from diffsqueeze.quant.primitives.formats import NumberFormat, formats_for_bits, parse_format
 
 DEFAULT_BLOCK_TYPES = (
     "ResnetBlock2D",
@@ -23,7 +17,7 @@ DEFAULT_BLOCK_TYPES = (
     "PixArtTransformerBlock",
     "DiTBlock",
 )
-"""Module classes reconstructed as one block (METHODS §4: ResNet and transformer blocks)."""
+"""Module classes reconstructed as one block (docs/methods.md §4: ResNet and transformer blocks)."""
 
 FORMAT_KINDS = ("int", "int_sym", "fp")
 
@@ -32,8 +26,8 @@ def format_spec(fmt: str, bits: int, where: str) -> tuple[str, int, str | None]:
     """Validate ``format``/``bits``: returns ``(kind, bits, explicit name or None)``.
 
     ``int`` / ``int_sym`` mean the INT format of ``bits`` bits; ``fp`` means a per-layer search
-    among the FP formats of ``bits`` bits (METHODS §3); any other value must be a known format
-    name whose width equals ``bits``.
+    among the FP formats of ``bits`` bits (docs/methods.md §3); any other value must be a known format
+    name whose width equals ``bits`` (``kind`` is then the format's own: ``int``, ``fp``, ``block``).
 
     Raises:
         RecipeError: unknown format, bits out of range, or a width that disagrees with ``bits``.
@@ -49,25 +43,33 @@ def format_spec(fmt: str, bits: int, where: str) -> tuple[str, int, str | None]:
         except ValueError as exc:
             raise RecipeError(f"{where}bits", str(exc)) from None
         return "fp", bits, None
+    parsed = named_format(fmt, where)
+    if parsed.bits != bits:
+        if parsed.block:
+            raise RecipeError(f"{where}bits", f"format {parsed.name} has {parsed.bits}-bit elements but bits is {bits}")
+        raise RecipeError(f"{where}format", f"format '{fmt}' has {parsed.bits} bits but bits is {bits}")
+    return parsed.kind, bits, parsed.name
+
+
+def named_format(fmt: str, where: str) -> NumberFormat:
+    """The format a recipe names (not ``int``/``int_sym``/``fp``).
+
+    Raises:
+        RecipeError: unknown name (the message lists the known ones).
+    """
     try:
-        parsed = parse_format(key)
+        return parse_format(fmt.strip().lower())
     except ValueError as exc:
         raise RecipeError(f"{where}format", f"{exc}; or one of {', '.join(FORMAT_KINDS)}") from None
-    if parsed.bits != bits:
-        raise RecipeError(f"{where}format", f"format '{fmt}' has {parsed.bits} bits but bits is {bits}")
-    return ("int" if isinstance(parsed, IntFormat) else "fp"), bits, parsed.name
 
 
-def eight_bit_like(fmt: str | None, kind: str) -> str | None:
-    """The 8-bit format of the same kind (first/last layer activations, METHODS §5)."""
-    if kind == "block":
-        return "mxfp8"
-    if kind.startswith("int"):
-        return "int8" + ("_sym" if kind == "int_sym" else "")
-    parsed = parse_format(fmt) if fmt else None
-    if isinstance(parsed, FPFormat) and parsed.hardware:
-        return "fp8_e4m3_hw"
-    return None  # FP search among 8-bit formats
+def _block_format(fmt: str) -> NumberFormat | None:
+    """The named format if it scales its own blocks (NVFP4, MXFP4, ...), else None."""
+    key = fmt.strip().lower()
+    if key in FORMAT_KINDS:
+        return None
+    parsed = named_format(key, "")
+    return parsed if parsed.block else None
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,9 @@ class WeightQuantConfig:
         granularity: ``channel`` (per output channel) or ``group`` (groups of inputs).
         group_size: inputs per group when ``granularity: group``.
         search: scale/bias search loss: ``mse`` of the weight or ``output`` (L2 of the layer
-            output on calibration inputs, METHODS §3).
+            output on calibration inputs, docs/methods.md §3).
         search_steps: FP bias candidates ``beta_0 * i / search_steps`` (paper: 100); INT
-            scale candidates shrink the range by 1% each, 80 of them (METHODS §2).
+            scale candidates shrink the range by 1% each, 80 of them (docs/methods.md §2).
         scale_search: how the INT candidates are scored under ``search: mse``:
             ``coarse_to_fine`` (every 8th, then halving steps around each channel's best: 16
             passes over the weight instead of 80, the exhaustive optimum in almost every
@@ -101,15 +103,11 @@ class WeightQuantConfig:
     scale_search: Literal["coarse_to_fine", "exhaustive"] = "coarse_to_fine"
 
     def __post_init__(self) -> None:
-        block = BLOCK_FORMATS.get(self.format.strip().lower())
-        if block is not None:
-            if block.bits != self.bits:
-                raise RecipeError("bits", f"format {block.name} has {block.bits}-bit elements but bits is {self.bits}")
-            if self.granularity != "channel":
-                raise RecipeError("granularity", f"format {block.name} scales its own blocks of {block.block} inputs: "
-                                  "leave granularity at channel")
-        else:
-            format_spec(self.format, self.bits, "")
+        format_spec(self.format, self.bits, "")
+        block = _block_format(self.format)
+        if block is not None and self.granularity != "channel":
+            raise RecipeError("granularity", f"format {block.name} scales its own blocks of {block.block} inputs: "
+                              "leave granularity at channel")
         if self.search_steps < 1:
             raise RecipeError("search_steps", f"must be >= 1, got {self.search_steps}")
         if self.granularity == "group" and self.group_size < 1:
@@ -117,9 +115,6 @@ class WeightQuantConfig:
 
     @property
     def spec(self) -> tuple[str, int, str | None]:
-        block = BLOCK_FORMATS.get(self.format.strip().lower())
-        if block is not None:
-            return "block", self.bits, block.name
         return format_spec(self.format, self.bits, "")
 
 
@@ -130,16 +125,16 @@ class ActQuantConfig:
     Attributes:
         bits / format: as for weights.
         granularity: ``tensor`` or ``channel`` (per conv channel / per token feature; use it at
-            4 bits, METHODS §5), static scales calibrated per timestep group; or ``group``: dynamic
+            4 bits, docs/methods.md §5), static scales calibrated per timestep group; or ``group``: dynamic
             scales, one per token and group of ``group_size`` input channels, computed from the
-            values as they arrive (SVDQuant, METHODS §10); nothing is calibrated or learned, so
+            values as they arrive (SVDQuant, docs/methods.md §10); nothing is calibrated or learned, so
             ``timestep_groups`` must be 1 and ``lsq_iters`` 0. ``format`` may then also be a
             block-scaled format (``nvfp4``, ``mxfp4``, ``mxfp8``), in its own block size.
         group_size: input channels per dynamic group (clipped to the layer's width; a width that
             is not a multiple gets a shorter last group).
         timestep_groups: scale sets per calibration-timestep group (1 = not timestep-aware);
             at most ``calibration.timesteps``.
-        init: scale initialization: ``mse`` (range-shrink search, METHODS §2) or ``percentile``.
+        init: scale initialization: ``mse`` (range-shrink search, docs/methods.md §2) or ``percentile``.
         lsq_iters: LSQ iterations per reconstruction unit (0 = keep the initialization).
         lsq_lr: LSQ learning rate (cosine schedule).
         first_last_bits: bits of the first and last layer's input (8, QuEST); 0 = same as ``bits``.
@@ -159,16 +154,10 @@ class ActQuantConfig:
     search_values: int = 2**20
 
     def __post_init__(self) -> None:
-        block = BLOCK_FORMATS.get(self.format.strip().lower())
-        if block is not None:
-            if self.granularity != "group":
-                raise RecipeError("granularity", f"format {block.name} has dynamic block scales: "
-                                  "set granularity: group")
-            if block.element.bits != self.bits:
-                raise RecipeError("bits", f"format {block.name} has {block.element.bits}-bit elements "
-                                  f"but bits is {self.bits}")
-        else:
-            format_spec(self.format, self.bits, "")
+        block = _block_format(self.format)
+        if block is not None and self.granularity != "group":
+            raise RecipeError("granularity", f"format {block.name} has dynamic block scales: set granularity: group")
+        format_spec(self.format, self.bits, "")
         if self.granularity == "group":
             if self.format.strip().lower() == "fp":
                 raise RecipeError("format", "granularity group has no calibration to search an FP format "
@@ -190,9 +179,6 @@ class ActQuantConfig:
 
     @property
     def spec(self) -> tuple[str, int, str | None]:
-        block = BLOCK_FORMATS.get(self.format.strip().lower())
-        if block is not None:
-            return "block", self.bits, block.name
         return format_spec(self.format, self.bits, "")
 
     @property
@@ -203,7 +189,7 @@ class ActQuantConfig:
 
 @dataclass(frozen=True)
 class RoundingConfig:
-    """Rounding of the weights (METHODS §4).
+    """Rounding of the weights (docs/methods.md §4).
 
     Attributes:
         method: ``nearest`` or ``adaround`` (learned rounding, block-wise reconstruction).
@@ -251,7 +237,7 @@ class RoundingConfig:
 
 @dataclass(frozen=True)
 class LowRankConfig:
-    """The 16-bit low-rank branch (SVDQuant, METHODS §10): each layer's weight becomes
+    """The 16-bit low-rank branch (SVDQuant, docs/methods.md §10): each layer's weight becomes
     ``up @ down`` (its top singular directions, kept in float16) plus a residual that is
     quantized with the layer's format and rounding. Off by default.
 
@@ -281,7 +267,7 @@ class LowRankConfig:
 
 @dataclass(frozen=True)
 class SmoothingConfig:
-    """Per-input-channel smoothing (SmoothQuant, METHODS §10): activation outliers moved into
+    """Per-input-channel smoothing (SmoothQuant, docs/methods.md §10): activation outliers moved into
     the weights by ``s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)``. Off by default.
 
     Attributes:
@@ -308,7 +294,7 @@ class SmoothingConfig:
 
 @dataclass(frozen=True)
 class PTQConfig:
-    """Config of the ``ptq`` stage (METHODS §1-5).
+    """Config of the ``ptq`` stage (docs/methods.md §1-5).
 
     Attributes:
         weights: weight quantization.
@@ -321,7 +307,7 @@ class PTQConfig:
         softmax_bits: bits of the post-softmax attention probabilities (unsigned, z = 0);
             0 = not quantized. QuEST's SD command uses 16.
         shortcut_split: separate quantizers for the two channel ranges of concatenated skip
-            inputs (METHODS §5).
+            inputs (docs/methods.md §5).
         batch_size: batch of streamed calibration data for statistics.
         samples_per_timestep: calibration samples used per timestep (0 = all recorded).
         lowrank: the 16-bit low-rank branch beside each quantized weight (off by default).
@@ -345,9 +331,10 @@ class PTQConfig:
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
 
     def __post_init__(self) -> None:
-        if self.weights.spec[0] == "block" and self.rounding.method != "nearest":
-            raise RecipeError("rounding.method", f"weights {self.weights.format} are round-to-nearest only (learned "
-                              "rounding is not built for block-scaled formats): set rounding.method: nearest")
+        name = self.weights.spec[2]
+        if name and not parse_format(name).learnable_rounding and self.rounding.method != "nearest":
+            raise RecipeError("rounding.method", f"weights {self.weights.format} are round-to-nearest only (their "
+                              "scales come from each block of weights: nothing to learn): set rounding.method: nearest")
         if self.smoothing.enabled and self.activations is None:
             raise RecipeError("smoothing", "smoothing moves activation outliers into the weights: it needs "
                               "activations (weight-only quantization has none)")

@@ -1,6 +1,6 @@
 """Learned rounding (AdaRound) with block-wise reconstruction, and LSQ of activation scales.
 
-METHODS.md §4 (AdaRound, BRECQ, Q-Diffusion) and §5 (LSQ). The denoiser is split into
+docs/methods.md §4 (AdaRound, BRECQ, Q-Diffusion) and §5 (LSQ). The denoiser is split into
 reconstruction units: modules whose class is in ``rounding.block_types`` (ResNet blocks,
 transformer blocks) and every quantized layer outside them. Units are processed in execution
 order; for each unit only its own data is held:

@@ -1,4 +1,4 @@
-"""Per-input-channel smoothing of the ptq stage (SmoothQuant, as used by SVDQuant; METHODS §10).
+"""Per-input-channel smoothing of the ptq stage (SmoothQuant, as used by SVDQuant; docs/methods.md §10).
 
 A layer ``y = x W^T`` becomes ``y = (x / s)(W * s)^T`` with
 ``s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha)``: channels whose activations have outliers are
@@ -22,15 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffsqueeze.pipelines.stage_helpers import call_denoiser
-from diffsqueeze.quant.primitives.dynamic_groups import dynamic_group_fake_quantize
-from diffsqueeze.quant.primitives.formats import (
-    FPFormat,
-    IntFormat,
-    fp_quantize,
-    int_fake_quantize,
-    int_qparams,
-    maxval,
-)
+from diffsqueeze.quant.primitives.formats import NumberFormat
 from diffsqueeze.quant.ptq.tracing import act_rows
 
 SCALE_RANGE = (1e-4, 1e4)
@@ -73,19 +65,15 @@ def smoothing_scale(act_max: Tensor, w_max: Tensor, alpha: float) -> Tensor:
     return torch.where(ok, s, torch.ones_like(s)).clamp(*SCALE_RANGE)
 
 
-def _minmax_fake(x: Tensor, fmt: IntFormat | FPFormat, dims: tuple[int, ...] | None) -> Tensor:
+def _minmax_fake(x: Tensor, fmt: NumberFormat, dims: tuple[int, ...] | None) -> Tensor:
     """Fake-quantize ``x`` on a min-max (INT) / absmax (FP) range reduced over ``dims`` (all if None)."""
     lo = x.amin() if dims is None else x.amin(dim=dims, keepdim=True)
     hi = x.amax() if dims is None else x.amax(dim=dims, keepdim=True)
-    if isinstance(fmt, IntFormat):
-        s, z = int_qparams(lo, hi, fmt.bits, fmt.symmetric)
-        return int_fake_quantize(x, s, z, bits=fmt.bits, symmetric=fmt.symmetric, check=False)
-    s = torch.maximum(lo.abs(), hi.abs()).clamp(min=1e-12) / maxval(fmt, float(fmt.standard_bias))
-    return fp_quantize(x / s, fmt, fmt.standard_bias, check=False) * s
+    return fmt.minmax_fake_quantize(x, lo, hi)
 
 
-def proxy_output_error(layer: nn.Module, x: Tensor, s: Tensor, weight_fmt: IntFormat | FPFormat,
-                       act_fmt: IntFormat | FPFormat, granularity: str, group_size: int) -> float:
+def proxy_output_error(layer: nn.Module, x: Tensor, s: Tensor, weight_fmt: NumberFormat,
+                       act_fmt: NumberFormat, granularity: str, group_size: int) -> float:
     """Squared output error of the smoothed layer under the proxy quantization (module docstring)."""
     conv = isinstance(layer, nn.Conv2d)
     w = layer.weight.detach().float()
@@ -95,7 +83,7 @@ def proxy_output_error(layer: nn.Module, x: Tensor, s: Tensor, weight_fmt: IntFo
     wq = _minmax_fake(ws.reshape(ws.shape[0], -1), weight_fmt, (1,)).reshape(w.shape)
     xs = x.float() / s.reshape(shape)
     if granularity == "group":
-        xq = dynamic_group_fake_quantize(xs, act_fmt, group_size, dim=cdim)
+        xq = act_fmt.dynamic_fake_quantize(xs, group_size, cdim)
     else:
         other = tuple(d for d in range(xs.dim()) if d != cdim % xs.dim())
         xq = _minmax_fake(xs, act_fmt, other if granularity == "channel" else None)
@@ -109,7 +97,7 @@ def proxy_output_error(layer: nn.Module, x: Tensor, s: Tensor, weight_fmt: IntFo
 
 
 def choose_scale(layer: nn.Module, act_max: Tensor, x: Tensor | None, alpha: float | None,
-                 candidates: tuple[float, ...], weight_fmt: IntFormat | FPFormat, act_fmt: IntFormat | FPFormat,
+                 candidates: tuple[float, ...], weight_fmt: NumberFormat, act_fmt: NumberFormat,
                  granularity: str, group_size: int) -> tuple[Tensor | None, float | None]:
     """The smoothing scale of ``layer`` and its alpha; ``(None, None)``: leave it unsmoothed."""
     w_max = weight_column_absmax(layer.weight).to(act_max.device)

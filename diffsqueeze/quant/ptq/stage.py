@@ -1,4 +1,4 @@
-"""The ``ptq`` stage: post-training quantization of the denoiser (METHODS.md §1-5).
+"""The ``ptq`` stage: post-training quantization of the denoiser (docs/methods.md §1-5).
 
 Steps (each explicit, none triggered by a first forward):
 
@@ -31,25 +31,24 @@ from diffsqueeze.pipelines.calibration import (
 from diffsqueeze.pipelines.context import StageContext
 from diffsqueeze.pipelines.stage_helpers import call_denoiser, stage_component
 from diffsqueeze.prune.masks import enforce_masks
-from diffsqueeze.quant.nn.attention import is_attention, quantize_softmax
+from diffsqueeze.quant.nn.attention import SOFTMAX_KIND, is_attention, quantize_softmax
 from diffsqueeze.quant.nn.layers import QuantMixin, act_param_shape, make_quant_module
-from diffsqueeze.quant.nn.quantizers import ActQuantizer, BlockWeightQuantizer, WeightQuantizer
+from diffsqueeze.quant.nn.quantizers import ActQuantizer, WeightQuantizer
 from diffsqueeze.quant.nn.routing import (
     attach_timestep_routing,
     group_assignment,
     timestep_routing,
 )
 from diffsqueeze.quant.nn.swaps import swap_module
-from diffsqueeze.quant.primitives.block_formats import BLOCK_FORMATS
 from diffsqueeze.quant.primitives.formats import bias_to_scale, formats_for_bits, parse_format
 from diffsqueeze.quant.primitives.search import (
     fp_bias_search,
     fp_format_search,
-    int_scale_search,
     output_l2_loss,
-    percentile_int_init,
+    search_act_params,
+    search_weight_params,
 )
-from diffsqueeze.quant.ptq.config import PTQConfig, eight_bit_like
+from diffsqueeze.quant.ptq.config import PTQConfig
 from diffsqueeze.quant.ptq.reconstruct import reconstruct
 from diffsqueeze.quant.ptq.smoothing import channel_absmax, choose_scale
 from diffsqueeze.quant.ptq.tracing import (
@@ -92,7 +91,7 @@ class PTQStage:
     def apply(self, pipe: DiffusionPipeline, ctx: StageContext) -> dict:
         cfg = self.config
         t0 = time.perf_counter()
-        calib_cfg = ctx.recipe.calibration
+        calib_cfg = ctx.calibration
         if cfg.activations is not None and cfg.activations.timestep_groups > calib_cfg.timesteps:
             raise RecipeError("activations.timestep_groups", f"{cfg.activations.timestep_groups} groups need at "
                               f"least as many calibration timesteps (calibration.timesteps = {calib_cfg.timesteps})")
@@ -141,7 +140,7 @@ class PTQStage:
                 record["weight_format_2"] = qlayer.weight_quant_2.fmt.name
             qlayer.config = record
             swap_module(denoiser, plan.name, qlayer)
-            ctx.state.modules[f"{comp}/{plan.name}"] = {"kind": type(qlayer).__name__, **record}
+            ctx.state.modules[f"{comp}/{plan.name}"] = {"kind": qlayer.KIND, **record}
         del inputs
         if cfg.activations is not None and not cfg.activations.dynamic_group:  # dynamic: nothing to calibrate
             self._init_acts(denoiser, plans, data, device, limit, group_of, ctx)
@@ -151,13 +150,13 @@ class PTQStage:
         # the records now hold the final formats (chosen by search); write them again
         for plan in plans:
             qlayer = denoiser.get_submodule(plan.name)
-            ctx.state.modules[f"{comp}/{plan.name}"] = {"kind": type(qlayer).__name__, **qlayer.config}
+            ctx.state.modules[f"{comp}/{plan.name}"] = {"kind": qlayer.KIND, **qlayer.config}
         if cfg.softmax_bits:
             n_attn = 0
             for name, m in denoiser.named_modules():
                 if is_attention(m):
                     quantize_softmax(m, cfg.softmax_bits)
-                    ctx.state.modules[f"{comp}/{name}"] = {"kind": "QuantSoftmax", "bits": cfg.softmax_bits}
+                    ctx.state.modules[f"{comp}/{name}"] = {"kind": SOFTMAX_KIND, "bits": cfg.softmax_bits}
                     n_attn += 1
             summary["softmax_quantized_attention_modules"] = n_attn
         enforce_masks(pipe, ctx.state.masks)
@@ -181,16 +180,16 @@ class PTQStage:
                 plan.weight_format, plan.weight_search_bits = None, None
                 plan.notes.append("weights kept FP (first/last layer)")
             if cfg.activations is not None:
-                akind, abits, aname = cfg.activations.spec
+                _, abits, aname = cfg.activations.spec
                 if name in ends and cfg.activations.first_last_bits and abits < cfg.activations.first_last_bits:
-                    abits, aname = 8, eight_bit_like(aname, akind)
+                    abits, aname = 8, (parse_format(aname).eight_bit if aname else None)
                     plan.notes.append("8-bit activations (first/last layer)")
                 plan.act_format, plan.act_search_bits = aname, (abits if aname is None else None)
             plans.append(plan)
         return plans
 
     def _smoothing(self, denoiser, plans, data, device, limit, inputs, ctx) -> dict[str, tuple[torch.Tensor, float]]:
-        """Smoothing scale and alpha of each layer that gets one (METHODS §10; quant/ptq/smoothing.py)."""
+        """Smoothing scale and alpha of each layer that gets one (docs/methods.md §10; quant/ptq/smoothing.py)."""
         cfg = self.config
         eligible = []
         for p in plans:
@@ -207,11 +206,9 @@ class PTQStage:
         out = {}
         for p in eligible:
             wname = p.weight_format or formats_for_bits(p.weight_search_bits)[0].name
-            wfmt = BLOCK_FORMATS[wname].element if wname in BLOCK_FORMATS else parse_format(wname)
-            aname = p.act_format or formats_for_bits(p.act_search_bits)[0].name
-            block = BLOCK_FORMATS.get(aname)
-            afmt = block.element if block else parse_format(aname)
-            gs = block.block if block else acts.group_size
+            wfmt = parse_format(wname).element  # the proxy quantizes on the element grid
+            act_format = parse_format(p.act_format or formats_for_bits(p.act_search_bits)[0].name)
+            afmt, gs = act_format.element, act_format.block or acts.group_size
             s, alpha = choose_scale(denoiser.get_submodule(p.name), act_max[p.name], inputs.get(p.name),
                                     cfg.smoothing.alpha, tuple(cfg.smoothing.search), wfmt, afmt, acts.granularity, gs)
             if s is None:
@@ -260,7 +257,7 @@ class PTQStage:
         w = qlayer.weight.detach()
         steps = self.config.weights.search_steps
         for q, sl in qlayer.weight_parts():
-            if isinstance(q, BlockWeightQuantizer):  # block scales come from the blocks: nothing to search
+            if not q.searchable:  # block scales come from the blocks: nothing to search
                 continue
             part = w[:, sl]
             g = q.grouped(part)
@@ -268,18 +265,14 @@ class PTQStage:
             if x is not None and not qlayer.split and q.group_size == part[0].numel() \
                     and spans_inputs(qlayer, x, plan):
                 loss_fn = self._output_loss(qlayer, x, q)
-            if plan.weight_search_bits:  # FP format search per layer (METHODS §3)
+            if plan.weight_search_bits:  # FP format search per layer (docs/methods.md §3)
                 fmt, bias = fp_format_search(g, plan.weight_search_bits, axis=(0, 1), loss_fn=loss_fn, n_steps=steps)
                 new = WeightQuantizer(fmt, q.weight_shape, q.group_size).to(w.device)
                 new.set_params(bias=bias)
                 setattr(qlayer, "weight_quant" if sl.start in (None, 0) else "weight_quant_2", new)
-            elif q.is_int:
-                coarse = WEIGHT_COARSE_STEP if self.config.weights.scale_search == "coarse_to_fine" else 0
-                scale, zp = int_scale_search(g, q.fmt.bits, q.fmt.symmetric, axis=(0, 1), loss_fn=loss_fn,
-                                             coarse_step=coarse)
-                q.set_params(scale=scale, zero_point=zp)
             else:
-                q.set_params(bias=fp_bias_search(g, q.fmt, axis=(0, 1), loss_fn=loss_fn, n_steps=steps))
+                coarse = WEIGHT_COARSE_STEP if self.config.weights.scale_search == "coarse_to_fine" else 0
+                q.set_params(**search_weight_params(q.fmt, g, loss_fn=loss_fn, n_steps=steps, coarse_step=coarse))
 
     def _output_loss(self, qlayer: QuantMixin, x: torch.Tensor, q: WeightQuantizer):
         shape = qlayer.weight.shape
@@ -397,14 +390,8 @@ class PTQStage:
                     q = new
             q.set_params(group, bias_to_scale(fmt, bias))
             return
-        if q.is_int:
-            if cfg.init == "percentile":
-                scale, zp = percentile_int_init(rows, q.fmt.bits, q.fmt.symmetric, axis=axis)
-            else:
-                scale, zp = int_scale_search(rows, q.fmt.bits, q.fmt.symmetric, axis=axis)
-            q.set_params(group, scale, zp)
-        else:
-            q.set_params(group, bias_to_scale(q.fmt, fp_bias_search(rows, q.fmt, axis=axis, n_steps=steps)))
+        scale, zp = search_act_params(q.fmt, rows, axis=axis, n_steps=steps, percentile=cfg.init == "percentile")
+        q.set_params(group, scale, zp)
 
     def _layer_summary(self, denoiser, plans) -> dict:
         layers = {}

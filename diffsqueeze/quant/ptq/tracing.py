@@ -1,6 +1,6 @@
 """Tracing the denoiser for the ``ptq`` stage: which layers to quantize, in which order they
-run, where an input is a channel concatenation (shortcut splitting, METHODS 5), and whether a
-layer's calibration inputs constrain its weight (output search, METHODS 3)."""
+run, where an input is a channel concatenation (shortcut splitting, docs/methods.md §5), and whether a
+layer's calibration inputs constrain its weight (output search, docs/methods.md §3)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def select_layers(root: torch.nn.Module, cfg: PTQConfig) -> list[str]:
 
 
 def execution_order(denoiser: torch.nn.Module, names: list[str], kwargs: dict) -> tuple[list[str], dict[str, int], str | None]:
-    """Layers in the order of their first call, concatenated-input splits (METHODS §5), and the
+    """Layers in the order of their first call, concatenated-input splits (docs/methods.md §5), and the
     first layer: the one that takes the latent input itself (``conv_in``, the patch embedding).
 
     A split is found where a module's input is the output of a channel ``torch.cat`` (dim 1) of
@@ -96,7 +96,7 @@ def execution_order(denoiser: torch.nn.Module, names: list[str], kwargs: dict) -
 def spans_inputs(layer: torch.nn.Module, x: torch.Tensor, plan: LayerPlan) -> bool:
     """Whether the calibration inputs ``x`` determine the layer's output error for any weight.
 
-    The output L2 search (METHODS 3) only sees the weight on the span of the calibration
+    The output L2 search (docs/methods.md §3) only sees the weight on the span of the calibration
     inputs. A Linear or 1x1-conv layer fed by a handful of distinct vectors (the time
     embedding: one per calibration timestep; text projections: a few prompts) leaves most of
     its weight unconstrained, and the search then picks biases that wreck channels on inputs

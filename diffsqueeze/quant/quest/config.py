@@ -1,4 +1,4 @@
-"""Config of the ``quest`` stage (YAML keys = field names, METHODS §6); validated before any work."""
+"""Config of the ``quest`` stage (YAML keys = field names, docs/methods.md §6); validated before any work."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class SensitiveLayersConfig:
 
 @dataclass(frozen=True)
 class QuestConfig:
-    """Config of the ``quest`` stage (METHODS §6); runs after a ``ptq`` stage.
+    """Config of the ``quest`` stage (docs/methods.md §6); runs after a ``ptq`` stage.
 
     Attributes:
         component: the quantized component (``denoiser`` or a component name).

@@ -1,4 +1,4 @@
-"""Measured layer sensitivity (METHODS.md §6, QuEST stage 2 selection).
+"""Measured layer sensitivity (docs/methods.md §6, QuEST stage 2 selection).
 
 The sensitivity of a quantized layer is the error of the denoiser output when *only that
 layer* is quantized (at the bits the ``ptq`` stage gave it: its own weight and activation

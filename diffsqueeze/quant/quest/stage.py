@@ -1,4 +1,4 @@
-"""The ``quest`` stage: QuEST selective finetuning after PTQ (METHODS.md §6).
+"""The ``quest`` stage: QuEST selective finetuning after PTQ (docs/methods.md §6).
 
 Starts from the ``ptq`` stage's quantized denoiser and finetunes two sets of layers against the
 frozen FP teacher, on the recorded calibration data (same recording as ``ptq``):
@@ -85,7 +85,7 @@ log = logging.getLogger(__name__)
 
 
 class QuestStage:
-    """QuEST selective finetuning of a PTQ-quantized denoiser (METHODS §6)."""
+    """QuEST selective finetuning of a PTQ-quantized denoiser (docs/methods.md §6)."""
 
     def __init__(self, config: QuestConfig):
         self.config = config

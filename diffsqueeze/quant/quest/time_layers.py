@@ -1,4 +1,4 @@
-"""Finding a denoiser's time-embedding layers by measurement (QuEST stage 1, METHODS §6).
+"""Finding a denoiser's time-embedding layers by measurement (QuEST stage 1, docs/methods.md §6).
 
 ``time_layers: [auto]`` picks layers whose input changes with the timestep but not with the latent
 or the text tokens (the time-embedding path), minus those whose output feeds another such layer

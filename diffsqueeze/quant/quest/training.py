@@ -1,4 +1,4 @@
-"""What finetuning a set of quantized layers against the FP teacher needs (QuEST, METHODS §6).
+"""What finetuning a set of quantized layers against the FP teacher needs (QuEST, docs/methods.md §6).
 
 Straight-through training on the weight grid and re-quantization at the end, activation scales
 trained for the current timestep group only, the loss on hooked layer outputs and the denoiser
@@ -19,7 +19,7 @@ from diffsqueeze.pipelines.distributed import sum_gradients
 from diffsqueeze.pipelines.stage_helpers import call_denoiser
 from diffsqueeze.process_memory import peak_rss_mb
 from diffsqueeze.quant.nn.layers import QuantMixin
-from diffsqueeze.quant.nn.quantizers import ActQuantizer, BlockWeightQuantizer, WeightQuantizer
+from diffsqueeze.quant.nn.quantizers import ActQuantizer, WeightQuantizer
 from diffsqueeze.quant.nn.routing import timestep_routing
 from diffsqueeze.quant.nn.swaps import swap_module
 from diffsqueeze.quant.quest.sensitivity import calibration_subset
@@ -32,7 +32,7 @@ class GridWeight(nn.Module):
     gradients: straight-through to W, and the soft-rounding gradient to V.
     """
 
-    def __init__(self, inner: WeightQuantizer | BlockWeightQuantizer):
+    def __init__(self, inner: WeightQuantizer):
         super().__init__()
         self.inner = inner
 
@@ -61,7 +61,7 @@ def grid_weights(layers: dict[str, QuantMixin], rounding: bool) -> Iterator[list
     for lay in layers.values():
         for attr in ("weight_quant", "weight_quant_2"):
             q = getattr(lay, attr, None)
-            if isinstance(q, (WeightQuantizer, BlockWeightQuantizer)):
+            if isinstance(q, WeightQuantizer):
                 swapped.append((lay, attr, q))
     if rounding:
         for lay, attr, q in swapped:
@@ -112,7 +112,7 @@ def steps_in_backward(params: list[nn.Parameter], lr: float) -> Iterator[None]:
 
 
 def branch_params(layers: dict[str, QuantMixin]) -> list[nn.Parameter]:
-    """The 16-bit low-rank branches of ``layers`` (METHODS §10): trained beside the weights."""
+    """The 16-bit low-rank branches of ``layers`` (docs/methods.md §10): trained beside the weights."""
     return [p for lay in layers.values() if getattr(lay, "lowrank_rank", 0) for p in (lay.lowrank_up, lay.lowrank_down)]
 
 

@@ -4,9 +4,9 @@
 (:func:`diffsqueeze.metrics.evaluate.run_eval_job`) when the recipe asks for FID images, scores
 the intermediate stage checkpoints, and writes ``metrics.json`` and the reports.
 
-It reads the run's manifest and stage checkpoints (:mod:`diffsqueeze.pipelines`), so it sits above
-both the metrics and the pipelines: the runner imports it, and nothing in
-:mod:`diffsqueeze.metrics` may import it.
+It reads the run's manifest (:mod:`diffsqueeze.pipelines.manifest`) and stage checkpoints
+(:mod:`diffsqueeze.run.checkpoint`), so it sits in :mod:`diffsqueeze.run`, above both the metrics
+and the pipelines: the runner imports it, and nothing in :mod:`diffsqueeze.metrics` may import it.
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ def _score_stages(stages: list[dict], teacher, cfg: EvalConfig, out_dir: Path, p
     """
     import copy
 
-    from diffsqueeze.pipelines.checkpoint import read_checkpoint
     from diffsqueeze.pipelines.manifest import read_manifest
+    from diffsqueeze.run.checkpoint import read_checkpoint
 
     manifest = read_manifest(out_dir) or {}
     entries = {e.get("index"): e for e in manifest.get("stages", [])}

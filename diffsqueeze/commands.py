@@ -1,4 +1,5 @@
-"""Subcommands ``eval``, ``grid``, ``report`` and ``prune-sweep`` (wired into :mod:`diffsqueeze.cli`).
+"""Subcommands ``eval``, ``grid``, ``report`` and ``prune-sweep``, beside :mod:`diffsqueeze.cli` (which wires them in
+next to its own ``run`` and ``inspect``).
 
 Each ``add_*_parser(subparsers)`` adds its subcommand and sets ``func`` to a handler that takes
 the parsed namespace and returns an exit code. Heavy imports happen inside the handlers.
@@ -208,7 +209,7 @@ def cmd_prune_sweep(args: argparse.Namespace) -> int:
     from diffsqueeze.errors import DiffsqueezeError
     from diffsqueeze.loading import load_pipeline
     from diffsqueeze.metrics.compare import write_marked_section
-    from diffsqueeze.metrics.prune_sweep import (
+    from diffsqueeze.run.prune_sweep import (
         PLOT_FILE,
         Series,
         prune_sweep,

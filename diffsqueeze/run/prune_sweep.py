@@ -1,4 +1,4 @@
-"""The pruning knee (METHODS 8): quality against sparsity, per component and for all together.
+"""The pruning knee (docs/methods.md §8): quality against sparsity, per component and for all together.
 
 The pruning paper's main finding is that magnitude pruning keeps quality up to a sparsity and
 then collapses suddenly (SD2: 38.5% overall). :func:`prune_sweep` measures that curve: for each
@@ -86,7 +86,7 @@ def _pruned(fp_pipe, series: Series, sparsity: float, out_dir: Path) -> tuple[ob
     config = PruneConfig(targets={c: sparsity for c in series.components}, pattern=series.pattern)
     stage = PruneStage(config)
     stage.check(pipe)
-    ctx = StageContext(recipe=None, index=0, run_dir=out_dir, device=torch.device("cpu"), seed=0,
+    ctx = StageContext(index=0, run_dir=out_dir, device=torch.device("cpu"), seed=0,
                        state=CompressionState(), teacher_factory=lambda: fp_pipe)
     summary = stage.apply(pipe, ctx)
     comps = summary["components"].values()

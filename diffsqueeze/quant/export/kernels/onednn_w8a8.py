@@ -26,7 +26,8 @@ import functools
 import torch
 from torch import Tensor, nn
 
-from diffsqueeze.quant.nn.packed import PackedBinaryMixin, PackedMixin
+from diffsqueeze.quant.export.kernels.kernel import Kernel, part_formats
+from diffsqueeze.quant.nn.packed import PackedMixin
 from diffsqueeze.quant.primitives.formats import int_code_range, parse_format
 from diffsqueeze.quant.primitives.pack import unpack_codes
 
@@ -42,9 +43,9 @@ def onednn_int8_available() -> bool:
 
 def w8a8_int_problem(m: nn.Module) -> str | None:
     """Why a packed layer cannot run :data:`KERNEL_NAME` (``None``: it can)."""
-    if not isinstance(m, PackedMixin) or isinstance(m, PackedBinaryMixin) or not isinstance(m, (nn.Linear, nn.Conv2d)):
+    if not isinstance(m, PackedMixin) or not isinstance(m, (nn.Linear, nn.Conv2d)):
         return "not a packed INT layer"
-    parts = m.packed_spec.get("parts") or []
+    parts, formats = m.packed_spec.get("parts") or [], part_formats(m)
     if not parts:
         return "no weight parts"
     if getattr(m, "lowrank_rank", 0):
@@ -52,10 +53,7 @@ def w8a8_int_problem(m: nn.Module) -> str | None:
     if getattr(m, "smooth", None) is not None:
         return "smoothing scale: not folded into the int8 kernel's input quantization"
     asymmetric = False
-    for part in parts:
-        if part["storage"] == "block":
-            return f"weights {part['format']}: the int8 kernel takes 8-bit INT weights"
-        fmt = parse_format(part["format"])
+    for part, fmt in zip(parts, formats):
         if fmt.kind != "int" or fmt.bits != 8:
             return f"weights {part['format']}: the int8 kernel takes 8-bit INT weights"
         if part["n_groups"] != 1:
@@ -64,7 +62,7 @@ def w8a8_int_problem(m: nn.Module) -> str | None:
     if not m.quant_acts or not m.act_quantizers():
         return "weight-only (activations in float): W8A8 kernel needs 8-bit activations"
     for aq in m.act_quantizers():
-        if not aq.is_int or aq.fmt.bits != 8:
+        if aq.fmt.kind != "int" or aq.fmt.bits != 8:
             return f"activations {aq.fmt.name}: the int8 kernel takes 8-bit INT activations"
         if aq.dynamic_group:
             return "dynamic per-group activation scales: the int8 kernel takes one static scale per tensor"
@@ -219,3 +217,11 @@ class OneDNNW8A8Linear(OneDNNW8A8):
 def onednn_w8a8(m: PackedMixin) -> nn.Module:
     """The real-kernel module of an eligible packed layer (:func:`w8a8_int_problem` is ``None``)."""
     return OneDNNW8A8Conv2d(m) if isinstance(m, nn.Conv2d) else OneDNNW8A8Linear(m)
+
+
+KERNEL = Kernel(
+    name=KERNEL_NAME,
+    considers=lambda m, mask: isinstance(m, PackedMixin) and isinstance(m, (nn.Linear, nn.Conv2d)) and m.quant_acts,
+    problem=lambda m, device, mask: "CPU only" if device.type != "cpu" else w8a8_int_problem(m),
+    build=lambda m, device: onednn_w8a8(m),
+)

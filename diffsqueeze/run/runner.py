@@ -20,16 +20,9 @@ from diffsqueeze.errors import DiffsqueezeError, RecipeError, RunDirError, one_l
 from diffsqueeze.loading import load_pipeline, load_with_state
 from diffsqueeze.models import save_pipeline
 from diffsqueeze.pipelines.calibration import collect_calibration
-from diffsqueeze.pipelines.checkpoint import (
-    fsync_dir,
-    read_checkpoint,
-    replace_folder,
-    write_checkpoint,
-)
 from diffsqueeze.pipelines.context import StageContext
 from diffsqueeze.pipelines.distributed import barrier, init_from_env, is_main, local_device, rank
 from diffsqueeze.pipelines.faults import maybe_kill
-from diffsqueeze.pipelines.generation_check import check_generates
 from diffsqueeze.pipelines.manifest import (
     check_output_dir,
     check_run_dir,
@@ -41,11 +34,18 @@ from diffsqueeze.pipelines.manifest import (
     replacement_dir,
     write_manifest,
 )
-from diffsqueeze.pipelines.run_evaluation import evaluate_run
-from diffsqueeze.pipelines.teacher import load_teacher
 from diffsqueeze.process_memory import peak_rss_mb, reset_peak_rss, return_freed_memory
 from diffsqueeze.quant.export.save import export_pipeline, needs_packed_export
 from diffsqueeze.recipe import Recipe
+from diffsqueeze.run.checkpoint import (
+    fsync_dir,
+    read_checkpoint,
+    replace_folder,
+    write_checkpoint,
+)
+from diffsqueeze.run.evaluation import evaluate_run
+from diffsqueeze.run.generation_check import check_generates
+from diffsqueeze.run.teacher import load_teacher
 from diffsqueeze.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
             _record_calibration_first(pipe, ctx, manifest)
         for i in range(reuse, len(stages)):
             _run_stage(pipe, stages[i], i, ctx, manifest)
-        export_model(pipe, ctx, work, manifest)
+        export_model(pipe, ctx, work, manifest, allow_unpacked=recipe.export.allow_unpacked)
         _remove_leftovers(work, manifest, model_changed=reuse < len(stages))
         if work != run_dir:
             swap_in(work, run_dir)  # the new model exists: the old run goes
@@ -227,14 +227,15 @@ def _stage_context(recipe: Recipe, stages: list, pipe, state, device: torch.devi
     """The context the stages share; the teacher loads on first use, holding apart only the
     components some stage writes (``teacher_record``: the manifest's account of it)."""
     written = set().union(*(stage.writes(pipe) for stage in stages))
-    return StageContext(recipe=recipe, index=0, run_dir=run_dir, device=device, seed=recipe.seed, state=state,
+    return StageContext(index=0, run_dir=run_dir, device=device, seed=recipe.seed, state=state,
+                        model_spec=recipe.model, recipe_seed=recipe.seed, calibration=recipe.calibration,
                         changed=set() if changed is None else changed,
                         teacher_factory=lambda: load_teacher(recipe, pipe, written, device, teacher_record))
 
 
 def _enter_stage(ctx: StageContext, i: int) -> None:
     """Stage ``i``'s index and seed, the global generators seeded with it (every process alike)."""
-    ctx.index, ctx.seed = i, stage_seed(ctx.recipe.seed, i)
+    ctx.index, ctx.seed = i, stage_seed(ctx.recipe_seed, i)
     seed_everything(ctx.seed)
 
 
@@ -301,7 +302,7 @@ def _run_stage(pipe, stage, i: int, ctx: StageContext, manifest: dict) -> None:
     try:
         summary = stage.apply(pipe, ctx)
         wall = time.perf_counter() - t0  # the stage's own work, without the check below
-        check_generates(pipe, ctx.recipe.calibration, ctx.recipe.seed, f"stage {i} ({entry['name']})")
+        check_generates(pipe, ctx.calibration, ctx.recipe_seed, f"stage {i} ({entry['name']})")
     except BaseException as exc:
         entry.update(status="failed", error=error_text(exc), traceback=traceback.format_exc(limit=5))
         raise  # run_recipe records the run as failed and writes the manifest
@@ -314,21 +315,22 @@ def _run_stage(pipe, stage, i: int, ctx: StageContext, manifest: dict) -> None:
     log.info("stage %d (%s) done in %.1f s", i, entry["name"], wall)
 
 
-def export_model(pipe, ctx: StageContext, run_dir: Path, manifest: dict) -> None:
-    """Save the compressed pipeline to ``model/`` atomically."""
+def export_model(pipe, ctx: StageContext, run_dir: Path, manifest: dict, allow_unpacked: bool = False) -> None:
+    """Save the compressed pipeline to ``model/`` atomically (``allow_unpacked``: the recipe's
+    ``export.allow_unpacked``)."""
     tmp, final = run_dir / f".tmp-{MODEL_DIR}", run_dir / MODEL_DIR
     shutil.rmtree(tmp, ignore_errors=True)
     return_freed_memory()
     reset_peak_rss()
     t0 = time.perf_counter()
-    allow = ctx.recipe.export.allow_unpacked
-    qmap = export_pipeline(pipe, ctx.state, tmp, allow_unpacked=allow) if needs_packed_export(ctx.state) else None
+    packed = needs_packed_export(ctx.state)
+    qmap = export_pipeline(pipe, ctx.state, tmp, allow_unpacked=allow_unpacked) if packed else None
     if qmap is None:  # no quantized layers (e.g. pruning only): plain diffusers folder + masks
         save_pipeline(pipe, tmp, ctx.state)
     fsync_dir(tmp)
     maybe_kill("export")  # crash tests: the new model written, not yet in place
     replace_folder(tmp, final, run_dir / f".old-{MODEL_DIR}")
-    manifest["model"] = ctx.recipe.model
+    manifest["model"] = ctx.model_spec
     manifest["export"] = {"path": MODEL_DIR, "bytes": sum(f.stat().st_size for f in final.rglob("*") if f.is_file()),
                           "wall_time_s": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
     if qmap is not None:
