@@ -43,6 +43,7 @@ from diffsqueeze.quant.primitives.fp_format import (
     maxval,
     scale_to_bias,
 )
+from diffsqueeze.quant.primitives.gguf_q8_0 import Q8_0
 from diffsqueeze.quant.primitives.grouping import check_finite, from_groups, to_groups
 from diffsqueeze.quant.primitives.int_format import (
     INT_BITS,
@@ -108,6 +109,7 @@ def _format_table() -> dict[str, NumberFormat]:
     table["fp8_e4m3fn"] = table["e4m3fn"] = table["float8_e4m3fn"] = E4M3_HW
     table["float8_e5m2"] = E5M2_HW
     table.update(BLOCK_FORMATS)
+    table[Q8_0.name] = Q8_0
     return table
 
 

@@ -1,0 +1,145 @@
+"""GGUF's Q8_0: blocks of 32 weights, each an 8-bit code times one float16 scale per block.
+
+As ggml defines it (and the ``gguf`` package reproduces bit for bit): per block of 32,
+``d = amax / 127`` in float32, codes ``q = roundf(x * (1 / d))`` (round half away from zero;
+``q = 0`` where ``d = 0``), and the stored scale is ``d`` rounded to float16, so a reader decodes
+``q * float16(d)``. The codes are in [-127, 127]. Storage is 8.5 bits per weight (34 bytes per 32).
+
+As a weight format it stores exactly what a GGUF file holds for the tensor: the scales come from
+the blocks (nothing to search; round-to-nearest), a row is zero-padded to whole blocks (the
+padding is stored and cut off on decode). As an activation format it quantizes on the fly per
+token in blocks of 32 channels. Pure tensor functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffsqueeze.quant.primitives.grouping import check_finite, from_groups, to_groups
+from diffsqueeze.quant.primitives.int_format import IntFormat
+from diffsqueeze.quant.primitives.number_format import NumberFormat
+
+BLOCK = 32
+QMAX = 127
+
+
+def _roundf(v: Tensor) -> Tensor:
+    """C's ``roundf``: half away from zero (as ggml and the gguf package compute it)."""
+    a = v.abs()
+    fl = torch.floor(a)
+    return torch.sign(v) * (fl + torch.floor(2 * (a - fl)))
+
+
+def q8_0_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes (int8, ``x``'s shape) and float16 block scales (``x.shape[:-1] + (n_blocks,)``) of ``x``,
+    whose last dim is a positive multiple of 32."""
+    check_finite(x)
+    g = to_groups(x.to(torch.float32), BLOCK)
+    d = g.abs().amax(dim=-1, keepdim=True) / QMAX
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = _roundf(g * inv)
+    return from_groups(q).to(torch.int8), d.squeeze(-1).to(torch.float16)
+
+
+def q8_0_dequantize(codes: Tensor, scales: Tensor) -> Tensor:
+    """float32 values ``q * d`` of :func:`q8_0_quantize`'s output."""
+    g = to_groups(codes.to(torch.float32), BLOCK)
+    return from_groups(g * scales.to(torch.float32).unsqueeze(-1))
+
+
+@dataclass(frozen=True)
+class Q8_0Format(NumberFormat):
+    """The GGUF Q8_0 format (module docstring)."""
+
+    name: str = "q8_0"
+
+    @property
+    def bits(self) -> int:
+        return 8
+
+    @property
+    def kind(self) -> str:
+        return "block"
+
+    @property
+    def block(self) -> int:
+        return BLOCK
+
+    @property
+    def element(self) -> NumberFormat:
+        return IntFormat(8, symmetric=True)  # the grid a proxy (smoothing) quantizes elements on
+
+    @property
+    def learnable_rounding(self) -> bool:
+        return False
+
+    @property
+    def eight_bit(self) -> str:
+        return self.name
+
+    def layout(self, row: int, group_size: int) -> tuple[int, int]:
+        padded = -(-row // BLOCK) * BLOCK
+        return padded, padded
+
+    def fake_quantize(self, g: Tensor, params: dict[str, Tensor]) -> Tensor:
+        codes, scales = q8_0_quantize(g.reshape(g.shape[0], -1))
+        return q8_0_dequantize(codes, scales).reshape(g.shape).to(g.dtype)
+
+    def act_params(self, shape: tuple[int, ...]) -> dict[str, Tensor]:
+        return self.element.act_params(shape)
+
+    def scaled_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
+        return self.element.scaled_fake_quantize(x, scale, zero_point)
+
+    def lsq_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None, n_per_scale: int) -> Tensor:
+        return self.element.lsq_fake_quantize(x, scale, zero_point, n_per_scale)
+
+    def minmax_fake_quantize(self, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        return self.element.minmax_fake_quantize(x, lo, hi)
+
+    def dynamic_fake_quantize(self, x: Tensor, group_size: int, dim: int) -> Tensor:
+        xt = x.movedim(dim, -1)
+        n, pad = xt.shape[-1], (-xt.shape[-1]) % BLOCK
+        xq = q8_0_dequantize(*q8_0_quantize(F.pad(xt, (0, pad)) if pad else xt))
+        return xq[..., :n].movedim(-1, dim).to(x.dtype)
+
+    def encode(self, g: Tensor, params: dict[str, Tensor], scale_dtype: str,
+               shape: tuple[int, ...]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        rows = g.reshape(g.shape[0], -1)
+        codes, scales = q8_0_quantize(rows)
+        spec = {"storage": "q8_0", "padded_row": rows.shape[1], "group_size": BLOCK, "n_groups": rows.shape[1] // BLOCK}
+        return spec, {"qweight": codes.reshape(-1), "wscale": scales.reshape(-1)}
+
+    def empty_buffers(self, part: dict[str, Any], out: int, device: Any) -> dict[str, Tensor]:
+        n = out * part["padded_row"]
+        return {"qweight": torch.empty(n, dtype=torch.int8, device=device),
+                "wscale": torch.empty(n // BLOCK, dtype=torch.float16, device=device)}
+
+    def decode(self, tensors: dict[str, Tensor], part: dict[str, Any]) -> Tensor:
+        shape = tuple(part["shape"])
+        rows = (shape[0], part["padded_row"])
+        w = q8_0_dequantize(tensors["qweight"].reshape(rows), tensors["wscale"].reshape(shape[0], -1))
+        return w[:, : part["numel"] // shape[0]].reshape(shape)
+
+    def check_part(self, part: dict[str, Any]) -> str | None:
+        row = part.get("padded_row")
+        if part.get("storage") != "q8_0" or part.get("bits") != 8 or not isinstance(row, int) or row % BLOCK:
+            return (f"q8_0 storage needs bits 8 and a padded_row that is a multiple of {BLOCK}; got storage "
+                    f"{part.get('storage')!r}, bits {part.get('bits')!r}, padded_row {row!r}")
+        return None
+
+    def check_stored(self, tensors: dict[str, Tensor], part: dict[str, Any]) -> str | None:
+        q, s = tensors["qweight"], tensors["wscale"]
+        n = part["shape"][0] * part["padded_row"]
+        if q.dtype != torch.int8 or q.numel() != n or s.dtype != torch.float16 or s.numel() != n // BLOCK:
+            return (f"q8_0 codes/scales are {q.numel()} {q.dtype} / {s.numel()} {s.dtype}; the map's shape "
+                    f"{part['shape']} needs {n} int8 / {n // BLOCK} float16")
+        return None
+
+
+Q8_0 = Q8_0Format()
