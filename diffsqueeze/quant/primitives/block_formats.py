@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from diffsqueeze.quant.primitives.fp_format import (
@@ -44,7 +43,7 @@ from diffsqueeze.quant.primitives.grouping import (
     to_groups,
     work_dtype,
 )
-from diffsqueeze.quant.primitives.number_format import NumberFormat
+from diffsqueeze.quant.primitives.number_format import BlockScaledFormat
 from diffsqueeze.quant.primitives.pack import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = [
@@ -69,7 +68,7 @@ _FP32_SMALLEST = 2.0**-149
 
 
 @dataclass(frozen=True)
-class BlockFormat(NumberFormat):
+class BlockFormat(BlockScaledFormat):
     """A block-scaled format: ``element`` codes in blocks of ``block`` along the last dim.
 
     Attributes:
@@ -95,42 +94,13 @@ class BlockFormat(NumberFormat):
         return "block"
 
     @property
-    def learnable_rounding(self) -> bool:
-        """No: each block's scale comes from the block itself (QuEST trains through it straight through)."""
-        return False
-
-    @property
     def eight_bit(self) -> str:
         return "mxfp8"
 
-    # ---- the number-format protocol (number_format.py): a weight row is one group, zero-padded
-    # to whole blocks (the padding is stored, and cut off on decode) --------------------------
+    # ---- the number-format protocol (number_format.py: BlockScaledFormat) -------------------
 
-    def layout(self, row: int, group_size: int) -> tuple[int, int]:
-        padded = -(-row // self.block) * self.block
-        return padded, padded
-
-    def fake_quantize(self, g: Tensor, params: dict[str, Tensor]) -> Tensor:
-        return block_fake_quantize(g.reshape(g.shape[0], -1), self).reshape(g.shape)
-
-    def act_params(self, shape: tuple[int, ...]) -> dict[str, Tensor]:
-        return self.element.act_params(shape)
-
-    def scaled_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
-        return self.element.scaled_fake_quantize(x, scale, zero_point)
-
-    def lsq_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None, n_per_scale: int) -> Tensor:
-        return self.element.lsq_fake_quantize(x, scale, zero_point, n_per_scale)
-
-    def minmax_fake_quantize(self, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-        return self.element.minmax_fake_quantize(x, lo, hi)
-
-    def dynamic_fake_quantize(self, x: Tensor, group_size: int, dim: int) -> Tensor:
-        """In the format's own blocks and scale encoding, whatever ``group_size`` says."""
-        xt = x.movedim(dim, -1)
-        n, pad = xt.shape[-1], (-xt.shape[-1]) % self.block
-        xq = block_fake_quantize(F.pad(xt, (0, pad)) if pad else xt, self)
-        return xq[..., :n].movedim(-1, dim)
+    def fake_quantize_blocks(self, x: Tensor) -> Tensor:
+        return block_fake_quantize(x, self)
 
     def encode(self, g: Tensor, params: dict[str, Tensor], scale_dtype: str,
                shape: tuple[int, ...]) -> tuple[dict[str, Any], dict[str, Tensor]]:

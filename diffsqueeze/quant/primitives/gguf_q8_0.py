@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from diffsqueeze.quant.primitives.grouping import check_finite, from_groups, to_groups
 from diffsqueeze.quant.primitives.int_format import IntFormat
-from diffsqueeze.quant.primitives.number_format import NumberFormat
+from diffsqueeze.quant.primitives.number_format import BlockScaledFormat, NumberFormat
 
 BLOCK = 32
 QMAX = 127
@@ -53,7 +52,7 @@ def q8_0_dequantize(codes: Tensor, scales: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class Q8_0Format(NumberFormat):
+class Q8_0Format(BlockScaledFormat):
     """The GGUF Q8_0 format (module docstring)."""
 
     name: str = "q8_0"
@@ -75,38 +74,11 @@ class Q8_0Format(NumberFormat):
         return IntFormat(8, symmetric=True)  # the grid a proxy (smoothing) quantizes elements on
 
     @property
-    def learnable_rounding(self) -> bool:
-        return False
-
-    @property
     def eight_bit(self) -> str:
         return self.name
 
-    def layout(self, row: int, group_size: int) -> tuple[int, int]:
-        padded = -(-row // BLOCK) * BLOCK
-        return padded, padded
-
-    def fake_quantize(self, g: Tensor, params: dict[str, Tensor]) -> Tensor:
-        codes, scales = q8_0_quantize(g.reshape(g.shape[0], -1))
-        return q8_0_dequantize(codes, scales).reshape(g.shape).to(g.dtype)
-
-    def act_params(self, shape: tuple[int, ...]) -> dict[str, Tensor]:
-        return self.element.act_params(shape)
-
-    def scaled_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
-        return self.element.scaled_fake_quantize(x, scale, zero_point)
-
-    def lsq_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None, n_per_scale: int) -> Tensor:
-        return self.element.lsq_fake_quantize(x, scale, zero_point, n_per_scale)
-
-    def minmax_fake_quantize(self, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-        return self.element.minmax_fake_quantize(x, lo, hi)
-
-    def dynamic_fake_quantize(self, x: Tensor, group_size: int, dim: int) -> Tensor:
-        xt = x.movedim(dim, -1)
-        n, pad = xt.shape[-1], (-xt.shape[-1]) % BLOCK
-        xq = q8_0_dequantize(*q8_0_quantize(F.pad(xt, (0, pad)) if pad else xt))
-        return xq[..., :n].movedim(-1, dim).to(x.dtype)
+    def fake_quantize_blocks(self, x: Tensor) -> Tensor:
+        return q8_0_dequantize(*q8_0_quantize(x)).to(x.dtype)
 
     def encode(self, g: Tensor, params: dict[str, Tensor], scale_dtype: str,
                shape: tuple[int, ...]) -> tuple[dict[str, Any], dict[str, Tensor]]:

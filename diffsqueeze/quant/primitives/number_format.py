@@ -20,11 +20,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from diffsqueeze.quant.primitives.dynamic_groups import dynamic_group_fake_quantize
 
-__all__ = ["NumberFormat", "FLOAT_DTYPES"]
+__all__ = ["NumberFormat", "BlockScaledFormat", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 """Dtypes a stored scale may have (a part spec's ``scale_dtype``)."""
@@ -140,3 +141,46 @@ class NumberFormat:
     def check_stored(self, tensors: dict[str, Tensor], part: dict[str, Any]) -> str | None:
         """Why loaded tensors do not fit the part spec (``None``: they do)."""
         return None
+
+
+class BlockScaledFormat(NumberFormat):
+    """Base of formats whose scale for each block of ``block`` consecutive elements comes from the
+    block itself (NVFP4, MXFP4, MXFP8, GGUF Q8_0): nothing to search or learn (round-to-nearest),
+    a weight row is one group zero-padded to whole blocks (the padding is stored and cut off on
+    decode), activations are quantized on the fly in the same blocks, and static activation
+    scales (a proxy, or a recipe's first/last layers) use the element grid. A subclass gives
+    :meth:`fake_quantize_blocks` and its storage methods."""
+
+    @property
+    def learnable_rounding(self) -> bool:
+        return False
+
+    def fake_quantize_blocks(self, x: Tensor) -> Tensor:
+        """``x`` (last dim a positive multiple of ``block``) quantized and dequantized, in ``x``'s dtype."""
+        raise NotImplementedError
+
+    def layout(self, row: int, group_size: int) -> tuple[int, int]:
+        padded = -(-row // self.block) * self.block
+        return padded, padded
+
+    def fake_quantize(self, g: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return self.fake_quantize_blocks(g.reshape(g.shape[0], -1)).reshape(g.shape)
+
+    def act_params(self, shape: tuple[int, ...]) -> dict[str, Tensor]:
+        return self.element.act_params(shape)
+
+    def scaled_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
+        return self.element.scaled_fake_quantize(x, scale, zero_point)
+
+    def lsq_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None, n_per_scale: int) -> Tensor:
+        return self.element.lsq_fake_quantize(x, scale, zero_point, n_per_scale)
+
+    def minmax_fake_quantize(self, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        return self.element.minmax_fake_quantize(x, lo, hi)
+
+    def dynamic_fake_quantize(self, x: Tensor, group_size: int, dim: int) -> Tensor:
+        """In the format's own blocks and scale encoding, whatever ``group_size`` says."""
+        xt = x.movedim(dim, -1)
+        n, pad = xt.shape[-1], (-xt.shape[-1]) % self.block
+        xq = self.fake_quantize_blocks(F.pad(xt, (0, pad)) if pad else xt)
+        return xq[..., :n].movedim(-1, dim)
