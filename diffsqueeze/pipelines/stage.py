@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from diffsqueeze.pipelines.stage_helpers import stage_component
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
@@ -29,6 +31,18 @@ class Stage(Protocol):
 
     def apply(self, pipe: "DiffusionPipeline", ctx: "StageContext") -> dict:
         """Run the stage; return a JSON-able summary for the manifest."""
+
+
+class ComponentStage:
+    """Base of a stage that changes one component, the one its config's ``component`` key names
+    (the denoiser by default): it keeps the config, and :meth:`writes` is that component."""
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def writes(self, pipe: "DiffusionPipeline") -> set[str]:
+        """The component this stage changes (the teacher loads it afresh and shares the rest)."""
+        return {stage_component(pipe, self.config.component)}
 
 
 @dataclass(frozen=True)

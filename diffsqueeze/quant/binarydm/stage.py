@@ -48,6 +48,7 @@ from diffsqueeze.pipelines.calibration import (
     collect_calibration,
 )
 from diffsqueeze.pipelines.context import StageContext
+from diffsqueeze.pipelines.stage import ComponentStage
 from diffsqueeze.pipelines.stage_helpers import (
     call_denoiser,
     capture_outputs,
@@ -95,15 +96,10 @@ __all__ = ["BinarizeConfig", "BinarizeStage"]
 PACKED_DIR = "packed"
 
 
-class BinarizeStage:
+class BinarizeStage(ComponentStage):
     """BinaryDM: learnable multi-basis binarization, LRM and progressive initialization."""
 
-    def __init__(self, config: BinarizeConfig):
-        self.config = config
-
-    def writes(self, pipe: DiffusionPipeline) -> set[str]:
-        """The components this stage changes (the teacher loads these afresh, shares the rest)."""
-        return {stage_component(pipe, self.config.component)}
+    config: BinarizeConfig
 
     def check(self, pipe: DiffusionPipeline) -> None:
         """Reject, before any work, a config the pipeline cannot run (a :class:`RecipeError`)."""

@@ -29,6 +29,7 @@ from diffsqueeze.pipelines.calibration import (
     collect_calibration,
 )
 from diffsqueeze.pipelines.context import StageContext
+from diffsqueeze.pipelines.stage import ComponentStage
 from diffsqueeze.pipelines.stage_helpers import call_denoiser, stage_component
 from diffsqueeze.prune.masks import enforce_masks
 from diffsqueeze.quant.nn.attention import SOFTMAX_KIND, is_attention, quantize_softmax
@@ -69,15 +70,10 @@ WEIGHT_COARSE_STEP = 8
 """``weights.scale_search: coarse_to_fine`` scores every 8th INT candidate, then refines (search.py)."""
 
 
-class PTQStage:
+class PTQStage(ComponentStage):
     """Post-training quantization with timestep-aware calibration and learned rounding."""
 
-    def __init__(self, config: PTQConfig):
-        self.config = config
-
-    def writes(self, pipe: DiffusionPipeline) -> set[str]:
-        """The components this stage changes (the teacher loads these afresh, shares the rest)."""
-        return {stage_component(pipe, self.config.component)}
+    config: PTQConfig
 
     def check(self, pipe: DiffusionPipeline) -> None:
         cfg = self.config

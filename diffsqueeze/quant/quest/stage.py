@@ -49,6 +49,7 @@ from diffsqueeze.pipelines.calibration import (
 from diffsqueeze.pipelines.context import StageContext
 from diffsqueeze.pipelines.distributed import sum_gradients, sum_value
 from diffsqueeze.pipelines.faults import maybe_kill
+from diffsqueeze.pipelines.stage import ComponentStage
 from diffsqueeze.pipelines.stage_helpers import (
     call_denoiser,
     capture_outputs,
@@ -84,15 +85,10 @@ from diffsqueeze.quant.quest.training import (
 log = logging.getLogger(__name__)
 
 
-class QuestStage:
+class QuestStage(ComponentStage):
     """QuEST selective finetuning of a PTQ-quantized denoiser (docs/methods.md §6)."""
 
-    def __init__(self, config: QuestConfig):
-        self.config = config
-
-    def writes(self, pipe: DiffusionPipeline) -> set[str]:
-        """The components this stage changes (the teacher loads these afresh, shares the rest)."""
-        return {stage_component(pipe, self.config.component)}
+    config: QuestConfig
 
     def check(self, pipe: DiffusionPipeline) -> None:
         cfg = self.config
