@@ -121,10 +121,10 @@ def test_ineligible_layers_stay_simulated_with_the_reason(case, reason):
 def test_saturating_cpu_keeps_layers_simulated(monkeypatch):
     """Where oneDNN's int8 kernels would saturate, an eligible W8A8 layer stays simulated and the
     plan says why; where they are exact, the same layer runs the real kernel."""
-    from diffsqueeze.quant.export.kernels import onednn_w8a8 as cpu_int8
+    from diffsqueeze.quant.export.kernels import onednn_w8a8
 
     for exact, compute in ((False, "simulated"), (True, "real")):
-        monkeypatch.setattr(cpu_int8, "onednn_int8_exact", lambda exact=exact: exact)
+        monkeypatch.setattr(onednn_w8a8, "onednn_int8_exact", lambda exact=exact: exact)
         plan = kernel_plan(Holder(a=packed(nn.Linear(64, 32), "int8", "int8")), device="cpu")["net/a"]
         assert plan["compute"] == compute, plan
         assert exact or "saturate 16-bit pair sums" in plan["reason"]

@@ -3,8 +3,8 @@
 Both subclass the layer they replace and keep its ``weight``/``bias`` parameters under the
 same names, so pruning masks (keyed by parameter name) and ``state_dict`` keys still match;
 their quantizers' state is parameters/buffers, so ``state_dict`` round-trips. Each swap is
-recorded in ``CompressionState.modules`` as ``{"kind": "QuantLinear", ...}`` and rebuilt by
-:data:`diffsqueeze.quant.nn.swaps.REBUILDERS` before weights are loaded (checkpoints, resume, reload).
+recorded in ``CompressionState.modules`` as ``{"kind": "QuantLinear", ...}`` (the layer's ``KIND``) and rebuilt by
+:data:`diffsqueeze.quant.nn.swaps.LAYER_KINDS` before weights are loaded (checkpoints, resume, reload).
 
 Shortcut splitting (docs/methods.md §5, Q-Diffusion): a layer whose input is the channel concatenation
 ``[deep, skip]`` can quantize the two input-channel ranges with separate activation and weight

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from diffsqueeze.quant.primitives.grouping import from_groups, to_groups, work_dtype
 
-__all__ = ["dynamic_group_fake_quantize", "dynamic_group_scales"]
+__all__ = ["dynamic_group_fake_quantize"]
 
 
 def _grouped(x: Tensor, group_size: int, dim: int) -> tuple[Tensor, int]:
@@ -36,12 +36,6 @@ def _grouped(x: Tensor, group_size: int, dim: int) -> tuple[Tensor, int]:
     if pad:
         xt = F.pad(xt, (0, pad))
     return to_groups(xt, gs), n
-
-
-def dynamic_group_scales(g: Tensor, fmt) -> tuple[Tensor, Tensor | None]:
-    """Scale (and INT zero point) of each group of ``g`` (``(..., n_groups, group_size)``): the
-    format's own rule (:meth:`~diffsqueeze.quant.primitives.number_format.NumberFormat.group_scales`)."""
-    return fmt.group_scales(g)
 
 
 def dynamic_group_fake_quantize(x: Tensor, fmt, group_size: int, dim: int = -1) -> Tensor:
