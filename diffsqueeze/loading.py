@@ -39,12 +39,12 @@ def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32",
         spec: ``builtin:NAME``, a diffusers folder, a run directory (its ``model/``), or a hub id.
         device: torch device string.
         dtype: ``float32`` | ``float16`` | ``bfloat16``.
-        shared: components taken as given instead of read (see :func:`diffsqueeze.models.io.load_with_state`).
+        shared: components taken as given instead of read (see :func:`diffsqueeze.models.io.read_pipeline`).
 
     Raises:
         ModelLoadError: nothing loadable at ``spec`` or its files are damaged.
     """
-    return io.load_with_state(spec, device, dtype, formats=ARTIFACT_FORMATS, shared=shared)
+    return io.read_pipeline(spec, device, dtype, formats=ARTIFACT_FORMATS, shared=shared)
 
 
 KERNEL_MODES = ("simulated", "real")

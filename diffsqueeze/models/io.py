@@ -98,7 +98,7 @@ def parse_dtype(name: str) -> torch.dtype:
 class ArtifactFormat(Protocol):
     """A way diffsqueeze stores a compressed pipeline in a folder, beside plain diffusers files.
 
-    :func:`load_with_state` asks each format it is given, in order, whether it recognizes a
+    :func:`read_pipeline` asks each format it is given, in order, whether it recognizes a
     folder; the first that does builds the pipeline. The formats themselves live with the code
     that writes them (:mod:`diffsqueeze.quant.export.load`); :mod:`diffsqueeze.loading` passes
     them in, so this module never imports compression code.
@@ -134,16 +134,13 @@ def check_finite_weights(pipe: DiffusionPipeline, spec: str) -> None:
                                      f"out of {param.numel()}; the model file is damaged or was saved from a diverged run")
 
 
-def load_pipeline(spec: str, device: str = "cpu", dtype: str = "float32",
-                  formats: Sequence[ArtifactFormat] = ()) -> DiffusionPipeline:
-    """Load a runnable pipeline (compression state, if any, is applied; see :func:`load_with_state`)."""
-    return load_with_state(spec, device, dtype, formats)[0]
+def read_pipeline(spec: str, device: str = "cpu", dtype: str = "float32",
+                  formats: Sequence[ArtifactFormat] = (),
+                  shared: dict[str, torch.nn.Module] | None = None) -> tuple[DiffusionPipeline, CompressionState]:
+    """Read a pipeline and its compression state, recognizing the artifact ``formats`` it is given.
 
-
-def load_with_state(spec: str, device: str = "cpu", dtype: str = "float32",
-                    formats: Sequence[ArtifactFormat] = (),
-                    shared: dict[str, torch.nn.Module] | None = None) -> tuple[DiffusionPipeline, CompressionState]:
-    """Load a pipeline and its compression state.
+    The model layer's reader: users and the rest of the package call
+    :func:`diffsqueeze.loading.load_with_state`, which passes every format diffsqueeze writes.
 
     Args:
         spec: ``builtin:NAME``, a local diffusers folder, a run directory, or a hub id.

@@ -17,7 +17,7 @@ from diffsqueeze.models.streamed import is_streamed, tensor_value
 from diffsqueeze.run.runner import run_recipe
 from diffsqueeze.run.teacher import load_teacher
 from diffsqueeze.prune.magnitude import smallest_k_mask
-from diffsqueeze.quant.export.streamed import write_streamed
+from diffsqueeze.quant.export.safetensors_writer import write_streamed
 from diffsqueeze.recipe import load_recipe
 
 CALIB = {"num_samples": 2, "batch_size": 2, "timesteps": 2, "num_inference_steps": 2, "guidance_scale": 2.0}

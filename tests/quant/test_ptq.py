@@ -143,19 +143,19 @@ def test_inf_activation_names_layer_and_timestep(shared):
 
 def test_output_search_needs_inputs_that_span_the_layer():
     """Rank-deficient calibration inputs (time embeddings, a few prompts) fall back to the weight error."""
-    from diffsqueeze.quant.ptq.tracing import LayerPlan, spans_inputs
+    from diffsqueeze.quant.ptq.tracing import PTQLayerPlan, spans_inputs
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 8)
-    plan = LayerPlan("lin", "fp8_e4m3", None, None, None)
+    plan = PTQLayerPlan("lin", "fp8_e4m3", None, None, None)
     few = torch.randn(3, 16).repeat(4, 1)  # 12 rows, 3 distinct vectors
     assert not spans_inputs(lin, few, plan)
     assert "span 3 of 16" in plan.notes[0]
-    assert spans_inputs(lin, torch.randn(64, 16), LayerPlan("lin", "fp8_e4m3", None, None, None))
-    assert not spans_inputs(lin, torch.randn(10, 16), LayerPlan("lin", "fp8_e4m3", None, None, None))
+    assert spans_inputs(lin, torch.randn(64, 16), PTQLayerPlan("lin", "fp8_e4m3", None, None, None))
+    assert not spans_inputs(lin, torch.randn(10, 16), PTQLayerPlan("lin", "fp8_e4m3", None, None, None))
     one_by_one = torch.nn.Conv2d(4, 4, 1)
-    assert spans_inputs(one_by_one, torch.randn(2, 4, 5, 5), LayerPlan("c", None, None, None, None))
+    assert spans_inputs(one_by_one, torch.randn(2, 4, 5, 5), PTQLayerPlan("c", None, None, None, None))
     flat = torch.randn(2, 4, 1, 1).expand(2, 4, 5, 5)  # the same vector at every position
-    assert not spans_inputs(one_by_one, flat, LayerPlan("c", None, None, None, None))
+    assert not spans_inputs(one_by_one, flat, PTQLayerPlan("c", None, None, None, None))
     three = torch.nn.Conv2d(4, 4, 3)
-    assert spans_inputs(three, flat, LayerPlan("c", None, None, None, None))  # k x k: patches, kept
+    assert spans_inputs(three, flat, PTQLayerPlan("c", None, None, None, None))  # k x k: patches, kept

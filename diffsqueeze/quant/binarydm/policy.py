@@ -55,7 +55,7 @@ def progressive_schedule(iters: int, fraction: float, n_groups: int) -> tuple[in
 
 
 @dataclass
-class LayerPlan:
+class BinaryLayerPlan:
     """What the policy decided for one Linear/Conv2d layer.
 
     Attributes:
@@ -71,7 +71,7 @@ class LayerPlan:
     why: str = ""
 
 
-def plan_layers(denoiser: nn.Module, blocks: list[str], groups: list[list[str]], cfg: BinarizeConfig) -> list[LayerPlan]:
+def plan_layers(denoiser: nn.Module, blocks: list[str], groups: list[list[str]], cfg: BinarizeConfig) -> list[BinaryLayerPlan]:
     """Which Linear/Conv2d layers are binarized, with which order and progressive group."""
     group_of_block = {b: gi for gi, g in enumerate(groups) for b in g}
     n_groups = len(groups)
@@ -83,13 +83,13 @@ def plan_layers(denoiser: nn.Module, blocks: list[str], groups: list[list[str]],
         if not matches_any(name, cfg.include) or matches_any(name, cfg.exclude):
             continue
         if matches_any(name, cfg.keep_fp):
-            plans.append(LayerPlan(name, None, -1, "keep_fp"))
+            plans.append(BinaryLayerPlan(name, None, -1, "keep_fp"))
             continue
         if block is None and cfg.keep_stem_fp:
-            plans.append(LayerPlan(name, None, -1, "outside the blocks (stem)"))
+            plans.append(BinaryLayerPlan(name, None, -1, "outside the blocks (stem)"))
             continue
         group = group_of_block[block] if block is not None else n_groups - 1
         outer = n_groups > 0 and group >= n_groups - cfg.order2_groups
         order = 2 if outer or matches_any(name, cfg.order2) else cfg.order
-        plans.append(LayerPlan(name, order, group))
+        plans.append(BinaryLayerPlan(name, order, group))
     return plans

@@ -67,7 +67,7 @@ from diffsqueeze.quant.binarydm.data import (
 )
 from diffsqueeze.quant.binarydm.lrm import LowRankMimicking, block_outputs
 from diffsqueeze.quant.binarydm.policy import (
-    LayerPlan,
+    BinaryLayerPlan,
     block_candidates,
     block_groups,
     plan_layers,
@@ -178,7 +178,7 @@ class BinarizeStage(ComponentStage):
         shape = act_param_shape(layer, acts.granularity == "channel")
         return {"format": f"int{acts.bits}_sym", "shape": list(shape), "groups": 1, "n_timesteps": 1}
 
-    def swap_layers(self, denoiser: nn.Module, comp: str, plans: list[LayerPlan], ctx: StageContext) -> dict[str, BinaryMixin]:
+    def swap_layers(self, denoiser: nn.Module, comp: str, plans: list[BinaryLayerPlan], ctx: StageContext) -> dict[str, BinaryMixin]:
         out = {}
         for plan in plans:
             if plan.order is None:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from diffsqueeze.quant.export.streamed import write_streamed
+from diffsqueeze.quant.export.safetensors_writer import write_streamed
 from diffsqueeze.quant.nn.attention import is_attention, sdpa_arguments
 from diffsqueeze.quant.nn.binary_layers import (
     AttentionActQuant,

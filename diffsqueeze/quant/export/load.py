@@ -4,7 +4,7 @@
 the ``meta`` device (no float weights are ever allocated), swaps in packed modules and assigns
 the stored tensors, so the loaded pipeline keeps the weights packed in memory and decodes them
 one layer at a time. :data:`ARTIFACT_FORMATS` lists every format for
-:func:`diffsqueeze.models.io.load_with_state`: packed exports, and folders whose compression
+:func:`diffsqueeze.models.io.read_pipeline`: packed exports, and folders whose compression
 state records module swaps stored as full state dicts (no packed layers, e.g. only softmax
 quantizers).
 """

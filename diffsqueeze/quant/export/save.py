@@ -32,8 +32,9 @@ from diffsqueeze.models.io import save_pipeline
 from diffsqueeze.models.roles import module_components
 from diffsqueeze.models.state import STATE_FILE, CompressionState
 from diffsqueeze.quant.nn.packed import PackedWeightMixin, shell_from
-from diffsqueeze.quant.nn.swaps import PACKED_KINDS
-from diffsqueeze.quant.export.streamed import write_streamed
+from diffsqueeze.quant.nn.records import check_records
+from diffsqueeze.quant.nn.swaps import PACKED_KINDS, RECORD_SCHEMAS
+from diffsqueeze.quant.export.safetensors_writer import write_streamed
 from diffsqueeze.quant.primitives.number_format import FLOAT_DTYPES
 
 log = logging.getLogger(__name__)
@@ -140,9 +141,12 @@ def export_pipeline(pipe, state: CompressionState, folder: Path, scale_dtype: st
     quantization map (also written into ``diffsqueeze.json``).
 
     Raises:
-        ExportError: a quantized layer's packed codes would not decode to its in-memory weight
-            (unless ``allow_unpacked``: then it is stored as float and the map says why).
+        ExportError: a module record does not fit its kind's schema (a model that would not
+            reload; checked before anything is written), or a quantized layer's packed codes would
+            not decode to its in-memory weight (unless ``allow_unpacked``: then it is stored as
+            float and the map says why).
     """
+    check_records(state.modules, RECORD_SCHEMAS, ExportError, "a stage wrote a record its reload would refuse")
     folder = Path(folder)
     components = module_components(pipe)
     swapped = sorted({k.partition("/")[0] for k in state.modules})
@@ -172,6 +176,33 @@ def export_pipeline(pipe, state: CompressionState, folder: Path, scale_dtype: st
     meta["quantization"] = qmap
     (folder / STATE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
     return qmap
+
+
+def export_size_estimate(pipe) -> int:
+    """About how many bytes :func:`export_pipeline` writes for ``pipe``: every tensor at its size,
+    except the weights of quantized and binary layers at their format's bits per weight (scales,
+    masks and file headers left out; close for the large layers that dominate).
+    The runner checks the free disk space against it before exporting."""
+    total = 0
+    for component in module_components(pipe).values():
+        for module in component.modules():
+            bits = _weight_bits(module)
+            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                total += t.numel() * bits // 8 if bits and name == "weight" else t.numel() * t.element_size()
+    return total
+
+
+def _weight_bits(module: nn.Module) -> int | None:
+    """Bits per stored weight of a quantized (or binary) layer; None for a float module."""
+    if isinstance(module, PackedWeightMixin):
+        return None  # already packed: its buffers are the stored codes
+    order = getattr(module, "order", None)
+    if order is not None and hasattr(module, "weight_quant"):
+        return int(order)
+    quantizers = getattr(module, "weight_quantizers", None)
+    if callable(quantizers) and getattr(module, "quant_weights", False) and quantizers():
+        return max(q.fmt.bits for q in quantizers())
+    return None
 
 
 def quantization_map(folder: Path) -> dict | None:

@@ -27,6 +27,14 @@ from diffsqueeze.quant.nn.attention import SOFTMAX_KIND, rebuild_softmax_quant
 from diffsqueeze.quant.nn.binary_layers import ATTENTION_KIND, BinaryConv2d, BinaryLinear, rebuild_attention_quant, rebuild_binary
 from diffsqueeze.quant.nn.layers import QuantConv2d, QuantLinear, rebuild_quant
 from diffsqueeze.quant.nn.packed import PackedBinaryConv2d, PackedBinaryLinear, PackedQuantConv2d, PackedQuantLinear
+from diffsqueeze.quant.nn.records import (
+    ATTENTION_SCHEMA,
+    BINARY_LAYER_SCHEMA,
+    QUANT_LAYER_SCHEMA,
+    SOFTMAX_SCHEMA,
+    RecordSchema,
+    check_records,
+)
 from diffsqueeze.quant.nn.routing import prepare_pipeline
 
 Rebuilder = Callable[[torch.nn.Module, dict], torch.nn.Module]
@@ -35,24 +43,29 @@ Rebuilder = Callable[[torch.nn.Module, dict], torch.nn.Module]
 @dataclass(frozen=True)
 class LayerKind:
     """What one module-record kind is: the module a stage swaps in (None for swaps that live in an
-    attention processor), its packed form for export (None: exported as a full state dict), and
-    ``rebuild(original_module, record) -> module`` that reloads and resume replay."""
+    attention processor), its packed form for export (None: exported as a full state dict),
+    ``rebuild(original_module, record) -> module`` that reloads and resume replay, and the schema of
+    its saved record (:mod:`diffsqueeze.quant.nn.records`), checked before anything is rebuilt."""
 
     kind: str
     layer_cls: type | None
     packed_cls: type | None
     rebuild: Rebuilder
+    schema: RecordSchema
 
 
 LAYER_KINDS: dict[str, LayerKind] = {k.kind: k for k in (
-    LayerKind(QuantLinear.KIND, QuantLinear, PackedQuantLinear, rebuild_quant),
-    LayerKind(QuantConv2d.KIND, QuantConv2d, PackedQuantConv2d, rebuild_quant),
-    LayerKind(BinaryLinear.KIND, BinaryLinear, PackedBinaryLinear, rebuild_binary),
-    LayerKind(BinaryConv2d.KIND, BinaryConv2d, PackedBinaryConv2d, rebuild_binary),
-    LayerKind(SOFTMAX_KIND, None, None, rebuild_softmax_quant),
-    LayerKind(ATTENTION_KIND, None, None, rebuild_attention_quant),
+    LayerKind(QuantLinear.KIND, QuantLinear, PackedQuantLinear, rebuild_quant, QUANT_LAYER_SCHEMA),
+    LayerKind(QuantConv2d.KIND, QuantConv2d, PackedQuantConv2d, rebuild_quant, QUANT_LAYER_SCHEMA),
+    LayerKind(BinaryLinear.KIND, BinaryLinear, PackedBinaryLinear, rebuild_binary, BINARY_LAYER_SCHEMA),
+    LayerKind(BinaryConv2d.KIND, BinaryConv2d, PackedBinaryConv2d, rebuild_binary, BINARY_LAYER_SCHEMA),
+    LayerKind(SOFTMAX_KIND, None, None, rebuild_softmax_quant, SOFTMAX_SCHEMA),
+    LayerKind(ATTENTION_KIND, None, None, rebuild_attention_quant, ATTENTION_SCHEMA),
 )}
 """Module-record kind -> its classes and rebuilder: the one table a new kind of swap is added to."""
+
+RECORD_SCHEMAS: dict[str, RecordSchema] = {k.kind: k.schema for k in LAYER_KINDS.values()}
+"""Module-record kind -> the schema its saved record must fit."""
 
 PACKED_KINDS: dict[str, type] = {k.kind: k.packed_cls for k in LAYER_KINDS.values() if k.packed_cls is not None}
 """Kinds that export packed -> their packed class (the kind of a packed layer is its in-memory kind)."""
@@ -77,14 +90,14 @@ def restore_modules(pipe: DiffusionPipeline, state: CompressionState) -> None:
     """Rebuild every module recorded in ``state.modules`` (weights are loaded afterwards).
 
     Raises:
-        ModelLoadError: an unknown kind (written by a newer diffsqueeze?) or a missing module.
+        ModelLoadError: an unknown kind (written by a newer diffsqueeze?), a record that does not fit
+            its kind's schema, or a missing module; every record is checked before one is rebuilt.
     """
     components = module_components(pipe)
+    check_records(state.modules, RECORD_SCHEMAS)
     for key, record in state.modules.items():
         comp, _, name = key.partition("/")
-        kind = record.get("kind")
-        if kind not in LAYER_KINDS:
-            raise ModelLoadError(f"module '{key}' has unknown kind {kind!r}; known: {', '.join(sorted(LAYER_KINDS))}")
+        kind = record["kind"]
         if comp not in components:
             raise ModelLoadError(f"module record '{key}' names a component the pipeline does not have")
         try:

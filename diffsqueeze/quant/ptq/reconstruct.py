@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from diffsqueeze.models.roles import module_components
-from diffsqueeze.pipelines.calibration import CalibrationData
+from diffsqueeze.quant.ptq.input_capture import CalibrationReplay
 from diffsqueeze.pipelines.stage_helpers import (
     call_denoiser,
     detached,
@@ -115,11 +115,11 @@ def capture(denoiser: torch.nn.Module, unit: str, batches: list, want: str) -> l
     return got
 
 
-def reconstruct(denoiser, teacher_pipe, comp: str, cfg, data: CalibrationData, device, limit, masks, ctx) -> dict:
+def reconstruct(denoiser, teacher_pipe, comp: str, cfg, replay: CalibrationReplay, masks, ctx) -> dict:
     """Run AdaRound (if ``cfg.rounding.method == 'adaround'``) and LSQ unit by unit."""
     rcfg = cfg.rounding
     teacher = module_components(teacher_pipe)[comp]
-    batches = list(data.batches(cfg.batch_size, device, limit=limit))
+    batches = list(replay.batches())
     units = reconstruction_units(denoiser, rcfg.block_types)
     lsq_iters = cfg.activations.lsq_iters if cfg.activations else 0
     report: dict = {"units": len(units), "iters": rcfg.iters if rcfg.method == "adaround" else 0,

@@ -24,13 +24,12 @@ from diffusers import DiffusionPipeline
 from diffsqueeze.errors import RecipeError
 from diffsqueeze.models.roles import module_components
 from diffsqueeze.pipelines.calibration import (
-    CalibrationData,
     CalibrationError,
     collect_calibration,
 )
 from diffsqueeze.pipelines.context import StageContext
 from diffsqueeze.pipelines.stage import ComponentStage
-from diffsqueeze.pipelines.stage_helpers import call_denoiser, stage_component
+from diffsqueeze.pipelines.stage_helpers import stage_component
 from diffsqueeze.prune.masks import enforce_masks
 from diffsqueeze.quant.nn.attention import SOFTMAX_KIND, is_attention, quantize_softmax
 from diffsqueeze.quant.nn.layers import QuantMixin, act_param_shape, make_quant_module
@@ -50,11 +49,11 @@ from diffsqueeze.quant.primitives.search import (
     search_weight_params,
 )
 from diffsqueeze.quant.ptq.config import PTQConfig
+from diffsqueeze.quant.ptq.input_capture import CalibrationReplay, capture_input_rows, capture_input_samples
 from diffsqueeze.quant.ptq.reconstruct import reconstruct
 from diffsqueeze.quant.ptq.smoothing import channel_absmax, choose_scale
 from diffsqueeze.quant.ptq.tracing import (
-    LayerPlan,
-    act_rows,
+    PTQLayerPlan,
     execution_order,
     select_layers,
     spans_inputs,
@@ -63,9 +62,6 @@ from diffsqueeze.quant.ptq.tracing import (
 log = logging.getLogger(__name__)
 
 
-OUTPUT_SEARCH_STEPS = 4
-"""Calibration timesteps (spread over the trajectory) whose inputs the output search uses."""
-OUTPUT_SEARCH_ROWS_PER_STEP = 2
 WEIGHT_COARSE_STEP = 8
 """``weights.scale_search: coarse_to_fine`` scores every 8th INT candidate, then refines (search.py)."""
 
@@ -78,7 +74,7 @@ class PTQStage(ComponentStage):
     def check(self, pipe: DiffusionPipeline) -> None:
         cfg = self.config
         name = stage_component(pipe, cfg.component)
-        if not select_layers(module_components(pipe)[name], cfg):
+        if not select_layers(module_components(pipe)[name], cfg.include, (*cfg.exclude, *cfg.keep_fp)):
             raise RecipeError("include", f"no Linear/Conv2d layer of '{name}' matches include={list(cfg.include)} "
                               f"exclude={list(cfg.exclude)} keep_fp={list(cfg.keep_fp)}")
 
@@ -96,16 +92,17 @@ class PTQStage(ComponentStage):
         data = collect_calibration(ctx)
         limit = cfg.samples_per_timestep or None
         device = next(denoiser.parameters()).device
-        first = next(data.batches(cfg.batch_size, device, limit=limit))
-        names = select_layers(denoiser, cfg)
+        replay = CalibrationReplay(data, cfg.batch_size, device, limit)
+        first = next(replay.batches())
+        names = select_layers(denoiser, cfg.include, (*cfg.exclude, *cfg.keep_fp))
         order, splits, first_layer = execution_order(denoiser, names, first.kwargs)
         plans = self._plan(order, splits, first_layer)
         summary: dict = {"component": comp, "calibration": {"timesteps": data.timesteps, "steps": data.steps,
                                                              "samples": data.num_samples}}
         need_inputs = cfg.weights.search == "output" or bool(cfg.smoothing.search)
-        inputs = self._collect(denoiser, names, data, device, limit, sample_only=True) if need_inputs else {}
+        inputs = capture_input_samples(denoiser, names, replay) if need_inputs else {}
         modules = dict(denoiser.named_modules())
-        smooth = self._smoothing(denoiser, plans, data, device, limit, inputs, ctx) if cfg.smoothing.enabled else {}
+        smooth = self._smoothing(denoiser, plans, replay, inputs, ctx) if cfg.smoothing.enabled else {}
         if smooth:
             alphas = [a for _, a in smooth.values()]
             summary["smoothing"] = {"layers": len(smooth), "alphas": {f"{a:g}": alphas.count(a) for a in sorted(set(alphas))}}
@@ -139,10 +136,9 @@ class PTQStage(ComponentStage):
             ctx.state.modules[f"{comp}/{plan.name}"] = {"kind": qlayer.KIND, **record}
         del inputs
         if cfg.activations is not None and not cfg.activations.dynamic_group:  # dynamic: nothing to calibrate
-            self._init_acts(denoiser, plans, data, device, limit, group_of, ctx)
+            self._init_acts(denoiser, plans, replay, group_of, ctx)
         if cfg.rounding.method == "adaround" or (cfg.activations and cfg.activations.lsq_iters):
-            summary["reconstruction"] = reconstruct(denoiser, ctx.teacher(), comp, cfg, data, device, limit,
-                                                    ctx.state.masks, ctx)
+            summary["reconstruction"] = reconstruct(denoiser, ctx.teacher(), comp, cfg, replay, ctx.state.masks, ctx)
         # the records now hold the final formats (chosen by search); write them again
         for plan in plans:
             qlayer = denoiser.get_submodule(plan.name)
@@ -164,13 +160,13 @@ class PTQStage(ComponentStage):
 
     # ------------------------------------------------------------------------------------
 
-    def _plan(self, order: list[str], splits: dict[str, int], first_layer: str | None) -> list[LayerPlan]:
+    def _plan(self, order: list[str], splits: dict[str, int], first_layer: str | None) -> list[PTQLayerPlan]:
         cfg = self.config
         wkind, wbits, wname = cfg.weights.spec
         plans = []
         ends = {first_layer or order[0], order[-1]} if order else set()
         for name in order:
-            plan = LayerPlan(name, wname, wbits if wname is None else None, None, None,
+            plan = PTQLayerPlan(name, wname, wbits if wname is None else None, None, None,
                              splits.get(name, 0) if cfg.shortcut_split else 0)
             if name in ends and cfg.first_last_weights_fp:
                 plan.weight_format, plan.weight_search_bits = None, None
@@ -184,7 +180,7 @@ class PTQStage(ComponentStage):
             plans.append(plan)
         return plans
 
-    def _smoothing(self, denoiser, plans, data, device, limit, inputs, ctx) -> dict[str, tuple[torch.Tensor, float]]:
+    def _smoothing(self, denoiser, plans, replay: CalibrationReplay, inputs, ctx) -> dict[str, tuple[torch.Tensor, float]]:
         """Smoothing scale and alpha of each layer that gets one (docs/methods.md §10; quant/ptq/smoothing.py)."""
         cfg = self.config
         eligible = []
@@ -195,7 +191,7 @@ class PTQStage(ComponentStage):
                 p.notes.append("not smoothed: grouped conv")
                 continue
             eligible.append(p)
-        batches = ctx.progress(data.batches(cfg.batch_size, device, limit=limit), "ptq: smoothing statistics", None)
+        batches = ctx.progress(replay.batches(), "ptq: smoothing statistics", None)
         with torch.no_grad(), timestep_routing(denoiser):
             act_max = channel_absmax(denoiser, [p.name for p in eligible], batches)
         acts = cfg.activations
@@ -214,7 +210,7 @@ class PTQStage(ComponentStage):
             out[p.name] = (s, alpha)
         return out
 
-    def _lowrank_rank(self, layer: torch.nn.Module, plan: LayerPlan, pruned: bool) -> int:
+    def _lowrank_rank(self, layer: torch.nn.Module, plan: PTQLayerPlan, pruned: bool) -> int:
         """The low-rank branch's rank for ``layer`` (0: none; pruned and grouped layers get none:
         the residual would fill the pruned zeros, the branch conv does not take groups)."""
         cfg = self.config.lowrank
@@ -225,7 +221,7 @@ class PTQStage(ComponentStage):
             return 0
         return cfg.rank_for(layer.weight.shape[0], layer.weight[0].numel())
 
-    def _record(self, layer: torch.nn.Module, plan: LayerPlan, groups: int, n_t: int) -> dict:
+    def _record(self, layer: torch.nn.Module, plan: PTQLayerPlan, groups: int, n_t: int) -> dict:
         cfg = self.config
         wfmt = plan.weight_format or (formats_for_bits(plan.weight_search_bits)[0].name if plan.weight_search_bits else None)
         gs = cfg.weights.group_size if cfg.weights.granularity == "group" else 0
@@ -249,7 +245,7 @@ class PTQStage(ComponentStage):
     # ---- weights ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def _init_weights(self, qlayer: QuantMixin, plan: LayerPlan, x: torch.Tensor | None) -> None:
+    def _init_weights(self, qlayer: QuantMixin, plan: PTQLayerPlan, x: torch.Tensor | None) -> None:
         w = qlayer.weight.detach()
         steps = self.config.weights.search_steps
         for q, sl in qlayer.weight_parts():
@@ -281,73 +277,14 @@ class PTQStage(ComponentStage):
 
     # ---- activations -------------------------------------------------------------------
 
-    def _collect(self, denoiser, names, data: CalibrationData, device, limit, sample_only: bool,
-                 group_of: list[int] | None = None, progress=None) -> dict:
-        """Inputs of the named layers over the calibration data.
-
-        ``sample_only``: the first batch's inputs (up to 4 samples) per layer, for the output
-        loss. Otherwise ``(rows, channels)`` samples per (layer, group), capped in size, with a
-        NaN/Inf check naming the layer and timestep.
-        """
-        modules = dict(denoiser.named_modules())
-        store: dict = {}
-        current = {"batch": None}
-        max_values = self.config.activations.search_values if self.config.activations else 0
-
-        def hook_for(name):
-            conv = isinstance(modules[name], torch.nn.Conv2d)
-
-            def hook(module, args):
-                x = args[0].detach()
-                if isinstance(module, QuantMixin):  # the statistics of what the quantizer sees
-                    x = module.smoothed_input(x)
-                if sample_only:  # two rows spread over the batch, per chosen timestep
-                    idx = torch.linspace(0, x.shape[0] - 1, min(OUTPUT_SEARCH_ROWS_PER_STEP, x.shape[0]))
-                    rows = x[idx.round().long().unique()].clone()
-                    store[name] = rows if name not in store else torch.cat([store[name], rows])
-                    return
-                b = current["batch"]
-                if not bool(torch.isfinite(x).all()):
-                    raise CalibrationError(f"NaN/Inf in the input of layer '{name}' at timestep {b.timestep:g} "
-                                           f"(calibration step {b.step}); the model diverges under these settings")
-                rows = act_rows(x, conv).float()
-                key = (name, group_of[b.step])
-                cap = max(64, max_values // rows.shape[1])
-                have = store.get(key)
-                rows = rows if have is None else torch.cat([have, rows])
-                if rows.shape[0] > cap:
-                    idx = torch.randperm(rows.shape[0], device=rows.device)[:cap]
-                    rows = rows[idx]
-                store[key] = rows
-            return hook
-
-        handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
-        try:
-            batches = data.batches(self.config.batch_size, device, limit=limit)
-            if sample_only:  # the first batch of calibration steps spread over the trajectory
-                n = len(data.steps)
-                chosen = sorted({round(i * (n - 1) / max(OUTPUT_SEARCH_STEPS - 1, 1))
-                                 for i in range(min(n, OUTPUT_SEARCH_STEPS))})
-                batches = [next(data.batches(self.config.batch_size, device, steps=[k], limit=limit)) for k in chosen]
-            elif progress is not None:
-                batches = progress(batches, "ptq: activation statistics", None)
-            with torch.no_grad(), timestep_routing(denoiser):
-                for b in batches:
-                    current["batch"] = b
-                    call_denoiser(denoiser, b.kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        return store
-
-    def _init_acts(self, denoiser, plans, data, device, limit, group_of, ctx) -> None:
+    def _init_acts(self, denoiser, plans, replay: CalibrationReplay, group_of, ctx) -> None:
         layers = {p.name: denoiser.get_submodule(p.name) for p in plans}
         quantizers = [q for lay in layers.values() for q in lay.act_quantizers()]
         for lay in layers.values():
             lay.quant_acts = False
         try:
-            store = self._collect(denoiser, list(layers), data, device, limit, sample_only=False,
-                                  group_of=group_of, progress=ctx.progress)
+            max_values = self.config.activations.search_values if self.config.activations else 0
+            store = capture_input_rows(denoiser, list(layers), replay, group_of, max_values, ctx.progress)
         finally:
             for lay in layers.values():
                 lay.quant_acts = True
@@ -366,7 +303,7 @@ class PTQStage(ComponentStage):
                 lay.config["act"]["format_2"] = lay.act_quant_2.fmt.name
 
     @torch.no_grad()
-    def _init_act_quantizer(self, lay, q: ActQuantizer, rows: torch.Tensor, group: int, plan: LayerPlan) -> None:
+    def _init_act_quantizer(self, lay, q: ActQuantizer, rows: torch.Tensor, group: int, plan: PTQLayerPlan) -> None:
         cfg = self.config.activations
         steps = self.config.weights.search_steps
         per_channel = q.param_shape != (1,)

@@ -4,6 +4,7 @@ layer's calibration inputs constrain its weight (output search, docs/methods.md 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -11,11 +12,10 @@ from torch.overrides import TorchFunctionMode
 
 from diffsqueeze.pipelines.stage_helpers import call_denoiser, matches_any
 from diffsqueeze.quant.nn.layers import QuantMixin, quant_layer_types
-from diffsqueeze.quant.ptq.config import PTQConfig
 
 
 @dataclass
-class LayerPlan:
+class PTQLayerPlan:
     """What one layer gets: weight format (or FP search), activation format (or search)."""
 
     name: str
@@ -27,13 +27,14 @@ class LayerPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def select_layers(root: torch.nn.Module, cfg: PTQConfig) -> list[str]:
-    """Names of Linear/Conv2d layers matched by include, not by exclude or keep_fp."""
+def select_layers(root: torch.nn.Module, include: Sequence[str], skip: Sequence[str]) -> list[str]:
+    """Names of the not yet quantized Linear/Conv2d layers that a pattern of ``include`` matches and
+    no pattern of ``skip`` (a stage's exclude and keep-FP lists) does."""
     out = []
     for name, module in root.named_modules():
         if not isinstance(module, quant_layer_types()) or isinstance(module, QuantMixin):
             continue
-        if not matches_any(name, cfg.include) or matches_any(name, (*cfg.exclude, *cfg.keep_fp)):
+        if not matches_any(name, include) or matches_any(name, skip):
             continue
         out.append(name)
     return out
@@ -93,7 +94,7 @@ def execution_order(denoiser: torch.nn.Module, names: list[str], kwargs: dict) -
     return order, splits, first_input[0]
 
 
-def spans_inputs(layer: torch.nn.Module, x: torch.Tensor, plan: LayerPlan) -> bool:
+def spans_inputs(layer: torch.nn.Module, x: torch.Tensor, plan: PTQLayerPlan) -> bool:
     """Whether the calibration inputs ``x`` determine the layer's output error for any weight.
 
     The output L2 search (docs/methods.md §3) only sees the weight on the span of the calibration
