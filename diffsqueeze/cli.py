@@ -27,22 +27,31 @@ EXIT_INTERRUPTED = 130
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
     from diffsqueeze.config_parse import apply_overrides, read_yaml_file
     from diffsqueeze.pipelines.manifest import check_output_dir, check_run_dir
+    from diffsqueeze.pipelines.run_lock import hold_model_run, hold_output_dir
 
-    # The recipe's text and output_dir first: these errors come before torch and diffusers load.
-    data = apply_overrides(read_yaml_file(args.recipe), args.overrides)
-    out, model = (data.get("output_dir"), data.get("model")) if isinstance(data, dict) else (None, None)
-    if isinstance(out, str) and out.strip():
-        check_output_dir(out, model if isinstance(model, str) else None, probe=True)
-        check_run_dir(Path(out), resume=args.resume, overwrite=args.overwrite)
+    with ExitStack() as held:
+        # The recipe's text and output_dir first: these errors come before torch and diffusers load.
+        data = apply_overrides(read_yaml_file(args.recipe), args.overrides)
+        out, model = (data.get("output_dir"), data.get("model")) if isinstance(data, dict) else (None, None)
+        if isinstance(out, str) and out.strip():
+            check_output_dir(out, model if isinstance(model, str) else None, probe=True)
+            # held for the whole command (run_recipe takes the same locks again, re-entrantly): no
+            # other run may change the folder between these checks and the run
+            held.enter_context(hold_output_dir(out))
+            if isinstance(model, str) and (lock := hold_model_run(model)) is not None:
+                held.enter_context(lock)
+            check_run_dir(Path(out), resume=args.resume, overwrite=args.overwrite)
 
-    from diffsqueeze.run.runner import run_recipe
-    from diffsqueeze.recipe import recipe_from_dict
+        from diffsqueeze.run.runner import run_recipe
+        from diffsqueeze.recipe import recipe_from_dict
 
-    recipe = recipe_from_dict(data or {})
-    quiet_libraries()
-    run_dir = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
+        recipe = recipe_from_dict(data or {})
+        quiet_libraries()
+        run_dir = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
     print(f"run complete: {run_dir}")
     print(f"  compressed model: {run_dir / 'model'}   (diffsqueeze inspect {run_dir})")
     return 0

@@ -6,10 +6,14 @@
 - :func:`run_tiny_ptq`, :func:`reload_and_check_pixels`: a ptq recipe on builtin:tiny-sd that exports
   and saves its evaluation images, and the check that the exported model reloads and generates
   those images pixel for pixel (shared by the tests of the ptq options).
+- :func:`snapshot`, :func:`is_lock`, :func:`one_error_line`, :func:`manifest`: every file of a folder
+  with its hash (lock files aside), the one-line error check, a run's manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +78,31 @@ def reload_and_check_pixels(run: Path):
     saved = [np.asarray(PIL.Image.open(run / "eval" / "images" / f"{i:06d}.png").convert("RGB")) for i in range(2)]
     assert torch.equal(images, torch.from_numpy(np.stack(saved)).permute(0, 3, 1, 2))
     return pipe
+
+
+# ---- run directories: what a failed or refused command must leave as it was -------------------
+
+
+def is_lock(p: Path) -> bool:
+    """A run's lock file beside its output_dir (pipelines/run_lock.py): created by any run on the
+    folder, refused or not, and left in place by design."""
+    return p.name.startswith(".") and p.name.endswith(".lock")
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file and folder under ``folder`` (hidden ones included, lock files not) with its content hash."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*")) if not is_lock(p)}
+
+
+def one_error_line(err: str, *words: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("diffsqueeze: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], f"{word!r} missing from: {lines[0]}"
+    return lines[0]
+
+
+def manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())

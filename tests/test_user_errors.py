@@ -4,8 +4,6 @@ existed before it (every file of the folder is hashed before and after)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import subprocess
@@ -18,28 +16,10 @@ import yaml
 from diffsqueeze.cli import main
 from diffsqueeze.errors import RecipeError
 from diffsqueeze.prune.stage import PruneStage
+from tests.helpers import is_lock, manifest, one_error_line, snapshot
 
 TWO_STAGES = {"model": "builtin:tiny-sd", "device": "cpu",
               "stages": [{"prune": {"targets": {"unet": 0.3}}}, {"prune": {"targets": {"text_encoder": 0.2}}}]}
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file and folder under ``folder`` (hidden ones included) with its content hash."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
-
-
-def one_error_line(err: str, *words: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("diffsqueeze: "), err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in lines[0], f"{word!r} missing from: {lines[0]}"
-    return lines[0]
-
-
-def manifest(run_dir: Path) -> dict:
-    return json.loads((run_dir / "manifest.json").read_text())
 
 
 def fail_prune_at(monkeypatch, call: int, exc: BaseException) -> None:
@@ -94,7 +74,7 @@ def test_failed_overwrite_keeps_the_old_run_and_a_second_overwrite_replaces_it(r
     monkeypatch.undo()
     assert main(["run", str(path), "--overwrite", "seed=5"]) == 0
     assert manifest(run_dir)["status"] == "complete" and "seed: 5" in (run_dir / "recipe.yaml").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "run"]  # no replacement folder left
+    assert sorted(p.name for p in tmp_path.iterdir() if not is_lock(p)) == ["recipe.yaml", "run"]  # no replacement folder left
 
 
 def test_interrupted_overwrite_keeps_the_old_run_and_resume_finishes_the_replacement(run_copy, tmp_path, capsys,
@@ -109,10 +89,15 @@ def test_interrupted_overwrite_keeps_the_old_run_and_resume_finishes_the_replace
     first = manifest(staging)["stages"][0]
     assert first["status"] == "done" and manifest(staging)["status"] == "failed"
     monkeypatch.undo()
-    assert main(["run", str(path), "--resume", "seed=5"]) == 0
+    before = snapshot(tmp_path)
+    assert main(["run", str(path), "--resume", "seed=5"]) == 1  # which run to continue is the user's choice
+    one_error_line(capsys.readouterr().err, "'.run.replacement'", "unfinished --overwrite", "1 of 2 stages done",
+                   "--resume --overwrite", "--overwrite alone")
+    assert snapshot(tmp_path) == before
+    assert main(["run", str(path), "--resume", "--overwrite", "seed=5"]) == 0
     m = manifest(run_dir)
     assert m["status"] == "complete" and m["stages"][0]["started"] == first["started"]  # stage 0 not run again
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not is_lock(p)) == ["recipe.yaml", "run"]
 
 
 def test_failed_resume_keeps_the_old_model(run_copy, capsys, monkeypatch):
@@ -146,7 +131,7 @@ def test_a_key_given_twice_is_an_error_naming_key_and_line(tmp_path, capsys):
                     "seed: 1\nstages:\n  - prune: {targets: {unet: 0.5}}\n")
     assert main(["run", str(path)]) == 1
     one_error_line(capsys.readouterr().err, "line 6", "duplicate key 'stages'", "first at line 3")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not is_lock(p)) == ["r.yaml"]
 
 
 def test_a_crash_in_the_end_of_run_eval_is_recorded(write_recipe, tmp_path, capsys, monkeypatch):

@@ -185,11 +185,16 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> tuple[Path | 
     if _holds_files(run_dir) and not is_run_dir(run_dir):
         verb = "refusing to replace it" if overwrite else "choose another output_dir"
         raise RunDirError(f"output_dir '{run_dir}' is not empty and is not a diffsqueeze run directory; {verb}")
+    staging = replacement_dir(run_dir)
+    if resume and is_run_dir(staging):  # an interrupted --overwrite
+        if is_run_dir(run_dir) and not overwrite:  # which of the two to continue is the user's to say
+            done, pending = _progress(read_manifest(staging))
+            raise RunDirError(f"output_dir '{run_dir}' holds a run and '{staging.name}' beside it an unfinished "
+                              f"--overwrite of it ({done} of {pending} stages done); pass --resume --overwrite to "
+                              "continue that replacement, or --overwrite alone to discard it and start afresh")
+        return staging, read_manifest(staging)
     if overwrite:
         return None, None
-    staging = replacement_dir(run_dir)
-    if resume and is_run_dir(staging):  # an interrupted --overwrite: continue the replacement
-        return staging, read_manifest(staging)
     if not _holds_files(run_dir):
         return None, None
     old = read_manifest(run_dir)
@@ -199,13 +204,21 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> tuple[Path | 
     return run_dir, old
 
 
+def _progress(manifest: dict | None) -> tuple[int, int]:
+    stages = (manifest or {}).get("stages") or []
+    return sum(1 for e in stages if isinstance(e, dict) and e.get("status") == "done"), len(stages)
+
+
 def recover_replacement(run_dir: Path) -> None:
-    """Finish a swap that was cut off between its renames (the replacement had its model)."""
+    """Finish a swap that was cut off between its renames (the replacement had its model). A
+    symbolic link left there by an earlier version (which swapped links too) is removed as a link."""
     run_dir, old = Path(run_dir), replaced_dir(run_dir)
-    if not old.exists():
+    if not os.path.lexists(old):
         return
-    if not run_dir.exists():
+    if not os.path.lexists(run_dir):
         staging = replacement_dir(run_dir)
         (staging if staging.is_dir() else old).rename(run_dir)
-    if old.exists():
+    if old.is_symlink():
+        old.unlink()
+    elif old.exists():
         shutil.rmtree(old)

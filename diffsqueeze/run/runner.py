@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -9,6 +10,7 @@ import shutil
 import tempfile
 import time
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +36,9 @@ from diffsqueeze.pipelines.manifest import (
     replacement_dir,
     write_manifest,
 )
+from diffsqueeze.pipelines.run_lock import hold_model_run, hold_output_dir, model_run_dir
 from diffsqueeze.process_memory import peak_rss_mb, reset_peak_rss, return_freed_memory
-from diffsqueeze.quant.export.save import export_pipeline, needs_packed_export
+from diffsqueeze.quant.export.save import export_pipeline, export_size_estimate, needs_packed_export
 from diffsqueeze.recipe import Recipe
 from diffsqueeze.run.checkpoint import (
     fsync_dir,
@@ -43,6 +46,7 @@ from diffsqueeze.run.checkpoint import (
     replace_folder,
     write_checkpoint,
 )
+from diffsqueeze.run.disk_space import check_free_space, disk_error
 from diffsqueeze.run.evaluation import evaluate_run
 from diffsqueeze.run.generation_check import check_generates
 from diffsqueeze.run.teacher import load_teacher
@@ -90,8 +94,9 @@ def plan_run(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, dict 
     """Decide, without changing anything, where the run is written, what it continues and how many stages it reuses.
 
     A new run in a fresh (or empty) ``output_dir`` is written there; ``--resume`` continues the
-    run in place (or an interrupted ``--overwrite``'s replacement); ``--overwrite`` of a run writes
-    the new run into :func:`replacement_dir`, which replaces ``output_dir`` once its model exists.
+    run in place; ``--overwrite`` of a run writes the new run into :func:`replacement_dir`, which
+    replaces ``output_dir`` once its model exists; ``--resume --overwrite`` continues such a
+    replacement that was interrupted (``--resume`` alone refuses to choose between the two).
 
     Returns:
         The folder the run writes into, the manifest it continues (or None) and the stages it reuses.
@@ -104,7 +109,7 @@ def plan_run(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, dict 
     run_dir = Path(recipe.output_dir)
     check_output_dir(recipe.output_dir, recipe.model, probe=True)
     where, old = check_run_dir(run_dir, resume, overwrite)
-    if overwrite and is_run_dir(run_dir):
+    if overwrite and is_run_dir(run_dir) and where != replacement_dir(run_dir):
         probe_writable(replacement_dir(run_dir).parent, recipe.output_dir)
         return replacement_dir(run_dir), None, 0
     if where is None:
@@ -145,8 +150,24 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
             raise RunDirError("--resume is not supported under a multi-process launch yet; resume with one process")
         if not is_main():
             return _run_as_follower(recipe, stages, device)
+    shown = Path(recipe.output_dir)
+    if shown.resolve() != shown.absolute():  # through a symbolic link: the run is written where it
+        recipe = dataclasses.replace(recipe, output_dir=str(shown.resolve()))  # points; the link stays
+
+    check_output_dir(recipe.output_dir, recipe.model, probe=True)  # a folder the lock file can go beside
+    with ExitStack() as held:
+        held.enter_context(hold_output_dir(recipe.output_dir))
+        if (lock := hold_model_run(recipe.model)) is not None:
+            held.enter_context(lock)
+        _run_main(recipe, stages, device, resume, overwrite)
+    return shown
+
+
+def _run_main(recipe: Recipe, stages: list, device: torch.device, resume: bool, overwrite: bool) -> None:
+    """:func:`run_recipe` in the main process, holding its output_dir (and its model's run directory)."""
     run_dir = Path(recipe.output_dir)
     work, old, reuse = plan_run(recipe, resume, overwrite)
+    source = model_fingerprint(recipe.model)
     pipe, state = load_with_state(recipe.model, str(device), recipe.dtype)
     _check_stages(recipe, stages, pipe)
     changed: set[str] = set()
@@ -160,12 +181,15 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_plain(), sort_keys=False), encoding="utf-8")
     hashes = recipe.stage_hashes()
     manifest = new_manifest(recipe.recipe_hash(), recipe.model, [(s.name, h) for s, h in zip(recipe.stages, hashes)])
+    if source:
+        manifest["model_manifest_sha256"] = source
     if old:
         manifest["created"] = old.get("created", manifest["created"])
         manifest["stages"][:reuse] = old["stages"][:reuse]
     write_manifest(work, manifest)
 
-    ctx = _stage_context(recipe, stages, pipe, state, device, work, changed, manifest.setdefault("teacher", {}))
+    ctx = _stage_context(recipe, stages, pipe, state, device, work, changed, manifest.setdefault("teacher", {}),
+                         source)
     try:
         if reuse == 0 and any(STAGES[s.name].calibrated for s in recipe.stages):
             _record_calibration_first(pipe, ctx, manifest)
@@ -192,12 +216,30 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) ->
             manifest["eval"] = {"status": "done", "metrics": metrics}
     except BaseException as exc:
         _record_failure(Path(ctx.run_dir), manifest, exc)
+        plain = disk_error(exc, Path(ctx.run_dir))
+        if plain is not None:
+            raise plain from exc
         raise
     manifest["status"] = "complete"
     manifest["finished"] = now()
     write_manifest(run_dir, manifest)
     barrier()  # the other processes of a data-parallel launch end with the run
-    return run_dir
+
+
+def model_fingerprint(model: str) -> str | None:
+    """sha256 of the manifest of the run directory ``model`` reads (None for other models): a
+    re-run of that folder rewrites its manifest, so the teacher, loaded later, can tell."""
+    run_dir = model_run_dir(model)
+    if run_dir is None:
+        return None
+    return hashlib.sha256((run_dir / "manifest.json").read_bytes()).hexdigest()
+
+
+def _check_model_unchanged(model: str, fingerprint: str | None) -> None:
+    """Refuse to load the teacher from a run directory that changed after the student was read."""
+    if fingerprint is not None and model_fingerprint(model) != fingerprint:
+        raise RunDirError(f"model '{model}' changed after this run read it (its manifest differs): student and "
+                          "teacher would be different models; run again")
 
 
 def _run_as_follower(recipe: Recipe, stages: list, device: torch.device) -> Path:
@@ -223,14 +265,21 @@ def _run_as_follower(recipe: Recipe, stages: list, device: torch.device) -> Path
 
 
 def _stage_context(recipe: Recipe, stages: list, pipe, state, device: torch.device, run_dir: Path,
-                   changed: set[str] | None = None, teacher_record: dict | None = None) -> StageContext:
+                   changed: set[str] | None = None, teacher_record: dict | None = None,
+                   source: str | None = None) -> StageContext:
     """The context the stages share; the teacher loads on first use, holding apart only the
-    components some stage writes (``teacher_record``: the manifest's account of it)."""
+    components some stage writes (``teacher_record``: the manifest's account of it), from the
+    same model the student was read from (``source``: :func:`model_fingerprint` at that read)."""
     written = set().union(*(stage.writes(pipe) for stage in stages))
+
+    def teacher():
+        _check_model_unchanged(recipe.model, source)
+        return load_teacher(recipe, pipe, written, device, teacher_record)
+
     return StageContext(index=0, run_dir=run_dir, device=device, seed=recipe.seed, state=state,
                         model_spec=recipe.model, recipe_seed=recipe.seed, calibration=recipe.calibration,
                         changed=set() if changed is None else changed,
-                        teacher_factory=lambda: load_teacher(recipe, pipe, written, device, teacher_record))
+                        teacher_factory=teacher)
 
 
 def _enter_stage(ctx: StageContext, i: int) -> None:
@@ -303,11 +352,11 @@ def _run_stage(pipe, stage, i: int, ctx: StageContext, manifest: dict) -> None:
         summary = stage.apply(pipe, ctx)
         wall = time.perf_counter() - t0  # the stage's own work, without the check below
         check_generates(pipe, ctx.calibration, ctx.recipe_seed, f"stage {i} ({entry['name']})")
-    except BaseException as exc:
+        ctx.state.history.append({"index": i, "name": entry["name"], "summary": summary})
+        write_checkpoint(pipe, ctx.state, ctx.changed, ctx.run_dir / entry["checkpoint"])
+    except BaseException as exc:  # the stage is not done until its checkpoint is written
         entry.update(status="failed", error=error_text(exc), traceback=traceback.format_exc(limit=5))
         raise  # run_recipe records the run as failed and writes the manifest
-    ctx.state.history.append({"index": i, "name": entry["name"], "summary": summary})
-    write_checkpoint(pipe, ctx.state, ctx.changed, ctx.run_dir / entry["checkpoint"])
     entry.update(status="done", finished=now(), wall_time_s=round(wall, 3), peak_rss_mb=round(peak_rss_mb(), 1), summary=summary)
     if ctx.device.type == "cuda":
         entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
@@ -324,6 +373,7 @@ def export_model(pipe, ctx: StageContext, run_dir: Path, manifest: dict, allow_u
     reset_peak_rss()
     t0 = time.perf_counter()
     packed = needs_packed_export(ctx.state)
+    check_free_space(run_dir, export_size_estimate(pipe), "the export of model/")
     qmap = export_pipeline(pipe, ctx.state, tmp, allow_unpacked=allow_unpacked) if packed else None
     if qmap is None:  # no quantized layers (e.g. pruning only): plain diffusers folder + masks
         save_pipeline(pipe, tmp, ctx.state)
