@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from diffsqueeze.console import quiet_libraries
-from diffsqueeze.metrics.config import reference_problem
+from diffsqueeze.metrics.config import MAX_EVAL_IMAGES, reference_problem
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,52 @@ def _check_size_args(args: argparse.Namespace) -> None:
             raise DiffsqueezeError(f"--{name} must be >= 1 (pixels), got {getattr(args, name)}")
 
 
+def check_models(*specs: str) -> None:
+    """Every model a command will load, before it loads or generates anything: the spec's syntax
+    (:func:`~diffsqueeze.models.io.check_model_spec`), a folder's ``model_index.json`` readable,
+    and a hub id in the local cache or on the hub (a small request; refused while offline).
+
+    Raises:
+        ModelLoadError: the first spec that names no loadable model, with the cause.
+    """
+    from diffsqueeze.errors import ModelLoadError
+    from diffsqueeze.models import check_model_spec
+
+    for spec in specs:
+        check_model_spec(spec)
+        problem = _model_problem(spec)
+        if problem:
+            raise ModelLoadError(problem)
+
+
+def _model_problem(spec: str) -> str | None:
+    from diffsqueeze.errors import one_line
+    from diffsqueeze.models.io import hub_unreachable, model_folder
+
+    folder = None if spec.startswith("builtin:") else model_folder(spec)
+    if folder is not None:
+        try:
+            json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return f"model '{spec}': {folder / 'model_index.json'} cannot be read ({type(exc).__name__}: {one_line(str(exc))})"
+    if spec.startswith("builtin:") or Path(spec).exists():
+        return None  # a folder check_model_spec accepted
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(spec, "model_index.json"), str):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return (f"model '{spec}' is no local folder and not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; "
+                f"download it while online, or give a local diffusers folder")
+    try:
+        found = HfApi().file_exists(spec, "model_index.json")
+    except Exception as exc:  # no network, a gated repo, a server error: the cause goes into the message
+        return hub_unreachable(spec, exc) or f"model '{spec}': the Hugging Face hub cannot be asked for it " \
+            f"({type(exc).__name__}: {one_line(str(exc))})"
+    return None if found else (f"model '{spec}' is no local folder, and the Hugging Face hub has no diffusers pipeline "
+                               f"of that id (no model_index.json; a private model needs a login)")
+
+
 def _device_dtype(args: argparse.Namespace) -> tuple[str, str]:
     import torch
 
@@ -56,7 +102,7 @@ def _device_dtype(args: argparse.Namespace) -> tuple[str, str]:
 def cmd_grid(args: argparse.Namespace) -> int:
     from diffsqueeze.errors import DiffsqueezeError
     from diffsqueeze.metrics.grid import grid_for_models
-    from diffsqueeze.models import check_model_spec
+    from diffsqueeze.metrics.pipeline_info import sampling_note
     from diffsqueeze.models.prompts import load_prompts
 
     _check_size_args(args)
@@ -64,13 +110,11 @@ def cmd_grid(args: argparse.Namespace) -> int:
         raise DiffsqueezeError(f"--names gives {len(args.names)} names for {len(args.models)} models")
     if (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         raise DiffsqueezeError("--steps and --batch-size must be >= 1")
-    for spec in args.models:
-        check_model_spec(spec)
-    if args.prompts != "builtin":
-        load_prompts(args.prompts)  # a missing file fails before any model loads
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise DiffsqueezeError(f"--out '{out}' must end in .png, .jpg or .webp")
+    load_prompts(args.prompts)  # a missing, huge or runaway-line file fails before any model loads
+    check_models(*args.models)  # every column, before the first is generated
     quiet_libraries()
     device, dtype = _device_dtype(args)
     image, info = grid_for_models(args.models, None, args.seeds, args.steps, args.guidance, device=device,
@@ -81,8 +125,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
     image.save(out)
     info["prompt_source"] = args.prompts
     guidance = "none" if info["guidance_scale"] is None else f"{info['guidance_scale']:g}"
-    print(f"sampling: {info['num_inference_steps']} steps, guidance {guidance}"
-          + ("" if args.steps is not None and args.guidance is not None else " (the model's own defaults where not given)"))
+    note = sampling_note(args.steps, args.guidance, info["num_inference_steps"], info["guidance_scale"])
+    print(f"sampling: {info['num_inference_steps']} steps, guidance {guidance}" + (f" ({note})" if note else ""))
     out.with_suffix(".json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     print(f"grid: {out} ({len(info['prompts']) * len(args.seeds)} rows x {len(args.models)} models; provenance in {out.with_suffix('.json')})")
     return 0
@@ -132,22 +176,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffsqueeze.errors import DiffsqueezeError
     from diffsqueeze.metrics.evaluate import EvalJob, run_eval_job
     from diffsqueeze.metrics.frechet import MIN_FID_IMAGES
+    from diffsqueeze.metrics.references import reference_image_problem
     from diffsqueeze.metrics.report import write_report
-    from diffsqueeze.models import check_model_spec
+    from diffsqueeze.models.prompts import load_prompts
 
-    check_eval_reference(args.ref, args.baseline)  # before any model is loaded or image generated
+    # Every input, cheapest first, before any model is loaded or image generated.
+    check_eval_reference(args.ref, args.baseline)
     _check_size_args(args)
-    check_model_spec(args.model)
-    if args.baseline:
-        check_model_spec(args.baseline)
     job = EvalJob(model=args.model, reference=args.ref, num_images=args.num_images, batch_size=args.batch_size,
                   prompts=args.prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   baseline=args.baseline, clip_model=args.clip_model, fid_backend=args.fid_backend,
                   features=args.features, resize=args.resize, save_images=args.save_images,
                   kid_subset_size=args.kid_subset_size, height=args.height, width=args.width,
-                  kernels=args.kernels, decode=args.decode)
+                  kernels=args.kernels, decode=args.decode, threads=args.threads)
     if args.clip_model is not None and not args.clip_model.strip():
         raise DiffsqueezeError("--clip-model is empty")
+    load_prompts(args.prompts)
+    check_models(args.model, *([args.baseline] if args.baseline else []))
+    problem = reference_image_problem(args.ref)  # decodes every image of a --ref folder
+    if problem:
+        raise DiffsqueezeError(f"--ref: {problem}")
     quiet_libraries()
     _, dtype = _device_dtype(args)  # the device stays args.device: None lets accelerate place each process
     out = Path(args.out)
@@ -160,7 +208,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             + f"  [{f['backend']}, {f['weights']} sha256 {f['weights_sha256'][:12]}, resize {f['resize']}, "
             f"{f['num_generated']} generated vs {f['num_reference']} reference ({f['reference']}), "
             f"{f['sampler'].split('(')[0]} {f['steps']} steps, guidance {'none' if f['guidance'] is None else f['guidance']}, seeds 0..{job.num_images - 1}, "
-            f"prompts {job.prompts}]")
+            f"prompts {job.prompts}, kernels {f['kernels']}/{f['decode']} on {f['device']}, {f['torch_threads']} torch "
+            f"thread{'s' if f['torch_threads'] != 1 else ''} per process]")
     print(line)
     if min(f["num_generated"], f["num_reference"]) < MIN_FID_IMAGES:
         print(f"  (not meaningful: a Frechet distance needs >= {MIN_FID_IMAGES} images on each side; "
@@ -187,7 +236,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="builtin:NAME, diffusers folder, run directory or hub id")
     p.add_argument("--ref", default="fp", help="reference: 'fp' (the --baseline model's own outputs), a folder of images, "
                    "a .safetensors statistics file or builtin:fashion-mnist (default fp)")
-    p.add_argument("--num-images", type=int, default=64, help="images to generate (default 64)")
+    p.add_argument("--num-images", type=int, default=64, help=f"images to generate (default 64, at most {MAX_EVAL_IMAGES:,})")
     p.add_argument("--out", default="eval-out", help="output folder: shards, metrics.json, report (default eval-out)")
     p.add_argument("--baseline", default=None, help="model to compare with for the same prompts and seeds (PSNR/SSIM, --ref fp)")
     p.add_argument("--clip-model", default=None, help="CLIP for the CLIP score: local folder, hub id or builtin:fashion-clip")
@@ -200,6 +249,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-images", action="store_true", help="also write the images as PNG (images/, images-baseline/)")
     p.add_argument("--overwrite", action="store_true", help="discard shards of a previous job with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process for generation and features (default 1); images are identical for "
+                        "any number of processes at the same value, so use more processes, not threads, for speed")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_eval)
     return p
@@ -209,22 +261,22 @@ def cmd_prune_sweep(args: argparse.Namespace) -> int:
     from diffsqueeze.errors import DiffsqueezeError
     from diffsqueeze.loading import load_pipeline
     from diffsqueeze.metrics.compare import write_marked_section
+    from diffsqueeze.metrics.references import reference_image_problem
     from diffsqueeze.run.prune_sweep import (
         PLOT_FILE,
         Series,
         prune_sweep,
         sweep_markdown,
     )
-    from diffsqueeze.models import check_model_spec
     from diffsqueeze.models.conditioning import pipeline_prompts
     from diffsqueeze.models.prompts import load_prompts
 
-    check_model_spec(args.model)
+    check_models(args.model)
     load_prompts(args.prompts)  # a missing prompt file fails before the model loads
     series = [Series(tuple(c.partition("@")[0].split("+")), c.partition("@")[2])
               if "@" in c else Series(tuple(c.split("+")), pattern)
               for c in args.components for pattern in ([None] if "@" in c else args.patterns)]
-    problem = reference_problem(args.ref) if args.ref else None
+    problem = reference_problem(args.ref) or reference_image_problem(args.ref) if args.ref else None
     if problem:
         raise DiffsqueezeError(f"--ref: {problem}")
     if args.results and not Path(args.results).is_file():

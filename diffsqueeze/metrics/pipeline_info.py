@@ -18,6 +18,7 @@ __all__ = [
     "denoiser_bytes",
     "sampling_defaults",
     "resolve_sampling",
+    "sampling_note",
 ]
 
 FALLBACK_STEPS, FALLBACK_GUIDANCE = 50, 7.5
@@ -97,3 +98,21 @@ def resolve_sampling(pipe, steps: int | None, guidance: float | None) -> tuple[i
     if own_guidance is None:
         return (own_steps if steps is None else steps), None
     return (own_steps if steps is None else steps), (own_guidance if guidance is None else guidance)
+
+
+def sampling_note(given_steps: int | None, given_guidance: float | None, steps: int,
+                  guidance: float | None) -> str | None:
+    """Which of the sampling values :func:`resolve_sampling` returned are the model's own defaults
+    rather than the caller's (``"the model's own default: guidance 7.5 (2 steps as given)"``), or
+    None when every value was given and used."""
+    own, given = [], []
+    (own if given_steps is None else given).append(f"{steps} step{'' if steps == 1 else 's'}")
+    if guidance is not None:
+        (own if given_guidance is None else given).append(f"guidance {guidance:g}")
+    dropped = guidance is None and given_guidance is not None
+    if not own and not dropped:
+        return None
+    parts = [f"the model's own default{'s' if len(own) > 1 else ''}: {', '.join(own)}"] if own else []
+    if dropped:
+        parts.append(f"guidance {given_guidance:g} not used (the pipeline takes no guidance)")
+    return "; ".join(parts) + (f" ({', '.join(given)} as given)" if given else "")

@@ -16,8 +16,9 @@ import torch
 from diffsqueeze.errors import DiffsqueezeError
 from diffsqueeze.metrics.config import BUILTIN_REFERENCES
 from diffsqueeze.metrics.fid_stats import ReferenceStats, reference_stats
+from diffsqueeze.metrics.images import UnreadableImageError, image_file_problem, list_image_files
 
-__all__ = ["builtin_dataset", "reference_statistics"]
+__all__ = ["builtin_dataset", "reference_image_problem", "reference_statistics"]
 
 
 def builtin_dataset(name: str) -> torch.Tensor:
@@ -43,6 +44,27 @@ def builtin_dataset(name: str) -> torch.Tensor:
     return x[:, None].expand(-1, 3, -1, -1).contiguous()
 
 
+def reference_image_problem(reference: str) -> str | None:
+    """The first image of a reference folder that does not decode, named with its cause, or None
+    (and None for a reference that is no folder).
+
+    Every file is opened and its pixels decoded, so a truncated or corrupt image stops a job
+    before it generates anything, not when the reference features are extracted at its end. It
+    costs one decode per image (a few ms for a 512x512 PNG) on top of the feature extraction.
+    """
+    if not Path(reference).is_dir():
+        return None
+    try:
+        files = list_image_files(reference)
+    except FileNotFoundError as exc:
+        return str(exc)
+    for path in files:
+        problem = image_file_problem(path)
+        if problem:
+            return f"reference image '{path}' cannot be decoded ({problem}); replace or remove it"
+    return None
+
+
 def reference_statistics(reference: str, extractor, backend: str, batch_size: int = 32, cache_dir: str | None = None,
                          progress: bool = False):
     """:class:`~diffsqueeze.metrics.fid_stats.ReferenceStats` for a folder, a builtin dataset or a
@@ -64,7 +86,7 @@ def reference_statistics(reference: str, extractor, backend: str, batch_size: in
     try:
         stats = reference_stats(images, backend=backend, extractor=extractor, batch_size=batch_size, cache_dir=cache_dir,
                                 progress=progress)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, UnreadableImageError) as exc:
         raise DiffsqueezeError(str(exc)) from exc
     if reference.startswith("builtin:"):
         stats.source = f"{reference} ({stats.num_images} images)"

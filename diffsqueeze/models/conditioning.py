@@ -5,11 +5,18 @@ Every place that generates (calibration, the end-of-stage check, grids, eval) go
 ``prompt``, class-conditional ones (DiT) get ``class_labels`` resolved from the prompt strings,
 unconditional ones (DDPM) get ``batch_size`` and only their seeds matter. What a pipeline takes
 is read from its ``__call__`` signature, never from its class name.
+
+A text pipeline's tokenizers cut every prompt to what its text encoders read (77 tokens for CLIP)
+without a word; :func:`pipeline_prompts` says once per process how many prompts of the set are cut
+and to how many tokens (:func:`truncation_warnings`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +27,16 @@ import torch
 from diffsqueeze.errors import DiffsqueezeError
 from diffsqueeze.models.prompts import load_prompts
 
+log = logging.getLogger(__name__)
+
 DEFAULT_PROMPT_SET = "builtin"
 UNCONDITIONAL_LABEL = "(unconditional)"
+#: transformers gives a tokenizer without a length of its own a huge ``model_max_length``
+#: (``VERY_LARGE_INTEGER``); anything above this is read as "no limit".
+_NO_TOKEN_LIMIT = 1_000_000
+#: Tokenizer and prompt-set pairs already checked in this process (pipeline_prompts runs several
+#: times a run: calibration, the check after each stage, the evaluation): each is reported once.
+_TRUNCATION_CHECKED: set[tuple] = set()
 
 
 class ConditioningError(DiffsqueezeError):
@@ -108,7 +123,64 @@ def pipeline_prompts(pipe, spec: str | None) -> list[str]:
     if kind == "class":
         for p in prompts:
             class_id(pipe, p)
+    else:
+        for message in truncation_warnings(pipe, prompts, spec):
+            warn_once(message)
     return prompts
+
+
+def token_count_over(tokenizer, prompts: Sequence[str], limit: int) -> int:
+    """How many of ``prompts`` are longer than ``limit`` tokens (special tokens counted, as the
+    pipeline's own call counts them)."""
+    ids = tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]
+    return sum(len(x) > limit for x in ids)
+
+
+def _token_limits(pipe) -> list[tuple[str, Any, int]]:
+    """``(component name, tokenizer, tokens passed on)`` of each tokenizer a text pipeline has.
+
+    A CLIP text encoder's tokenizer passes on its ``model_max_length`` (77); the others (T5,
+    Gemma) are cut where the pipeline's call says, ``max_sequence_length`` (SD3 256, Flux 512,
+    PixArt 120), else at their own ``model_max_length``."""
+    param = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+    cap = param.default if param is not None and isinstance(param.default, int) else None
+    out = []
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tok = getattr(pipe, name, None)
+        if tok is None or not callable(tok):
+            continue
+        encoder = getattr(pipe, name.replace("tokenizer", "text_encoder"), None)
+        own = getattr(tok, "model_max_length", None)
+        own = own if isinstance(own, int) and own < _NO_TOKEN_LIMIT else None
+        limit = own if type(encoder).__name__.startswith("CLIP") or cap is None else cap
+        if limit:
+            out.append((name, tok, limit))
+    return out
+
+
+def truncation_warnings(pipe, prompts: Sequence[str], source: str) -> list[str]:
+    """One message per tokenizer of ``pipe`` that cuts some of ``prompts`` (the set ``source``):
+    how many it cuts and to how many tokens. Each tokenizer and set is checked once per process;
+    a repeated call returns nothing."""
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    messages = []
+    for name, tok, limit in _token_limits(pipe):
+        key = (type(tok).__name__, getattr(tok, "name_or_path", ""), len(tok), limit, digest)
+        if key in _TRUNCATION_CHECKED:
+            continue
+        _TRUNCATION_CHECKED.add(key)
+        n = token_count_over(tok, prompts, limit)
+        if n:
+            messages.append(f"{n} of {len(prompts)} prompts of '{source}' are longer than {type(pipe).__name__}'s "
+                            f"{name} takes: each is truncated to its first {limit} tokens")
+    return messages
+
+
+def warn_once(message: str) -> None:
+    """Log ``message`` as a warning on the main process only: under a multi-process launch
+    (``RANK`` set by torchrun / accelerate) every process reads the same prompts."""
+    if os.environ.get("RANK", "0") == "0":
+        log.warning("%s", message)
 
 
 def clip_not_applicable(pipe) -> str:

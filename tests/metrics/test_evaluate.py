@@ -1,4 +1,4 @@
-"""The evaluation job (sharded, resumable, identical for 1 and 2 processes)."""
+"""The evaluation job (sharded, resumable, identical for 1 and 2 processes whatever threads each had)."""
 
 import json
 import os
@@ -46,40 +46,86 @@ def _results(metrics):
     return out
 
 
-def _eval_args(models, out, n=6):
-    return ["eval", "--model", str(models / "altered"), "--baseline", "builtin:tiny-sd", "--ref", "fp",
-            "--num-images", str(n), "--batch-size", "2", "--steps", "2", "--guidance", "1", "--features", "tiny-random",
-            "--kid-subset-size", "4", "--clip-model", str(models / "clip"), "--out", str(out), "--save-images",
+def _eval_args(models, out, n=6, model=None, baseline="builtin:tiny-sd", clip=None, steps="2"):
+    return ["eval", "--model", model or str(models / "altered"), "--baseline", baseline, "--ref", "fp",
+            "--num-images", str(n), "--batch-size", "2", "--steps", steps, "--guidance", "1", "--features", "tiny-random",
+            "--kid-subset-size", "4", "--clip-model", clip or str(models / "clip"), "--out", str(out), "--save-images",
             "--no-progress"]
 
 
-def test_one_and_two_processes_give_identical_images_and_numbers(models, tmp_path):
-    """`torchrun --nproc_per_node 2 -m diffsqueeze eval` (gloo) vs the same job in one process."""
+def _one_and_two_processes(args_for, tmp_path, n):
+    """The same eval in this process (its torch threads set to 2, as a 2-core machine gives it) and
+    under `torchrun --nproc_per_node 2` (gloo; each worker gets OMP_NUM_THREADS=1): same images
+    file by file, same numbers. Returns the two metrics."""
     from diffsqueeze.cli import main
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     one, two = tmp_path / "one", tmp_path / "two"
     p2 = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffsqueeze",
-                           *_eval_args(models, two)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           *args_for(two)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1)
+    torch.set_num_threads(2)  # not the workers' count: the job must fix its own
     try:
-        assert main(_eval_args(models, one)) == 0
+        assert main(args_for(one)) == 0
+        assert torch.get_num_threads() == 2  # given back after the job
     finally:
         torch.set_num_threads(threads)
-    out2 = p2.communicate(timeout=300)[0]
+    out2 = p2.communicate(timeout=600)[0]
     assert p2.returncode == 0, out2[-3000:]
     m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
     assert m1["generation"]["num_processes"] == 1 and m2["generation"]["num_processes"] == 2
-    assert len(m2["timing"]["per_process"]) == 2 and out2.count("FID ") == 1  # only the main process prints
-    assert _results(m1) == _results(m2)
     for name in ("images", "images-baseline"):
         files = sorted(p.name for p in (one / name).glob("*.png"))
-        assert files == [f"{i:06d}.png" for i in range(6)]
+        assert files == [f"{i:06d}.png" for i in range(n)]
         for f in files:
-            assert (one / name / f).read_bytes() == (two / name / f).read_bytes()
+            assert (one / name / f).read_bytes() == (two / name / f).read_bytes(), f"{name}/{f}"
+    assert _results(m1) == _results(m2)
+    assert len(m2["timing"]["per_process"]) == 2 and out2.count("FID ") == 1  # only the main process prints
+    assert m1["generation"]["torch_threads"] == m2["generation"]["torch_threads"] == 1
+    return m1, m2
+
+
+@pytest.fixture(scope="module")
+def fashion_altered(tmp_path_factory):
+    """builtin:fashion with its first conv scaled, saved: an FP model whose images differ from the
+    original's. builtin:fashion's convolutions are wide enough that 1 and 2 threads give different
+    pixels (tiny-sd's are not), so it shows whether the job fixes its threads."""
+    root = tmp_path_factory.mktemp("fashion")
+    pipe = load_pipeline("builtin:fashion")
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.mul_(0.9)
+    save_pipeline(pipe, root / "altered")
+    return root / "altered"
+
+
+def test_one_and_two_processes_give_identical_images_and_numbers(fashion_altered, tmp_path):
+    """FP models (builtin:fashion and an altered copy as the evaluated model), 1 vs 2 processes."""
+    m1, _ = _one_and_two_processes(
+        lambda out: _eval_args(None, out, model=str(fashion_altered), baseline="builtin:fashion",
+                               clip="builtin:fashion-clip", steps="4"), tmp_path, 6)
     assert m1["fid"]["value"] > 0 and m1["fidelity"]["psnr"] < 100 and "clip_score" in m1
+    one = tmp_path / "one"
     assert (one / "report.md").is_file() and (one / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_agree_for_a_quantized_model(tmp_path):
+    """A W8A8 INT run of builtin:fashion (short calibration) against builtin:fashion, 1 vs 2 processes."""
+    from diffsqueeze.recipe import recipe_from_dict
+    from diffsqueeze.run.runner import run_recipe
+
+    recipe = {"model": "builtin:fashion", "output_dir": str(tmp_path / "w8a8"),
+              "calibration": {"prompts": "builtin:fashion", "num_samples": 2, "timesteps": 1, "num_inference_steps": 2,
+                              "guidance_scale": 2.0, "batch_size": 2},
+              "stages": [{"ptq": {"weights": {"bits": 8, "format": "int"},
+                                  "activations": {"bits": 8, "format": "int", "init": "percentile",
+                                                  "search_values": 1024}}}],
+              "eval": {"grid": False, "num_images": 0, "fidelity": False, "score_stages": False}}
+    run = run_recipe(recipe_from_dict(recipe))
+    m1, _ = _one_and_two_processes(
+        lambda out: _eval_args(None, out, n=8, model=str(run), baseline="builtin:fashion", clip="builtin:fashion-clip",
+                               steps="4"), tmp_path, 8)
+    assert m1["fidelity"]["psnr"] < 100  # the quantized model's images are its own
 
 
 @pytest.fixture(scope="module")
