@@ -5,9 +5,13 @@ Imports nothing from diffsqueeze, so any command module can use it without an im
 
 Importing this module silences, before torch or diffusers is imported, the warnings every start
 would otherwise print and that concern neither the user's input nor diffsqueeze: bitsandbytes'
-notes on optional kernels, diffusers' "Unable to import torchao Tensor objects" (torchao
-installed for the peer benchmarks) and torch's deprecation of pytree registration for Enum
-classes. Only those messages are filtered; anything else still shows.
+"Failed to load CPU gemm_4bit_forward from kernels-community" (printed when diffusers imports
+bitsandbytes on a CPU with AVX512-BF16: bitsandbytes tries to import the optional ``kernels``
+package to fetch a CPU kernel from the Hugging Face hub; ``kernels`` is not a dependency, so the
+import fails before any network access, and only the note about it is dropped), diffusers'
+"Unable to import torchao Tensor objects" (torchao installed for the peer benchmarks) and torch's
+deprecation of pytree registration for Enum classes. One filter per message: anything else these
+libraries log (bitsandbytes' notes on a CUDA version override, say) still shows.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ __all__ = ["quiet_libraries", "silence_dependency_warnings"]
 
 # (logger, message pattern) of log records that are dropped; each filter drops only its message.
 QUIET_RECORDS = (
+    ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-community: "),
     ("torch.utils._pytree", r"is an Enum subclass .*register_constant\(\) on Enum subclasses is deprecated"),
     ("diffusers.quantizers.torchao.torchao_quantizer", r"Unable to import `?torchao`? Tensor objects"),
     ("transformers.quantizers.quantizer_torchao", r"Unable to import `?torchao`? Tensor objects"),
@@ -42,15 +47,13 @@ class _DropMessage(logging.Filter):
 
 
 def silence_dependency_warnings() -> None:
-    """Install the filters above (idempotent); bitsandbytes' logger is set to errors only."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    """Install the filters above (idempotent)."""
     for name, pattern in QUIET_RECORDS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.pattern.pattern == pattern for f in logger.filters):
             logger.addFilter(_DropMessage(pattern))
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    warnings.filterwarnings("ignore", module=r"bitsandbytes(\..*)?$")
 
 
 silence_dependency_warnings()

@@ -103,3 +103,19 @@ def test_a_run_reading_a_run_directory_pins_its_manifest(tmp_path, write_recipe)
     (source / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(RunDirError, match="changed after this run read it"):
         _check_model_unchanged(str(source), pin)
+
+
+def test_a_corrupt_image_in_the_eval_reference_is_refused_before_any_stage(tmp_path, write_recipe, capsys):
+    import numpy as np
+    import PIL.Image
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(3):
+        PIL.Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(ref / f"{i}.png")
+    good = (ref / "1.png").read_bytes()
+    (ref / "1.png").write_bytes(good[: len(good) // 2])  # truncated
+    recipe = {**ONE_STAGE, "eval": {"num_images": 2, "reference": str(ref), "features": "tiny-random"}}
+    assert main(["run", str(write_recipe(recipe))]) == 1
+    one_error_line(capsys.readouterr().err, "eval.reference", f"'{ref / '1.png'}' cannot be decoded")
+    assert not (tmp_path / "run" / "stages").exists()

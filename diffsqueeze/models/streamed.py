@@ -14,20 +14,32 @@ not fit, and keeps it resident on a GPU unless the recipe asks (``teacher: strea
 
 Only a plain diffusers model folder can stream (a ``ModelMixin`` whose state-dict keys are the
 files' keys); anything else (a builtin, a compressed artifact, a transformers text encoder, an
-old checkpoint diffusers renames while loading) answers ``None`` and the caller loads it whole.
+old checkpoint diffusers renames while loading) raises :class:`NotStreamable` with the reason,
+and the caller loads it whole and records why.
+
+A deep copy of a streamed component is resident: a copy is made to be changed (the evaluation
+loads a stage's checkpoint into a copy of the teacher to score that stage), and a streamed
+module's weights are its files', which neither a loaded state dict (copied onto meta tensors)
+nor a swapped layer can change: the copy would silently compute the original.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
+import weakref
 from pathlib import Path
 
 import torch
 
 from .tensor_files import SafetensorsTensors
 
-__all__ = ["streamed_component", "is_streamed", "component_files", "tensor_value"]
+__all__ = ["NotStreamable", "streamed_component", "is_streamed", "component_files", "tensor_value"]
+
+
+class NotStreamable(Exception):
+    """Why a component cannot stream; the caller loads it whole (never reaches the user as an error)."""
 
 
 def component_files(folder: Path) -> list[Path]:
@@ -41,53 +53,95 @@ def component_files(folder: Path) -> list[Path]:
 
 
 def _component_class(model_folder: Path, name: str):
+    """The diffusers ``ModelMixin`` class the folder's ``model_index.json`` names for ``name``."""
     meta = json.loads((model_folder / "model_index.json").read_text(encoding="utf-8"))
     library, class_name = meta.get(name, [None, None])
     if library != "diffusers" or not class_name:
-        return None
+        raise NotStreamable(f"{library}.{class_name} is not a diffusers model")
     from diffusers import ModelMixin
 
     cls = getattr(importlib.import_module("diffusers"), class_name, None)
-    return cls if isinstance(cls, type) and issubclass(cls, ModelMixin) else None
+    if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
+        raise NotStreamable(f"diffusers.{class_name} is not a diffusers model class")
+    return cls
 
 
-def streamed_component(model_folder: Path, name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module | None:
+def _set_tensor(module: torch.nn.Module, key: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of the parameter or buffer ``key`` (a dotted state-dict name)."""
+    owner, _, attr = key.rpartition(".")
+    sub = module.get_submodule(owner) if owner else module
+    if attr in sub._parameters:
+        sub._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        sub._buffers[attr] = value
+
+
+def streamed_component(model_folder: Path, name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Component ``name`` of the diffusers folder ``model_folder``, its weights read per forward.
 
-    Returns ``None`` where streaming does not apply (see the module docstring).
+    Raises:
+        NotStreamable: streaming does not apply (see the module docstring); the message says why.
     """
-    from accelerate import init_empty_weights
-    from accelerate.hooks import attach_align_device_hook
+    from accelerate import cpu_offload, init_empty_weights
 
     folder = Path(model_folder) / name
     if not (Path(model_folder) / "model_index.json").is_file() or not folder.is_dir():
-        return None
+        raise NotStreamable("not a component folder of a diffusers model folder")
     cls, files = _component_class(Path(model_folder), name), component_files(folder)
-    if cls is None or not files:
-        return None
+    if not files:
+        raise NotStreamable("no single safetensors file or shard index")
     with init_empty_weights():  # parameters on meta; buffers real (computed by __init__)
         module = cls.from_config(cls.load_config(folder))
     module.to(dtype)  # the hook casts each loaded tensor to its parameter's dtype
     weights = SafetensorsTensors(files)
     state_keys = set(module.state_dict())
     if set(weights) != state_keys:
-        weights.close()
-        return None  # renamed or missing keys: diffusers' own loading knows how to convert them
+        weights.close()  # renamed or missing keys: diffusers' own loading knows how to convert them
+        raise NotStreamable("its files' tensor names are not the model's (a layout diffusers converts while loading)")
     params = {n for n, _ in module.named_parameters()}
     with torch.no_grad():  # persistent buffers are few and small: loaded once, kept resident
         for key in state_keys - params:
-            owner, _, attr = key.rpartition(".")
-            sub = module.get_submodule(owner) if owner else module
-            sub._buffers[attr] = weights[key].to(device=device, dtype=sub._buffers[attr].dtype)
+            _set_tensor(module, key, weights[key].to(device=device, dtype=module.get_buffer(key).dtype))
     # The CPU named by the string "cpu": accelerate empties the accelerator's cache after every
     # tensor it places unless the device is one of the strings "cpu"/"meta", and on the CPU that
     # call (an NVML probe each time) cost a tenth of a streamed forward.
     execution = "cpu" if torch.device(device).type == "cpu" else device
-    attach_align_device_hook(module, execution_device=execution, offload=True, weights_map=weights)
+    # accelerate's sequential offload, the layout diffusers' enable_sequential_cpu_offload gives a
+    # component: a hook on every module with tensors of its own, which loads them for its forward,
+    # and one on the component itself. Pipelines create their latents and labels on
+    # ``_execution_device``, which looks for that top hook and then reads the device from the
+    # hooks below it; without it they fall back to the first component's parameters, which are on
+    # meta here. That broke generation wherever the streamed denoiser is listed first (DDPM's
+    # UNet, the only model in the pipeline; DiT's transformer, listed before the VAE).
+    cpu_offload(module, execution_device=execution, state_dict=weights)
     module.eval()
     module.requires_grad_(False)
     module._diffsqueeze_weights = weights  # marks it streamed (is_streamed) and serves tensor_value
+    # copy.deepcopy asks the instance for __deepcopy__; a weak reference keeps the module free of a
+    # cycle through its own attribute (its files close when the last reference goes)
+    module.__deepcopy__ = functools.partial(_resident_copy, weakref.ref(module), torch.device(device))
     return module
+
+
+def _resident_copy(ref: weakref.ref, device: torch.device, memo: dict) -> torch.nn.Module:
+    """A deep copy of a streamed component with its tensors in memory (why: the module docstring).
+
+    Each parameter is the file's tensor converted to the parameter's dtype in a fresh allocation,
+    as deep-copying a loaded module clones it, so the copy computes what a copy of the resident
+    teacher computes, bit for bit; buffers are cloned from the streamed module.
+    """
+    from accelerate import init_empty_weights
+
+    module = ref()
+    with init_empty_weights():
+        copy = type(module).from_config(module.config)
+    weights = module._diffsqueeze_weights
+    with torch.no_grad():
+        for key, param in module.named_parameters():
+            _set_tensor(copy, key, torch.empty(param.shape, dtype=param.dtype, device=device).copy_(weights[key]))
+        for key, buffer in module.named_buffers():
+            _set_tensor(copy, key, buffer.clone())
+    return copy.eval().requires_grad_(False)
 
 
 def is_streamed(module: torch.nn.Module) -> bool:

@@ -20,6 +20,7 @@ import yaml
 from diffsqueeze.config_parse import join_path
 from diffsqueeze.errors import DiffsqueezeError, RecipeError, RunDirError, one_line
 from diffsqueeze.loading import load_pipeline, load_with_state
+from diffsqueeze.metrics.references import reference_image_problem
 from diffsqueeze.models import save_pipeline
 from diffsqueeze.pipelines.calibration import collect_calibration
 from diffsqueeze.pipelines.context import StageContext
@@ -168,6 +169,8 @@ def _run_main(recipe: Recipe, stages: list, device: torch.device, resume: bool, 
     run_dir = Path(recipe.output_dir)
     work, old, reuse = plan_run(recipe, resume, overwrite)
     source = model_fingerprint(recipe.model)
+    if recipe.eval is not None and (problem := reference_image_problem(recipe.eval.reference)):
+        raise RecipeError("eval.reference", problem)  # found now, not after every stage has run
     pipe, state = load_with_state(recipe.model, str(device), recipe.dtype)
     _check_stages(recipe, stages, pipe)
     changed: set[str] = set()
