@@ -94,7 +94,8 @@ class WeightQuantizer(nn.Module):
             return
         floor, step, clamped = self.fmt.rounding_floor_step(self.grouped(w.detach()), self.params)
         rest = clamped / step - floor
-        self.alpha = nn.Parameter(inverse_rectified_sigmoid(rest).reshape(w.shape).contiguous())
+        # ungrouped: a row padded to whole blocks (a GGUF Q4_0 weight) has no rounding variables in its padding
+        self.alpha = nn.Parameter(inverse_rectified_sigmoid(self.ungrouped(rest, w.shape)).contiguous())
         self.soft = True
 
     def quantize_learned(self, w: Tensor) -> Tensor:

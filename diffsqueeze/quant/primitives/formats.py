@@ -43,6 +43,7 @@ from diffsqueeze.quant.primitives.fp_format import (
     maxval,
     scale_to_bias,
 )
+from diffsqueeze.quant.primitives.gguf_legacy import GGUF_LEGACY_FORMATS
 from diffsqueeze.quant.primitives.gguf_q8_0 import Q8_0
 from diffsqueeze.quant.primitives.grouping import check_finite, from_groups, to_groups
 from diffsqueeze.quant.primitives.int_format import (
@@ -110,6 +111,7 @@ def _format_table() -> dict[str, NumberFormat]:
     table["float8_e5m2"] = E5M2_HW
     table.update(BLOCK_FORMATS)
     table[Q8_0.name] = Q8_0
+    table.update(GGUF_LEGACY_FORMATS)  # q4_0, q4_1, q5_0, q5_1
     return table
 
 

@@ -145,8 +145,9 @@ class NumberFormat:
 
 class BlockScaledFormat(NumberFormat):
     """Base of formats whose scale for each block of ``block`` consecutive elements comes from the
-    block itself (NVFP4, MXFP4, MXFP8, GGUF Q8_0): nothing to search or learn (round-to-nearest),
-    a weight row is one group zero-padded to whole blocks (the padding is stored and cut off on
+    block itself (NVFP4, MXFP4, MXFP8, GGUF Q8_0 and the legacy GGUF types): nothing to search
+    (the block's own scale; round-to-nearest unless a subclass offers learned rounding with that
+    scale fixed, as GGUF Q4_0/Q5_0 do), a weight row is one group zero-padded to whole blocks (the padding is stored and cut off on
     decode), activations are quantized on the fly in the same blocks, and static activation
     scales (a proxy, or a recipe's first/last layers) use the element grid. A subclass gives
     :meth:`fake_quantize_blocks` and its storage methods."""
