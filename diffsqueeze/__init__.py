@@ -1,5 +1,8 @@
 """diffsqueeze: compress diffusion models from one YAML recipe and measure what it cost."""
 
+# First: its per-message filters must precede the imports that print dependencies' notes, for the
+# Python API (run_recipe, diffsqueeze.load) as for the command line. Each drops one known message.
+import diffsqueeze.console  # noqa: F401
 from diffsqueeze.version import __version__
 
 __all__ = ["__version__", "load"]

@@ -1,4 +1,4 @@
-"""``diffsqueeze`` command line: run | inspect | eval | grid | report | prune-sweep.
+"""``diffsqueeze`` command line: run | inspect | eval | grid | report | prune-sweep | export.
 
 Every failure ends in one line on stderr, ``diffsqueeze: error: ...``, and exit status 1 (Ctrl-C:
 one line and 130); ``--debug`` shows the traceback instead.
@@ -31,7 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from diffsqueeze.config_parse import apply_overrides, read_yaml_file
     from diffsqueeze.pipelines.manifest import check_output_dir, check_run_dir
-    from diffsqueeze.pipelines.run_lock import hold_model_run, hold_output_dir
+    from diffsqueeze.pipelines.run_lock import hold_model_run, hold_output_dir, launched_as_follower
 
     with ExitStack() as held:
         # The recipe's text and output_dir first: these errors come before torch and diffusers load.
@@ -41,9 +41,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             check_output_dir(out, model if isinstance(model, str) else None, probe=True)
             # held for the whole command (run_recipe takes the same locks again, re-entrantly): no
             # other run may change the folder between these checks and the run
-            held.enter_context(hold_output_dir(out))
-            if isinstance(model, str) and (lock := hold_model_run(model)) is not None:
-                held.enter_context(lock)
+            if not launched_as_follower():
+                held.enter_context(hold_output_dir(out))
+                if isinstance(model, str) and (lock := hold_model_run(model)) is not None:
+                    held.enter_context(lock)
             check_run_dir(Path(out), resume=args.resume, overwrite=args.overwrite)
 
         from diffsqueeze.run.runner import run_recipe
@@ -113,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer sensitivity ranking of a quantized run (measured and saved if missing)")
     p.set_defaults(func=cmd_inspect)
 
-    from diffsqueeze import commands  # eval, grid, report, prune-sweep
+    from diffsqueeze import commands  # eval, grid, report, prune-sweep, export
 
     for add in (commands.add_eval_parser, commands.add_grid_parser, commands.add_report_parser,
-                commands.add_prune_sweep_parser):
+                commands.add_prune_sweep_parser, commands.add_export_parser):
         add(sub)
     return parser
 

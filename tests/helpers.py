@@ -71,10 +71,12 @@ def run_tiny_ptq(tmp_path: Path, ptq: dict) -> Path:
 
 def reload_and_check_pixels(run: Path):
     """Reload ``run``'s exported model, assert it regenerates the saved eval images exactly; returns it."""
+    from diffsqueeze.metrics.evaluate import EvalJob, torch_threads
     from diffsqueeze.metrics.grid import generate_images
 
     pipe = load_pipeline(str(run / "model"))
-    images = generate_images(pipe, ["a photo of a cat", "a red car on a street"], [0, 1], 3, 2.0)
+    with torch_threads(EvalJob.threads):  # the evaluation's thread count: the float sums in its order
+        images = generate_images(pipe, ["a photo of a cat", "a red car on a street"], [0, 1], 3, 2.0)
     saved = [np.asarray(PIL.Image.open(run / "eval" / "images" / f"{i:06d}.png").convert("RGB")) for i in range(2)]
     assert torch.equal(images, torch.from_numpy(np.stack(saved)).permute(0, 3, 1, 2))
     return pipe

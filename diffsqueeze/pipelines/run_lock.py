@@ -28,6 +28,15 @@ from diffsqueeze.pipelines.manifest import is_run_dir
 _HELD: dict[tuple[Path, int], list] = {}  # (lock path, mode) -> [fd, count]: re-entrant within a process
 
 
+def launched_as_follower() -> bool:
+    """A non-main process of a multi-process launch (``RANK`` > 0): it writes nothing of the run,
+    so it takes no lock (the main process holds them for the whole launch)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+    except ValueError:
+        return False
+
+
 def lock_path(run_dir: Path) -> Path:
     """The lock file of ``run_dir`` (symbolic links resolved)."""
     target = Path(run_dir).resolve()
