@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from diffsqueeze.cli import main
 from diffsqueeze.loading import load_pipeline
+from diffsqueeze.metrics.evaluate import EvalJob, torch_threads
 from diffsqueeze.metrics.grid import generate_images
 from diffsqueeze.models import save_pipeline
 from diffsqueeze.models.prompts import load_prompts
@@ -69,7 +70,8 @@ def test_reload_is_in_eval_mode_and_gives_the_run_images(tmp_path):
 
     run_digests = load_file(str(tmp_path / "run" / "eval" / "shards" / "batch-000000.safetensors"))["image_sha256"]
     prompts = load_prompts("builtin")
-    again_images = generate_images(reloaded, [prompts[0], prompts[1 % len(prompts)]], [0, 1], 2, 5.0, batch_size=2)
+    with torch_threads(EvalJob.threads):  # the evaluation's thread count: its float sums in its order
+        again_images = generate_images(reloaded, [prompts[0], prompts[1 % len(prompts)]], [0, 1], 2, 5.0, batch_size=2)
     reload_digests = [hashlib.sha256(x.contiguous().numpy().tobytes()).digest() for x in again_images]
     assert [bytes(d.tolist()) for d in run_digests] == reload_digests  # the run's images, bit for bit
 

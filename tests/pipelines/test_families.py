@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from diffsqueeze.loading import load_pipeline
+from diffsqueeze.metrics.evaluate import EvalJob, torch_threads
 from diffsqueeze.metrics.grid import generate_images
 from diffsqueeze.models.conditioning import conditioning_of, pipeline_prompts
 from diffsqueeze.run.runner import run_recipe
@@ -71,8 +72,9 @@ def test_family_goes_through_stage_exports_and_reloads_bit_identical(family, rec
     # the exported model, reloaded, generates the pixels the in-memory model generated for eval
     pipe = load_pipeline(str(run / "model"))
     prompts = pipeline_prompts(pipe, "builtin")
-    images = generate_images(pipe, [prompts[i % len(prompts)] for i in range(2)], [0, 1], STEPS, 2.0,
-                             height=size, width=size)
+    with torch_threads(EvalJob.threads):  # the evaluation's thread count: its float sums in its order
+        images = generate_images(pipe, [prompts[i % len(prompts)] for i in range(2)], [0, 1], STEPS, 2.0,
+                                 height=size, width=size)
     saved = [np.asarray(PIL.Image.open(run / "eval" / "images" / f"{i:06d}.png").convert("RGB")) for i in range(2)]
     assert torch.equal(images, torch.from_numpy(np.stack(saved)).permute(0, 3, 1, 2))
 
