@@ -92,6 +92,15 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
           for b in ("nvfp4", "mxfp4")
           for tag, label, branch in (("", "", (NO_BRANCH,)), ("-lowrank", " + low-rank branch", ()))],
     ]),
+    "gguf": ("GGUF grids: learned rounding against round-to-nearest on the same grid (`ptq` stage)", [
+        FP,
+        *[Row(f"{fmt}-{tag}", f"{fmt.upper()} weight-only, {label}", "w4a16_fp",
+              (f"stages.0.ptq.weights.bits={bits}", f"stages.0.ptq.weights.format={fmt}", *extra))
+          for fmt, bits, modes in (("q8_0", 8, ("rtn",)), ("q4_0", 4, ("rtn", "learned")), ("q5_0", 5, ("rtn", "learned")))
+          for tag, label, extra in (("rtn", "round-to-nearest (the gguf package's encoder)", (NEAREST,)),
+                                    ("learned", "learned rounding at the encoder's block scales", ()))
+          if tag in modes],
+    ]),
     "binarydm": ("BinaryDM binarization (`binarize` stage)", [
         FP,
         Row("w1a32-baseline", "W1A32 baseline (order-1 sign, mean scale)", "w1a4_binarydm", (A32, *BASELINE_BIN)),
