@@ -92,3 +92,31 @@ def test_ptq_run_exports_reloads_and_inspects(tmp_path, capsys):
         assert desc["kernel_device"] == device and layers
         assert all(r["compute"].startswith("simulated") and set(r["storage"].split("+")) == {"q8_0"}  # split layers: 2 parts
                    for r in layers), layers
+
+
+def test_learned_rounding_starts_at_round_to_nearest_and_re_encodes_to_itself():
+    from diffsqueeze.quant.nn.quantizers import WeightQuantizer
+
+    w = torch.randn(8, 80, generator=torch.Generator().manual_seed(5)) * 0.1  # rows of 80: padded to 96
+    w[0, :32] = 0  # a block of zeros
+    w[1, :32] *= 1e-9  # a block whose float16 scale is 0
+    q = WeightQuantizer("q8_0", tuple(w.shape))
+    rtn = q(w)
+    q.init_rounding(w)
+    assert bool(torch.isfinite(q.alpha).all())
+    hard = q.finalize_rounding(w)
+    assert torch.equal(hard.view(torch.int32), rtn.view(torch.int32))
+    q.init_rounding(w)
+    with torch.no_grad():
+        q.alpha += torch.randn_like(q.alpha) * 4  # codes anywhere
+    hard = q.finalize_rounding(w)
+    assert not torch.equal(hard, rtn)
+    codes, scales = q8_0_quantize(torch.nn.functional.pad(hard, (0, 16)))
+    _, ref_scales = q8_0_quantize(torch.nn.functional.pad(w, (0, 16)))
+    assert torch.equal(scales, ref_scales)  # the block scales the reference chose for w
+    back = q8_0_dequantize(codes, scales)[:, :80]
+    assert torch.equal(back, hard)  # bit for bit but the zeros of a block whose scale is 0 (all +0 once encoded)
+    assert torch.equal(back.view(torch.int32)[hard != 0], hard.view(torch.int32)[hard != 0])
+    live = (ref_scales != 0).repeat_interleave(32, dim=1)  # (a zero scale decodes to zeros whatever the codes)
+    ref_codes = q8_0_quantize(torch.nn.functional.pad(w, (0, 16)))[0]
+    assert int((codes.int() - ref_codes.int())[live].abs().max()) == 1  # each code at most one step away

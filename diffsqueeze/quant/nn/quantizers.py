@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from diffsqueeze.pipelines.distributed import step_share
 from diffsqueeze.quant.primitives.formats import NumberFormat, parse_format, to_groups
+from diffsqueeze.quant.primitives.number_format import RoundingGrid
 from diffsqueeze.quant.primitives.rounding import inverse_rectified_sigmoid, rectified_sigmoid
 
 
@@ -54,6 +55,10 @@ class WeightQuantizer(nn.Module):
         self.param_names = tuple(params)
         self.alpha: nn.Parameter | None = None  # AdaRound variables V while learning
         self.soft = True
+        # the rounding grid of the weight being learned, reused while neither the weight nor the
+        # parameters change (a GGUF K-quant's grid is a search, too slow to repeat every step)
+        self._grid_key: tuple | None = None
+        self._grid: RoundingGrid | None = None
 
     @property
     def searchable(self) -> bool:
@@ -92,11 +97,26 @@ class WeightQuantizer(nn.Module):
         (nothing for a format without learned rounding: it stays round-to-nearest)."""
         if not self.fmt.learnable_rounding:
             return
-        floor, step, clamped = self.fmt.rounding_floor_step(self.grouped(w.detach()), self.params)
-        rest = clamped / step - floor
+        grid = self.rounding_grid(w)
+        rest = grid.w / grid.step - grid.floor
         # ungrouped: a row padded to whole blocks (a GGUF Q4_0 weight) has no rounding variables in its padding
         self.alpha = nn.Parameter(inverse_rectified_sigmoid(self.ungrouped(rest, w.shape)).contiguous())
         self.soft = True
+
+    def rounding_grid(self, w: Tensor) -> RoundingGrid:
+        """The format's rounding grid of ``w`` (grouped). For a layer's weight (a Parameter or a view
+        of one) it is computed once per version of the weight and of the parameters: an optimizer's
+        in-place update bumps the version and so recomputes it; any other tensor (a temporary,
+        whose memory a later one may reuse) is never cached."""
+        base = w if w._base is None else w._base
+        if not isinstance(base, nn.Parameter):
+            return self.fmt.rounding_floor_step(self.grouped(w.detach()), self.params)
+        key = (id(base), w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype,
+               tuple((p.data_ptr(), p._version) for p in self.params.values()))
+        if key != self._grid_key or self._grid is None:
+            self._grid = self.fmt.rounding_floor_step(self.grouped(w.detach()), self.params)
+            self._grid_key = key
+        return self._grid
 
     def quantize_learned(self, w: Tensor) -> Tensor:
         """``(floor(W/s) + h(V)) s`` on the grid; hard ``h = 1[V >= 0]`` when not ``soft``.
@@ -105,11 +125,11 @@ class WeightQuantizer(nn.Module):
         Gradients flow to V only (W is treated as constant).
         """
         g = self.grouped(w.detach())
-        floor, step, _ = self.fmt.rounding_floor_step(g, self.params)
+        grid = self.rounding_grid(w)
         v = self.grouped(self.alpha)
         h = rectified_sigmoid(v) if self.soft else (v >= 0).to(g.dtype)
         h = h * (g != 0).to(g.dtype)
-        return self.ungrouped(self.fmt.rounding_value(floor, h, step, self.params), w.shape)
+        return self.ungrouped(self.fmt.rounding_value(grid, h, self.params), w.shape)
 
     @torch.no_grad()
     def finalize_rounding(self, w: Tensor) -> Tensor:
@@ -117,6 +137,7 @@ class WeightQuantizer(nn.Module):
         self.soft = False
         out = self.quantize_learned(w)
         self.alpha = None
+        self._grid_key = self._grid = None
         return out
 
     def forward(self, w: Tensor) -> Tensor:

@@ -90,10 +90,6 @@ class BlockFormat(BlockScaledFormat):
         return self.element.bits
 
     @property
-    def kind(self) -> str:
-        return "block"
-
-    @property
     def eight_bit(self) -> str:
         return "mxfp8"
 

@@ -43,6 +43,7 @@ from diffsqueeze.quant.primitives.fp_format import (
     maxval,
     scale_to_bias,
 )
+from diffsqueeze.quant.primitives.gguf_kquants import GGUF_KQUANT_FORMATS
 from diffsqueeze.quant.primitives.gguf_legacy import GGUF_LEGACY_FORMATS
 from diffsqueeze.quant.primitives.gguf_q8_0 import Q8_0
 from diffsqueeze.quant.primitives.grouping import check_finite, from_groups, to_groups
@@ -112,6 +113,7 @@ def _format_table() -> dict[str, NumberFormat]:
     table.update(BLOCK_FORMATS)
     table[Q8_0.name] = Q8_0
     table.update(GGUF_LEGACY_FORMATS)  # q4_0, q4_1, q5_0, q5_1
+    table.update(GGUF_KQUANT_FORMATS)  # q4_k, q5_k, q6_k
     return table
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from diffsqueeze.quant.primitives.grouping import check_finite, work_dtype
-from diffsqueeze.quant.primitives.number_format import FLOAT_DTYPES, NumberFormat
+from diffsqueeze.quant.primitives.number_format import FLOAT_DTYPES, NumberFormat, RoundingGrid
 from diffsqueeze.quant.primitives.pack import pack_codes, packed_nbytes, unpack_codes
 from diffsqueeze.quant.primitives.rounding import grad_scale
 
@@ -119,15 +119,15 @@ class FPFormat(NumberFormat):
     def fake_quantize(self, g: Tensor, params: dict[str, Tensor]) -> Tensor:
         return fp_quantize(g, self, params["bias"], check=False)
 
-    def rounding_floor_step(self, g: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def rounding_floor_step(self, g: Tensor, params: dict[str, Tensor]) -> RoundingGrid:
         mv = maxval(self, params["bias"])
         gc = torch.minimum(torch.maximum(g, -mv), mv)
         step = fp_step(gc, self, params["bias"], check=False)
-        return torch.floor(gc / step), step, gc
+        return RoundingGrid(torch.floor(gc / step), step, gc)
 
-    def rounding_value(self, floor: Tensor, h: Tensor, step: Tensor, params: dict[str, Tensor]) -> Tensor:
+    def rounding_value(self, grid: RoundingGrid, h: Tensor, params: dict[str, Tensor]) -> Tensor:
         mv = maxval(self, params["bias"])
-        return torch.minimum(torch.maximum((floor + h) * step, -mv), mv)
+        return torch.minimum(torch.maximum((grid.floor + h) * grid.step, -mv), mv)
 
     def scaled_fake_quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
         return (fp_quantize(x / scale, self, self.standard_bias, check=False) * scale).to(x.dtype)

@@ -27,8 +27,9 @@ Learned rounding (``_0`` types): with each block's scale fixed as the reference 
 a weight's code may move to the neighbour code on the other side (AdaRound), never past the
 grid's ends; the block's largest-magnitude value keeps its code 0, so re-encoding the learned
 weights with the reference encoder gives back the same scale and codes. The ``_1`` types stay
-round-to-nearest: their grid needs a per-block offset, and the rounding protocol carries one
-step per element from :meth:`rounding_floor_step` to :meth:`rounding_value` and no offset.
+round-to-nearest: their minimum ``m`` is the block's own smallest value, which learned rounding
+would move (re-encoding would then choose another grid); the K-quants' offsets come from a search
+instead and do learn (:mod:`.gguf_kquants`).
 Pure tensor functions.
 """
 
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from diffsqueeze.quant.primitives.grouping import check_finite, from_groups, to_groups
 from diffsqueeze.quant.primitives.int_format import IntFormat
-from diffsqueeze.quant.primitives.number_format import BlockScaledFormat, NumberFormat
+from diffsqueeze.quant.primitives.number_format import BlockScaledFormat, NumberFormat, RoundingGrid
 from diffsqueeze.quant.primitives.pack import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["BLOCK", "GGUFLegacyFormat", "LegacyCodes", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "GGUF_LEGACY_FORMATS",
@@ -76,10 +77,6 @@ class GGUFLegacyFormat(BlockScaledFormat):
     has_min: bool
 
     @property
-    def kind(self) -> str:
-        return "block"
-
-    @property
     def block(self) -> int:
         return BLOCK
 
@@ -111,7 +108,7 @@ class GGUFLegacyFormat(BlockScaledFormat):
     def fake_quantize_blocks(self, x: Tensor) -> Tensor:
         return legacy_dequantize(legacy_quantize(x, self), self).to(x.dtype)
 
-    def rounding_floor_step(self, g: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def rounding_floor_step(self, g: Tensor, params: dict[str, Tensor]) -> RoundingGrid:
         """Learned rounding in code units with each block's float16 scale fixed (``_0`` types).
 
         ``u = x * (1/d) + (z + 0.5) - 0.5`` is the reference encoder's position on the code axis
@@ -138,11 +135,11 @@ class GGUFLegacyFormat(BlockScaledFormat):
         floor = torch.where(pinned, torch.full_like(u, -1.0), torch.floor(u))
         step = torch.where(live, scale, -(scale * (_codes(c, self.top) - self.zero)))
         w = torch.where(live, u * step, torch.ones_like(u))
-        return tuple(from_groups(t).reshape(g.shape) for t in (floor, step, w))  # type: ignore[return-value]
+        return RoundingGrid(*(from_groups(t).reshape(g.shape) for t in (floor, step, w)))
 
-    def rounding_value(self, floor: Tensor, h: Tensor, step: Tensor, params: dict[str, Tensor]) -> Tensor:
+    def rounding_value(self, grid: RoundingGrid, h: Tensor, params: dict[str, Tensor]) -> Tensor:
         """``float16(d) * (code - z)`` with ``code = clamp(floor + h, 0, top)``: the decoded grid."""
-        return (torch.clamp(floor + h, 0, self.top) - self.zero) * step
+        return (torch.clamp(grid.floor + h, 0, self.top) - self.zero) * grid.step
 
     # ---- storage ------------------------------------------------------------------------------
 

@@ -7,7 +7,10 @@ As ggml defines it (and the ``gguf`` package reproduces bit for bit): per block 
 
 As a weight format it stores exactly what a GGUF file holds for the tensor: the scales come from
 the blocks (nothing to search; round-to-nearest), a row is zero-padded to whole blocks (the
-padding is stored and cut off on decode). As an activation format it quantizes on the fly per
+padding is stored and cut off on decode). Learned rounding keeps each block's scale: a code may
+move to its neighbour on the other side of the weight; the block's largest magnitude keeps its
+code +-127, so the learned block's ``amax / 127`` is exactly its float16 scale and re-encoding it
+gives back the same scale and codes (what export checks). As an activation format it quantizes on the fly per
 token in blocks of 32 channels. Pure tensor functions.
 """
 
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from diffsqueeze.quant.primitives.grouping import check_finite, from_groups, to_groups
 from diffsqueeze.quant.primitives.int_format import IntFormat
-from diffsqueeze.quant.primitives.number_format import BlockScaledFormat, NumberFormat
+from diffsqueeze.quant.primitives.number_format import BlockScaledFormat, NumberFormat, RoundingGrid
 
 BLOCK = 32
 QMAX = 127
@@ -62,10 +65,6 @@ class Q8_0Format(BlockScaledFormat):
         return 8
 
     @property
-    def kind(self) -> str:
-        return "block"
-
-    @property
     def block(self) -> int:
         return BLOCK
 
@@ -79,6 +78,33 @@ class Q8_0Format(BlockScaledFormat):
 
     def fake_quantize_blocks(self, x: Tensor) -> Tensor:
         return q8_0_dequantize(*q8_0_quantize(x)).to(x.dtype)
+
+    @property
+    def learnable_rounding(self) -> bool:
+        return True
+
+    def rounding_floor_step(self, g: Tensor, params: dict[str, Tensor]) -> RoundingGrid:
+        """Per element: ``floor(x / d)`` on the reference's code axis (``x * (1 / d)``), the step
+        ``float16(d)``; the block's largest magnitude pinned at +-127 (floor 127 or -128: both
+        neighbours clamp to it). A block whose float16 scale is 0 decodes to zeros, signed as its
+        codes are: each element is pinned on its reference code's side of zero, step +0, ``w`` 1
+        (its fraction is not 0/0)."""
+        blocks = to_groups(g.reshape(g.shape[0], -1).to(torch.float32), BLOCK)
+        d = blocks.abs().amax(dim=-1, keepdim=True) / QMAX
+        u = blocks * torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        step = d.to(torch.float16).to(torch.float32).expand_as(blocks)
+        live = step != 0
+        imax = blocks.abs().argmax(dim=-1, keepdim=True)
+        top = torch.zeros_like(live).scatter(-1, imax, True)
+        floor = torch.where(top, torch.where(blocks > 0, float(QMAX), -float(QMAX) - 1), torch.floor(u))
+        code = _roundf(u)
+        floor = torch.where(live, floor, torch.where(code >= 0, code, code - 1))
+        w = torch.where(live, u * step, torch.ones_like(u))
+        return RoundingGrid(*(from_groups(t).reshape(g.shape) for t in (floor, step, w)))
+
+    def rounding_value(self, grid: RoundingGrid, h: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """``clamp(floor + h, -127, 127) * float16(d)``: the decoder's value."""
+        return torch.clamp(grid.floor + h, -QMAX, QMAX) * grid.step
 
     def encode(self, g: Tensor, params: dict[str, Tensor], scale_dtype: str,
                shape: tuple[int, ...]) -> tuple[dict[str, Any], dict[str, Tensor]]:

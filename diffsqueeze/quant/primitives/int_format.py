@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from diffsqueeze.quant.primitives.grouping import check_finite
-from diffsqueeze.quant.primitives.number_format import FLOAT_DTYPES, NumberFormat
+from diffsqueeze.quant.primitives.number_format import FLOAT_DTYPES, NumberFormat, RoundingGrid
 from diffsqueeze.quant.primitives.pack import pack_codes, packed_nbytes, unpack_codes
 from diffsqueeze.quant.primitives.rounding import grad_scale, round_ste
 
@@ -80,14 +80,14 @@ class IntFormat(NumberFormat):
         return int_fake_quantize(g, params["scale"], params["zero_point"], bits=self.bits, symmetric=self.symmetric,
                                  check=False)
 
-    def rounding_floor_step(self, g: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def rounding_floor_step(self, g: Tensor, params: dict[str, Tensor]) -> RoundingGrid:
         scale = params["scale"]
-        return torch.floor(g / scale), scale.expand_as(g), g
+        return RoundingGrid(torch.floor(g / scale), scale.expand_as(g), g)
 
-    def rounding_value(self, floor: Tensor, h: Tensor, step: Tensor, params: dict[str, Tensor]) -> Tensor:
+    def rounding_value(self, grid: RoundingGrid, h: Tensor, params: dict[str, Tensor]) -> Tensor:
         lo, hi = int_code_range(self.bits, self.symmetric)
         zp = params["zero_point"]
-        return (torch.clamp(floor + h + zp, lo, hi) - zp) * params["scale"]
+        return (torch.clamp(grid.floor + h + zp, lo, hi) - zp) * params["scale"]
 
     def act_params(self, shape: tuple[int, ...]) -> dict[str, Tensor]:
         return {"zero_point": torch.zeros(shape)}

@@ -17,7 +17,7 @@ Every method is a pure tensor function of its arguments; a format object holds n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,28 @@ from torch import Tensor
 
 from diffsqueeze.quant.primitives.dynamic_groups import dynamic_group_fake_quantize
 
-__all__ = ["NumberFormat", "BlockScaledFormat", "FLOAT_DTYPES"]
+__all__ = ["NumberFormat", "BlockScaledFormat", "FLOAT_DTYPES", "RoundingGrid"]
 
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 """Dtypes a stored scale may have (a part spec's ``scale_dtype``)."""
+
+
+class RoundingGrid(NamedTuple):
+    """Where learned rounding (AdaRound) works, per element of a grouped weight: the grid value of
+    code ``c`` is ``c * step - offset``, ``c = clamp(floor + h, ...)`` with ``h`` in [0, 1] learned.
+
+    Attributes:
+        floor: the code below the weight (or a code that pins an element, per format).
+        step: the grid's step at the element.
+        w: the weight on the code axis times ``step``: ``w / step - floor`` is the fraction that
+            initialises ``h`` (round-to-nearest at initialisation).
+        offset: subtracted after the product (a GGUF K-quant's ``dmin * m``); None: no offset.
+    """
+
+    floor: Tensor
+    step: Tensor
+    w: Tensor
+    offset: Tensor | None = None
 
 
 class NumberFormat:
@@ -81,13 +99,13 @@ class NumberFormat:
         """Round-to-nearest of grouped weights ``g`` onto the grid: the values :meth:`encode` stores."""
         raise NotImplementedError
 
-    def rounding_floor_step(self, g: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """``(floor(W / step), step, W)`` for learned rounding: W clamped to the grid's range, the
-        step element-wise."""
+    def rounding_floor_step(self, g: Tensor, params: dict[str, Tensor]) -> RoundingGrid:
+        """The grid learned rounding works on (floor, step, W clamped to the grid's range, offset)."""
         raise ValueError(f"{self.name} has no learned rounding")
 
-    def rounding_value(self, floor: Tensor, h: Tensor, step: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """``(floor + h) * step`` clamped to the grid, ``h`` in [0, 1] the learned rounding."""
+    def rounding_value(self, grid: RoundingGrid, h: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """``(grid.floor + h) * grid.step`` clamped to the grid (less ``grid.offset``), ``h`` in [0, 1]
+        the learned rounding."""
         raise ValueError(f"{self.name} has no learned rounding")
 
     # ---- activations ----------------------------------------------------------------------
@@ -151,6 +169,10 @@ class BlockScaledFormat(NumberFormat):
     decode), activations are quantized on the fly in the same blocks, and static activation
     scales (a proxy, or a recipe's first/last layers) use the element grid. A subclass gives
     :meth:`fake_quantize_blocks` and its storage methods."""
+
+    @property
+    def kind(self) -> str:
+        return "block"
 
     @property
     def learnable_rounding(self) -> bool:
