@@ -66,6 +66,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     path = Path(args.path)
+    from diffsqueeze.quant.export.exported_folder import describe_exported, format_exported, is_exported_folder
+
+    if path.is_dir() and is_exported_folder(path):  # `diffsqueeze export` output: bytes per stored format
+        exported = describe_exported(path)
+        print(json.dumps(exported, indent=2) if args.json else format_exported(exported, layers=args.layers))
+        return 0
     if getattr(args, "sensitivity", False):
         from diffsqueeze.describe import sensitivity_for_run
         from diffsqueeze.quant.quest.sensitivity import format_sensitivity

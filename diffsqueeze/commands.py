@@ -366,14 +366,10 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-EXPORT_FORMATS = ("gguf",)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from diffsqueeze.errors import DiffsqueezeError
-    from diffsqueeze.loading import load_with_state
     from diffsqueeze.models.io import model_folder
-    from diffsqueeze.quant.export.gguf_export import export_gguf
+    from diffsqueeze.run.target_exports import check_target, export_target
 
     folder = model_folder(args.run) if Path(args.run).exists() else None
     if folder is None or not (folder / "model_index.json").is_file():
@@ -381,11 +377,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else folder.parent / f"export-{args.format}"
     if out.exists():
         raise DiffsqueezeError(f"--out '{out}' exists; choose another folder or remove it")
+    check_target(args.format)  # before the model loads: a package that cannot load the export is one line
     quiet_libraries()
-    pipe, state = load_with_state(str(folder))
-    if not state.modules:
-        raise DiffsqueezeError(f"'{args.run}' has no quantized layers: it is a plain diffusers folder already")
-    report = export_gguf(pipe, state.modules, folder, out, allow_float=args.allow_float)
+    report = export_target(args.format, folder, out, allow_float=args.allow_float)
     for comp, entry in report["components"].items():
         sizes = ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(entry["quantized_layer_bytes"].items()))
         print(f"{comp}: {entry['file']} {entry['bytes'] / 2**20:.2f} MiB (quantized layers: {sizes}; "
@@ -395,14 +389,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
-    """``diffsqueeze export RUN --format gguf [--out DIR] [--allow-float]``."""
-    p = subparsers.add_parser("export", help="write a run's model in a format plain diffusers loads (GGUF)",
+    """``diffsqueeze export RUN --format gguf|torchao [--out DIR] [--allow-float]``."""
+    p = subparsers.add_parser("export", help="write a run's model in a format plain diffusers loads (GGUF, torchao)",
                               description="Write the run's compressed model so that plain diffusers loads it: GGUF "
-                              "files holding the run's own codes for the compressed components, the rest as a diffusers "
-                              "folder, and LOAD.md with the lines that load it. Layers GGUF cannot express are refused "
-                              "by name (or, with --allow-float, written in float and listed).")
+                              "files, or torchao tensors in safetensors with a TorchAoConfig, holding the run's own "
+                              "codes for the compressed components, the rest as a diffusers folder, and LOAD.md with "
+                              "the lines that load it. Layers the format cannot express are refused by name (or, with "
+                              "--allow-float, written in float and listed).")
     p.add_argument("run", help="run directory or its model/ folder")
-    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="target format")
+    # run/target_exports.py:EXPORT_FORMATS, spelled out: the parser is built before torch is imported
+    p.add_argument("--format", required=True, choices=("gguf", "torchao"), help="target format")
     p.add_argument("--out", default=None, help="output folder, must not exist (default: RUN/export-FORMAT)")
     p.add_argument("--allow-float", action="store_true",
                    help="write layers the format cannot express as float weights (their computation then differs)")

@@ -51,11 +51,22 @@ class ExportConfig:
             those of the deployed model; docs/artifacts.md).
         decode: ``forward`` or ``once`` (the export reloaded with its other packed layers'
             weights decoded once at load).
+        formats: also write ``model/`` in these formats plain diffusers loads, each into
+            ``export-<format>/`` of the run (``gguf``, ``torchao``; docs/artifacts.md), as
+            ``diffsqueeze export`` does; the run is ``complete`` only once they exist.
+        allow_float: for ``formats``: write a layer the format cannot express as its decoded
+            weight in float (listed in the export's report) instead of failing the run.
     """
 
     allow_unpacked: bool = False
     kernels: Literal["simulated", "real"] = "simulated"
     decode: Literal["forward", "once"] = "forward"
+    formats: tuple[Literal["gguf", "torchao"], ...] = ()
+    allow_float: bool = False
+
+    def __post_init__(self) -> None:
+        if len(set(self.formats)) != len(self.formats):
+            raise RecipeError("formats", f"a format is listed twice: {list(self.formats)}")
 
     @property
     def reload_for_eval(self) -> bool:

@@ -50,6 +50,7 @@ from diffsqueeze.run.checkpoint import (
 from diffsqueeze.run.disk_space import check_free_space, disk_error
 from diffsqueeze.run.evaluation import evaluate_run
 from diffsqueeze.run.generation_check import check_generates
+from diffsqueeze.run.target_exports import EXPORT_FORMATS, check_recipe_targets, write_recipe_targets
 from diffsqueeze.run.teacher import load_teacher
 from diffsqueeze.stages import STAGES
 
@@ -173,6 +174,7 @@ def _run_main(recipe: Recipe, stages: list, device: torch.device, resume: bool, 
         raise RecipeError("eval.reference", problem)  # found now, not after every stage has run
     pipe, state = load_with_state(recipe.model, str(device), recipe.dtype)
     _check_stages(recipe, stages, pipe)
+    check_recipe_targets(recipe, pipe)
     changed: set[str] = set()
     if reuse:  # read (and so validate) the checkpoint before anything is written
         state, changed = read_checkpoint(pipe, work / old["stages"][reuse - 1]["checkpoint"])
@@ -203,6 +205,9 @@ def _run_main(recipe: Recipe, stages: list, device: torch.device, resume: bool, 
         if work != run_dir:
             swap_in(work, run_dir)  # the new model exists: the old run goes
             ctx.run_dir = run_dir
+        if recipe.export.formats:  # written where they stay: their LOAD.md names the folder
+            manifest["export"]["formats"] = write_recipe_targets(recipe, run_dir)
+            write_manifest(run_dir, manifest)
         if recipe.eval is not None:
             manifest["eval"] = {"status": "running"}
             write_manifest(run_dir, manifest)
@@ -327,7 +332,8 @@ def swap_in(new: Path, run_dir: Path) -> None:
 
 def _remove_leftovers(run_dir: Path, manifest: dict, model_changed: bool) -> None:
     """After the export: delete what no longer belongs to the run (checkpoints of stages the recipe
-    lost, half-written temp folders and, when a stage ran again, the evaluation of the model it replaced)."""
+    lost, half-written temp folders and, when a stage ran again, the evaluation and the
+    ``export-<format>`` folders of the model it replaced)."""
     keep = {Path(e["checkpoint"]).name for e in manifest["stages"]}
     stages_dir = run_dir / "stages"
     if stages_dir.is_dir():
@@ -335,8 +341,8 @@ def _remove_leftovers(run_dir: Path, manifest: dict, model_changed: bool) -> Non
             if child.name not in keep:
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
     shutil.rmtree(run_dir / f".tmp-{MODEL_DIR}", ignore_errors=True)
-    if model_changed:
-        for name in EVAL_OUTPUTS:
+    if model_changed:  # the evaluation and the exports of the model this run replaced
+        for name in (*EVAL_OUTPUTS, *(f"export-{fmt}" for fmt in EXPORT_FORMATS)):
             path = run_dir / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 

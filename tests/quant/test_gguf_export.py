@@ -47,20 +47,33 @@ PLAIN_DIFFUSERS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("model,comp,fmt", [("builtin:tiny-dit", "transformer", "q4_0"),
-                                            ("builtin:tiny-flux", "transformer", "q5_1"),
-                                            ("builtin:tiny-sd", "unet", "q8_0")])
-def test_plain_diffusers_loads_the_export_and_generates_the_run_s_images(tmp_path, model, comp, fmt):
+@pytest.mark.parametrize("model,comp,fmt,rounding", [
+    ("builtin:tiny-dit", "transformer", "q4_0", "nearest"),
+    ("builtin:tiny-flux", "transformer", "q5_1", "nearest"),
+    ("builtin:tiny-sd", "unet", "q8_0", "nearest"),
+    # K-quants (rows of 256: one tiny-dit layer, two tiny-flux layers), learned rounding included: the
+    # learned codes must re-encode to themselves through ggml's super-block scales
+    ("builtin:tiny-flux", "transformer", "q4_k", "nearest"),
+    ("builtin:tiny-dit", "transformer", "q5_k", "adaround"),
+])
+def test_plain_diffusers_loads_the_export_and_generates_the_run_s_images(tmp_path, capsys, model, comp, fmt, rounding):
     import diffsqueeze
 
+    learned = {"method": "adaround", "iters": 4, "batch_size": 2} if rounding == "adaround" else {"method": rounding}
     run = _run(tmp_path, model, {"weights": {"bits": int(fmt[1]), "format": fmt}, "activations": None,
-                                 "rounding": {"method": "nearest"}})
+                                 "rounding": learned})
     out = tmp_path / "gguf"
     assert main(["export", str(run), "--format", "gguf", "--out", str(out)]) == 0
     report = json.loads((out / "gguf_export.json").read_text())
     entry = report["components"][comp]
     assert fmt in entry["quantized_layer_bytes"] and (out / comp / "diffusion_pytorch_model.gguf").is_file()
     assert all(f["why"] and f["same_computation"] for f in entry["float_layers"])  # each says why; none changes the images
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0  # bytes per stored format, read from the .gguf file itself
+    stored = json.loads(capsys.readouterr().out)["components"][comp]["stored"]["by_type"][fmt]
+    assert stored["tensors"] == entry["quantized_layers"][fmt] and stored["bytes"] == entry["quantized_layer_bytes"][fmt]
+    assert stored["bits_per_value"] == {"q4_0": 4.5, "q5_1": 6.0, "q8_0": 8.5, "q4_k": 4.5, "q5_k": 5.5}[fmt]
+    assert main(["inspect", str(out), "--layers"]) == 0 and f"{fmt} " in capsys.readouterr().out
     script = tmp_path / "plain.py"
     script.write_text(PLAIN_DIFFUSERS.replace("{comp}", comp))
     proc = subprocess.run([sys.executable, "-I", str(script), str(out), str(tmp_path / "plain.npy")],

@@ -8,14 +8,15 @@ with the lines that load it. Nothing of diffsqueeze is needed to load or run it.
 What each layer becomes:
 
 - a linear layer whose weight format is a GGUF type (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``,
-  ``q5_1``), rows a multiple of 32, no activation quantizer, low-rank branch or smoothing: that
+  ``q5_1``, ``q4_k``, ``q5_k``, ``q6_k``), rows a multiple of the type's block (32; 256 for the
+  K-quants), no activation quantizer, low-rank branch or smoothing: that
   GGUF type. Its blocks are encoded from the run's decoded weight and read back through the
   ``gguf`` package's own dequantizer before anything is written: the file must give exactly the
   run's weight (the formats keep the encoder's block scales, so a learned rounding re-encodes to
   itself), otherwise the export stops naming the layer;
 - every other tensor (norms, embeddings, biases): float16 when that is exact, else float32; so is
   the decoded weight of a weight-only layer GGUF has no type for (a convolution, which diffusers'
-  GGUF loader keeps in float; a non-GGUF format; rows not a multiple of 32; binary weights):
+  GGUF loader keeps in float; a non-GGUF format; rows not a multiple of the block; binary weights):
   the file computes what the run computes, at more bytes, and the report lists each with its bytes;
 - a layer whose computation a GGUF file cannot express (activations quantized, a low-rank branch
   or smoothing, quantizers inside attention): refused with its name and why; with
@@ -40,7 +41,8 @@ from diffsqueeze.models.roles import module_components
 from diffsqueeze.quant.nn.attention import SOFTMAX_KIND
 from diffsqueeze.quant.nn.binary_layers import ATTENTION_KIND, BinaryMixin
 from diffsqueeze.quant.nn.layers import QuantMixin
-from diffsqueeze.quant.primitives.gguf_bytes import GGUF_TYPE_SIZES, gguf_quantize_bytes
+from diffsqueeze.quant.export.plain_component import check_diffusers_keys, exact_float, plain_tensors
+from diffsqueeze.quant.primitives.gguf_bytes import GGUF_BLOCK_SIZES, GGUF_TYPE_SIZES, gguf_quantize_bytes
 
 GGUF_FILE = "diffusion_pytorch_model.gguf"
 LOAD_FILE = "LOAD.md"
@@ -81,8 +83,9 @@ def _cannot_express(layer: nn.Module, fmt_names: list[str]) -> tuple[str | None,
         return "a convolution (diffusers' GGUF loader keeps convolutions in float)", True
     if len(fmt_names) != 1 or fmt_names[0] not in GGUF_TYPE_SIZES:
         return f"weight format {'+'.join(fmt_names) or 'float'} is no GGUF type", True
-    if layer.in_features % 32:
-        return f"rows of {layer.in_features} values (GGUF blocks need a multiple of 32)", True
+    block = GGUF_BLOCK_SIZES[fmt_names[0]]
+    if layer.in_features % block:
+        return f"rows of {layer.in_features} values ({fmt_names[0]} blocks need a multiple of {block})", True
     return None, True
 
 
@@ -93,14 +96,9 @@ def _formats_of(layer: nn.Module) -> list[str]:
     return [q.fmt.name for q in layer.weight_quantizers()] if getattr(layer, "quant_weights", False) else []
 
 
-def _float_tensor(t: torch.Tensor) -> np.ndarray:
-    """float16 when every value survives it exactly, else float32 (ints and bools as they are)."""
-    t = t.detach().cpu()
-    if not t.is_floating_point():
-        return t.numpy()
-    t32 = t.float()
-    half = t32.half()
-    return half.numpy() if torch.equal(half.float(), t32) else t32.numpy()
+def _float_array(t: torch.Tensor) -> np.ndarray:
+    """:func:`.plain_component.exact_float` as the numpy array the GGUF writer takes."""
+    return exact_float(t).numpy()
 
 
 def component_tensors(component: nn.Module, allow_float: bool) -> tuple[dict[str, tuple[np.ndarray, Any]], list[LayerChoice]]:
@@ -132,38 +130,18 @@ def component_tensors(component: nn.Module, allow_float: bool) -> tuple[dict[str
             out[f"{name}.weight"] = (blocks, qtype)
             choices.append(LayerChoice(name, fmts[0], blocks.nbytes))
         else:
-            arr = _float_tensor(weight)
+            arr = _float_array(weight)
             out[f"{name}.weight"] = (arr, None)
             choices.append(LayerChoice(name, str(arr.dtype), arr.nbytes, why, exact))
         if layer.bias is not None:
-            out[f"{name}.bias"] = (_float_tensor(layer.bias), None)
+            out[f"{name}.bias"] = (_float_array(layer.bias), None)
     if refused:
         raise GGUFExportError(f"{len(refused)} layer(s) cannot be expressed in GGUF: {'; '.join(refused[:8])}"
                               f"{'; ...' if len(refused) > 8 else ''}; pass --allow-float to write them in float "
                               "(their computation then differs from the run's)")
-    inside = tuple(f"{n}." for n in quant)
-    for name, module in component.named_modules():
-        if name in quant or name.startswith(inside):
-            continue
-        tensors = [*module.named_parameters(recurse=False),
-                   *((n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set)]
-        for pname, t in tensors:
-            if t is not None:
-                out[f"{name}.{pname}" if name else pname] = (_float_tensor(t), None)
+    for key, t in plain_tensors(component, set(quant)):
+        out[key] = (_float_array(t), None)
     return out, choices
-
-
-def _check_keys(component: nn.Module, keys: set[str]) -> None:
-    """The keys must be exactly the diffusers model's: built from its config on the meta device."""
-    cls = type(component)
-    with torch.device("meta"):
-        reference = cls.from_config(component.config)
-    want = set(reference.state_dict())
-    missing, extra = sorted(want - keys), sorted(keys - want)
-    if missing or extra:
-        raise GGUFExportError(f"{cls.__name__}: the GGUF keys differ from diffusers' (missing {missing[:5]}, extra "
-                              f"{extra[:5]}); this component holds modules a plain {cls.__name__} does not have "
-                              "(quantized attention?)")
 
 
 def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, Any]], arch: str) -> None:
@@ -223,7 +201,7 @@ def export_gguf(pipe, records: dict[str, dict], source: Path, out: Path, allow_f
     plans = {}
     for comp in compressed:  # every check before the first file
         tensors, choices = component_tensors(components[comp], allow_float)
-        _check_keys(components[comp], set(tensors))
+        check_diffusers_keys(components[comp], set(tensors), GGUFExportError, "GGUF")
         plans[comp] = (tensors, choices)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
