@@ -56,5 +56,10 @@ def test_images_are_the_same(loaded):
     images = _fixture_script().generate(loaded)
     expected = load_file(str(FIXTURE / "expected_images.safetensors"))["images"]
     # The decoded weights are bit-identical (above); the images went through the float kernels of the
-    # CPU that made them, whose summation order another CPU may not share: equal to float32 rounding.
-    torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
+    # CPU that made them, whose summation order another CPU does not share, and 4 denoising steps with
+    # activation quantizers amplify a last-bit difference (a value crossing a rounding threshold).
+    # Measured: the AVX-512 machine that made the fixture against an AVX2-only AMD EPYC, max 4.7e-3,
+    # mean 8.0e-4 (PSNR 59 dB); one machine at 1 against 2 threads, max 3.6e-5. A wrong decode is
+    # caught bit for bit by the test above; this one checks the forward path end to end.
+    diff = (images - expected).abs()
+    assert float(diff.max()) < 2e-2 and float(diff.mean()) < 2e-3, (float(diff.max()), float(diff.mean()))
