@@ -96,10 +96,10 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
         FP,
         *[Row(f"{fmt}-{tag}", f"{fmt.upper()} weight-only, {label}", "w4a16_fp",
               (f"stages.0.ptq.weights.bits={bits}", f"stages.0.ptq.weights.format={fmt}", *extra))
-          for fmt, bits, modes in (("q8_0", 8, ("rtn",)), ("q4_0", 4, ("rtn", "learned")), ("q5_0", 5, ("rtn", "learned")))
-          for tag, label, extra in (("rtn", "round-to-nearest (the gguf package's encoder)", (NEAREST,)),
-                                    ("learned", "learned rounding at the encoder's block scales", ()))
-          if tag in modes],
+          for fmt, bits in (("q8_0", 8), ("q4_0", 4), ("q4_k", 4))
+          for tag, label, extra in (("rtn", "round-to-nearest (the encoder's scales and codes: the gguf package's "
+                                            "for Q8_0/Q4_0, ggml's reference search for Q4_K)", (NEAREST,)),
+                                    ("learned", "learned rounding at the encoder's scales", ()))],
     ]),
     "binarydm": ("BinaryDM binarization (`binarize` stage)", [
         FP,
